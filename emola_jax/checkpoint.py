@@ -1,0 +1,207 @@
+"""Model checkpoints on disk: `config.json` + an orbax tree of weights, written atomically.
+
+Layout of a checkpoint directory:
+
+    config.json      the `EmolaConfig`
+    params/          orbax checkpoint; scanned layers are stored one entry per layer
+                     (`language_model/layers/7/self_attn/q_proj/kernel`), so that a converter can
+                     write, and an exporter read, one layer at a time
+    source.json      where the weights came from (format, files, original config)
+    tokenizer/       tokenizer and processor files, when the source carried them
+
+The writer stages everything in a sibling temporary folder and renames it into place last, so
+a failure never leaves a folder that looks like a finished checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from orbax.checkpoint import v1 as ocp
+
+from emola_jax.config import EmolaConfig
+
+Path_ = tuple[str, ...]
+LAYER_AXIS_PARENT = "layers"
+CONFIG_FILE, PARAMS_DIR, SOURCE_FILE, TOKENIZER_DIR = "config.json", "params", "source.json", "tokenizer"
+
+
+def abstract_model(config: EmolaConfig):
+    """The model with `ShapeDtypeStruct` leaves: no memory, no random init (Tunix-style)."""
+    from emola_jax.models import EmolaForConditionalGeneration
+
+    return nnx.eval_shape(lambda: EmolaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+
+
+def param_shapes(config: EmolaConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
+    """Every weight of the model, keyed by its path (stacked layers keep their leading axis)."""
+    _, state = nnx.split(abstract_model(config))
+    return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+
+
+def is_stacked(path: Path_) -> bool:
+    return LAYER_AXIS_PARENT in path
+
+
+def layer_path(path: Path_, layer: int) -> Path_:
+    """('language_model', 'layers', 'mlp', ...) -> ('language_model', 'layers', '3', 'mlp', ...)."""
+    at = path.index(LAYER_AXIS_PARENT) + 1
+    return path[:at] + (str(layer),) + path[at:]
+
+
+def disk_shapes(config: EmolaConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
+    """What the `params/` tree holds: per-layer entries for stacked weights."""
+    out = {}
+    for path, spec in param_shapes(config).items():
+        if is_stacked(path):
+            for i in range(spec.shape[0]):
+                out[layer_path(path, i)] = jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
+        else:
+            out[path] = spec
+    return out
+
+
+def _nest(flat: dict[Path_, Any]) -> dict[str, Any]:
+    tree: dict[str, Any] = {}
+    for path, value in flat.items():
+        node = tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = value
+    return tree
+
+
+def _flatten(tree: dict[str, Any], prefix: Path_ = ()) -> Iterator[tuple[Path_, Any]]:
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, prefix + (key,))
+        else:
+            yield prefix + (key,), value
+
+
+class CheckpointWriter:
+    """Streams weights into a new checkpoint, flushing to orbax every `flush_bytes`.
+
+    Use as a context manager; `finish()` makes the checkpoint appear at `out` in one rename.
+    An exception inside the block removes the staging folder and leaves `out` untouched.
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False, flush_bytes: int = 256 << 20):
+        self.out = Path(out)
+        if self.out.exists() and any(self.out.iterdir()) and not overwrite:
+            raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
+        self.staging = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.flush_bytes = flush_bytes
+        self._pending: dict[Path_, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._written: set[Path_] = set()
+
+    def __enter__(self) -> CheckpointWriter:
+        self.out.parent.mkdir(parents=True, exist_ok=True)
+        self.staging.mkdir()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is not None:
+            shutil.rmtree(self.staging, ignore_errors=True)
+
+    def add(self, path: Path_, array: np.ndarray) -> None:
+        if path in self._written or path in self._pending:
+            raise ValueError(f"weight {'/'.join(path)} was written twice")
+        self._pending[path] = array
+        self._pending_bytes += array.nbytes
+        if self._pending_bytes >= self.flush_bytes:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._pending:
+            ocp.partial.save(self.staging / PARAMS_DIR, _nest(self._pending))
+            self._written.update(self._pending)
+            self._pending, self._pending_bytes = {}, 0
+
+    def finish(self, config: EmolaConfig, source: dict[str, Any], tokenizer_files: list[Path] = ()) -> Path:
+        self._flush()
+        expected = set(disk_shapes(config))
+        if self._written != expected:
+            missing, extra = sorted(expected - self._written), sorted(self._written - expected)
+            raise ValueError(f"checkpoint incomplete: missing {missing[:5]}, unexpected {extra[:5]}")
+        ocp.partial.finalize(self.staging / PARAMS_DIR)
+        config.save(self.staging / CONFIG_FILE)
+        (self.staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, default=str) + "\n")
+        if tokenizer_files:
+            (self.staging / TOKENIZER_DIR).mkdir()
+            for f in tokenizer_files:
+                shutil.copy2(f, self.staging / TOKENIZER_DIR / f.name)
+        if self.out.exists():
+            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out, trash)
+            os.replace(self.staging, self.out)
+            shutil.rmtree(trash)
+        else:
+            os.replace(self.staging, self.out)
+        return self.out
+
+
+def load_config(path: str | Path) -> EmolaConfig:
+    config_file = Path(path) / CONFIG_FILE
+    if not config_file.is_file():
+        raise FileNotFoundError(f"{path} is not an emola-jax checkpoint: {CONFIG_FILE} is missing")
+    return EmolaConfig.load(config_file)
+
+
+def load_pretrained(
+    path: str | Path, dtype: str = "float32", sharding: jax.sharding.Sharding | None = None
+):
+    """`(model, config)` for a checkpoint written by `run.py convert`.
+
+    Weights are cast to `dtype` as they are read (LoRA factors stay float32) and placed with
+    `sharding` (default: the first device); per-layer entries are stacked for the scanned layers.
+    """
+    path = Path(path)
+    config = load_config(path).replace(dtype=dtype)
+    params_dir = path / PARAMS_DIR
+    if not params_dir.is_dir():
+        raise FileNotFoundError(f"{path} is not an emola-jax checkpoint: {PARAMS_DIR}/ is missing")
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    expected = disk_shapes(config)
+    stored = dict(_flatten(ocp.metadata(params_dir).metadata))
+    for key in sorted(set(expected) | set(stored)):
+        name = "/".join(key)
+        if key not in stored:
+            raise ValueError(f"{params_dir}: weight {name} is missing from the checkpoint")
+        if key not in expected:
+            raise ValueError(f"{params_dir}: weight {name} is not part of the model its config describes")
+        if tuple(stored[key].shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{params_dir}: weight {name} has shape {tuple(stored[key].shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
+    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in expected.items()}
+    try:
+        flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
+    except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
+        raise ValueError(f"could not read the weights in {params_dir}: {err}") from err
+
+    graphdef, state = nnx.split(abstract_model(config))
+    values = {}
+    for path_, spec in param_shapes(config).items():
+        if is_stacked(path_):
+            layers = [flat.pop(layer_path(path_, i)) for i in range(spec.shape[0])]
+            values[path_] = jnp.stack(layers) if layers else jnp.zeros(spec.shape, spec.dtype)
+        else:
+            values[path_] = flat.pop(path_)
+    flat_state = nnx.to_flat_state(state)
+    for key, var in flat_state:
+        var.set_value(values[tuple(str(p) for p in key)])
+    model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
+    return model, config
