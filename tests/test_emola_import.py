@@ -1,0 +1,166 @@
+"""An official EmoLA run (LLaVA-1.5 base + CLIP + non_lora_trainables + PEFT LoRA + landmark
+projector) converts to a model whose logits match PyTorch computing the same thing: projected CLIP
+features and the prior token spliced into the embeddings, fed to the PEFT-wrapped HF decoder."""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from peft import LoraConfig, PeftModel, get_peft_model
+from transformers import LlamaForCausalLM
+
+import emola_jax
+from converters import convert
+from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
+from emola_jax.models import EmolaForConditionalGeneration
+from tests import reference as ref
+
+LLAVA_ORIGINAL = [
+    ("model.language_model.", "model."),
+    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
+    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
+]
+
+
+def _mlp(in_dim, out_dim, seed):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(), torch.nn.Linear(out_dim, out_dim))
+
+
+@pytest.fixture(scope="module")
+def emola_run(tmp_path_factory):
+    """Writes the four directories of an official EmoLA setup; returns them with the torch truth."""
+    root = tmp_path_factory.mktemp("emola")
+    config = ref.llava_config()
+    llava = ref.build_llava(config, seed=3)
+    text_cfg = json.loads(config.text_config.to_json_string())
+    state = llava.state_dict()
+
+    # base: original LLaVA-1.5 layout, .bin shards, no vision tower; config with mm_* fields
+    base_state = ref.rename({k: v for k, v in state.items() if "vision_tower" not in k}, LLAVA_ORIGINAL)
+    llava_cfg = {**text_cfg, "model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu",
+                 "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 32,
+                 "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+    ref.save_state(base_state, root / "base", shards=2, fmt="bin", config=llava_cfg)
+
+    # CLIP: the full-CLIPModel layout (vision_model.*), with a text tower key the converter must skip
+    clip_state = ref.rename({k: v for k, v in state.items() if "vision_tower" in k},
+                            [("model.vision_tower.", "vision_model.")])
+    clip_state["text_model.embeddings.token_embedding.weight"] = torch.zeros(10, 4)
+    clip_state["logit_scale"] = torch.tensor(2.6)
+    clip_cfg = {"model_type": "clip", "vision_config": json.loads(config.vision_config.to_json_string())}
+    ref.save_state(clip_state, root / "clip", config=clip_cfg)
+
+    # run: a retrained mm_projector, the landmark projector, and a PEFT adapter with non-zero B
+    run = root / "run"
+    run.mkdir()
+    mm = _mlp(32, 48, seed=11)
+    prior = _mlp(212, 48, seed=12)
+    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in mm.state_dict().items()},
+               run / "non_lora_trainables.bin")
+    torch.save({f"model.landmark_feature_projector.{k}": v for k, v in prior.state_dict().items()},
+               run / "landmark_feature_projector.bin")
+    (run / "config.json").write_text(json.dumps(llava_cfg))
+    decoder = LlamaForCausalLM(config.text_config).eval()
+    decoder.load_state_dict({
+        **{k.replace("model.language_model.", "model."): v for k, v in state.items() if "language_model" in k},
+        "lm_head.weight": state["lm_head.weight"],
+    })
+    peft = get_peft_model(decoder, LoraConfig(
+        r=4, lora_alpha=12, lora_dropout=0.05,
+        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
+    torch.manual_seed(13)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(0.3 * torch.randn_like(param))
+    peft.save_pretrained(run)
+    return dict(root=root, config=config, llava=llava, mm=mm, prior=prior, run=run)
+
+
+def _torch_reference(setup, ids, pixels, landmarks, mask):
+    """The EmoLA forward in PyTorch: HF CLIP + retrained projector + prior token, PEFT decoder."""
+    config, llava = setup["config"], setup["llava"]
+    decoder = LlamaForCausalLM(config.text_config).eval()
+    decoder.load_state_dict({
+        **{k.replace("model.language_model.", "model."): v for k, v in llava.state_dict().items()
+           if "language_model" in k},
+        "lm_head.weight": llava.state_dict()["lm_head.weight"],
+    })
+    decoder = PeftModel.from_pretrained(decoder, setup["run"]).eval()
+    with torch.no_grad():
+        vision = llava.model.vision_tower(torch.tensor(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
+        visual = setup["mm"](vision.hidden_states[-2][:, 1:])
+        prior = setup["prior"](torch.tensor(landmarks))[:, None]
+        image_side = torch.cat([visual, prior], dim=1)
+        ids_t = torch.tensor(ids)
+        is_image = ids_t == ref.IMAGE_TOKEN
+        embeds = decoder.get_input_embeddings()(torch.where(is_image, 0, ids_t))
+        embeds[is_image] = image_side.reshape(-1, image_side.shape[-1])
+        return decoder(inputs_embeds=embeds, attention_mask=torch.tensor(mask),
+                       position_ids=torch.tensor(ref.position_ids(mask))).logits.numpy()
+
+
+def test_emola_run_matches_pytorch(emola_run, tmp_path):
+    out = convert(emola_run["run"], tmp_path / "jax", base=emola_run["root"] / "base",
+                  clip=emola_run["root"] / "clip", progress=False)
+    model, config = emola_jax.load_pretrained(out)
+    assert config.prior_position == "after" and config.image_seq_length == 4 + 1
+    assert config.lora.rank == 4 and config.lora.scale == 3.0
+    assert config.image_token_id == -200  # LLaVA's own placeholder id, outside the vocabulary
+    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
+    ids = np.where(ids == ref.IMAGE_TOKEN, -200, ids)
+    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
+    got = np.asarray(model(ids, pixels, attention_mask=mask, landmarks=landmarks))
+    expected = _torch_reference(emola_run, np.where(ids == -200, ref.IMAGE_TOKEN, ids), pixels, landmarks, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+
+
+def test_lora_factors_stay_separate_from_base(emola_run, tmp_path):
+    out = convert(emola_run["run"], tmp_path / "jax", base=emola_run["root"] / "base",
+                  clip=emola_run["root"] / "clip", progress=False)
+    model, _ = emola_jax.load_pretrained(out)
+    q = model.language_model.layers.self_attn.q_proj
+    base_q = emola_run["llava"].state_dict()["model.language_model.layers.1.self_attn.q_proj.weight"].numpy()
+    np.testing.assert_array_equal(np.asarray(q.kernel.get_value()[1]), base_q.T)  # base kernel, unmerged
+    adapter = PeftModel.from_pretrained(LlamaForCausalLM(emola_run["config"].text_config), emola_run["run"])
+    lora_b = dict(adapter.named_parameters())[
+        "base_model.model.model.layers.1.self_attn.q_proj.lora_B.default.weight"].detach().numpy()
+    np.testing.assert_array_equal(np.asarray(q.lora_b.get_value()[1]), lora_b.T)
+    lora_state = nnx.state(model, nnx.LoRAParam)
+    assert len(nnx.to_flat_state(lora_state)) == 14  # A and B for 7 projections, stacked over layers
+
+
+def test_missing_base_is_a_clear_error(emola_run, tmp_path):
+    with pytest.raises(ValueError, match="--base"):
+        convert(emola_run["run"], tmp_path / "jax", progress=False)
+    assert not (tmp_path / "jax").exists()
+
+
+@pytest.mark.parametrize("position", ["after", "before"])
+def test_prior_token_position(position):
+    config = EmolaConfig(
+        vision=VisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                            image_size=28),
+        text=TextConfig(vocab_size=50, hidden_size=24, intermediate_size=48, num_hidden_layers=1,
+                        num_attention_heads=2, num_key_value_heads=2),
+        image_token_id=49, prior_position=position,
+    )
+    model = EmolaForConditionalGeneration(config, rngs=nnx.Rngs(0))
+    pixels = np.random.default_rng(0).standard_normal((1, 28, 28, 3)).astype(np.float32)
+    landmarks = np.random.default_rng(1).random((1, 212)).astype(np.float32)
+    ids = np.array([[1, 2] + [49] * 5 + [3]])
+    embeds = np.asarray(model.embed(ids, pixels, landmarks))
+    visual = np.asarray(model.image_features(pixels))[0]
+    prior = np.asarray(model.prior_projector(jnp.asarray(landmarks)))[0]
+    image_rows = embeds[0, 2:7]
+    expected = np.concatenate([visual, prior[None]]) if position == "after" else np.concatenate([prior[None], visual])
+    np.testing.assert_allclose(image_rows, expected, atol=1e-6)
+    text_rows = np.asarray(model.language_model.embed_tokens(jnp.asarray(ids[0, [0, 1, 7]])))
+    np.testing.assert_allclose(embeds[0, [0, 1, 7]], text_rows, atol=0)
+    with pytest.raises(ValueError, match="landmarks"):
+        model.embed(ids, pixels)
