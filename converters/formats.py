@@ -50,7 +50,7 @@ def detect(src: Path) -> str:
 
 
 def text_config_from_hf(data: dict[str, Any]) -> TextConfig:
-    from transformers import LlamaConfig
+    from transformers.models.llama.configuration_llama import LlamaConfig
 
     data = {k: v for k, v in data.items() if k not in ("model_type", "architectures")}
     hf = LlamaConfig(**data)
@@ -78,7 +78,7 @@ def text_config_from_hf(data: dict[str, Any]) -> TextConfig:
 
 
 def vision_config_from_hf(data: dict[str, Any]) -> VisionConfig:
-    from transformers import CLIPVisionConfig
+    from transformers.models.clip.configuration_clip import CLIPVisionConfig
 
     if "vision_config" in data:  # a full CLIPConfig (openai/clip-vit-large-patch14-336)
         data = data["vision_config"]
@@ -103,7 +103,7 @@ def _feature_layer(value: Any, where: Path) -> int:
 
 
 def llava_hf_config(src: Path, dtype: str) -> EmolaConfig:
-    from transformers import LlavaConfig
+    from transformers.models.llava.configuration_llava import LlavaConfig
 
     data = read_json(src / "config.json")
     hf = LlavaConfig(**{k: v for k, v in data.items() if k != "model_type"})

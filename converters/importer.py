@@ -9,7 +9,9 @@ table into a `CheckpointWriter`, which publishes the checkpoint with a single re
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import jax
@@ -203,12 +205,23 @@ def convert(
     """Writes an emola-jax checkpoint for `src` at `out`; returns `out`."""
     config, plan, provenance = plan_conversion(src, clip=clip, base=base, dtype=dtype)
     tokenizer = formats.tokenizer_files(Path(src), base and Path(base))
-    with CheckpointWriter(out, overwrite=overwrite) as writer:
-        for item in tqdm(plan, desc="converting", unit="tensor", disable=not progress):
-            array = item.rule.transform.to_jax(item.source.store.read(item.key))
-            target = np.float32 if item.rule.is_lora else jnp.dtype(config.dtype)
-            writer.add(item.path, array.astype(target, copy=False))
+    with CheckpointWriter(out, overwrite=overwrite) as writer, ThreadPoolExecutor(1) as reader:
+        # Read tensor k+1 (file I/O) while tensor k is transposed and cast (XLA), and an earlier
+        # group is written (orbax): one tensor of look-ahead keeps the memory bounded.
+        upcoming = reader.submit(plan[0].source.store.read, plan[0].key)
+        for i, item in enumerate(tqdm(plan, desc="converting", unit="tensor", disable=not progress)):
+            array = upcoming.result()
+            if i + 1 < len(plan):
+                upcoming = reader.submit(plan[i + 1].source.store.read, plan[i + 1].key)
+            target = jnp.float32 if item.rule.is_lora else jnp.dtype(config.dtype)
+            writer.add(item.path, _to_model_layout(array, item.rule.transform, target))
+            del array
         return writer.finish(config, provenance, tokenizer)
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _to_model_layout(array: jax.Array, transform: tables.Transform, dtype: jnp.dtype) -> jax.Array:
+    return transform.to_jax(array).astype(dtype)
 
 
 def load_clip_vision(clip: str | Path, dtype: str = "float32") -> tuple[CLIPVisionModel, VisionConfig]:
@@ -235,4 +248,4 @@ def load_clip_vision(clip: str | Path, dtype: str = "float32") -> tuple[CLIPVisi
 def _read(source: Source, key: str, transform: tables.Transform) -> np.ndarray:
     if key not in source.store:
         raise KeyError(f"weight {key!r} is missing from {', '.join(map(str, source.store.paths))}")
-    return transform.to_jax(source.store.read(key))
+    return np.asarray(transform.to_jax(source.store.read(key)))

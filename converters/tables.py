@@ -25,14 +25,12 @@ class Transform:
     to_torch: Callable[[np.ndarray], np.ndarray]
 
 
+# Written for numpy and jax arrays alike; the importer runs them under jit (XLA's tiled,
+# multi-threaded transposes are many times faster than numpy's).
 IDENTITY = Transform("identity", lambda x: x, lambda x: x)
-TRANSPOSE = Transform("transpose", lambda x: np.ascontiguousarray(x.T), lambda x: np.ascontiguousarray(x.T))
+TRANSPOSE = Transform("transpose", lambda x: x.T, lambda x: x.T)
 # torch Conv2d weight [out, in, h, w] <-> flax HWIO [h, w, in, out]
-CONV = Transform(
-    "conv_oihw_to_hwio",
-    lambda x: np.ascontiguousarray(x.transpose(2, 3, 1, 0)),
-    lambda x: np.ascontiguousarray(x.transpose(3, 2, 0, 1)),
-)
+CONV = Transform("conv_oihw_to_hwio", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 
 # Top-level modules of the model -> canonical key prefix.
 MODULE_PREFIXES = {

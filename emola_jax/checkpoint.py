@@ -89,6 +89,12 @@ def _flatten(tree: dict[str, Any], prefix: Path_ = ()) -> Iterator[tuple[Path_, 
             yield prefix + (key,), value
 
 
+def _writer_context() -> ocp.Context:
+    context = ocp.Context()
+    context.array.saving.use_compression = False  # weights barely compress; zstd only costs time
+    return context
+
+
 class CheckpointWriter:
     """Streams weights into a new checkpoint, flushing to orbax every `flush_bytes`.
 
@@ -96,8 +102,8 @@ class CheckpointWriter:
     An exception inside the block removes the staging folder and leaves `out` untouched.
     """
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False, flush_bytes: int = 256 << 20):
-        self.out = Path(out)
+    def __init__(self, out: str | Path, *, overwrite: bool = False, flush_bytes: int = 128 << 20):
+        self.out = Path(out).absolute()
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
         self.staging = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
@@ -105,6 +111,7 @@ class CheckpointWriter:
         self._pending: dict[Path_, np.ndarray] = {}
         self._pending_bytes = 0
         self._written: set[Path_] = set()
+        self._inflight = None  # the previous group's asynchronous save
 
     def __enter__(self) -> CheckpointWriter:
         self.out.parent.mkdir(parents=True, exist_ok=True)
@@ -113,7 +120,10 @@ class CheckpointWriter:
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
-            shutil.rmtree(self.staging, ignore_errors=True)
+            try:
+                self._wait()
+            finally:
+                shutil.rmtree(self.staging, ignore_errors=True)
 
     def add(self, path: Path_, array: np.ndarray) -> None:
         if path in self._written or path in self._pending:
@@ -123,14 +133,23 @@ class CheckpointWriter:
         if self._pending_bytes >= self.flush_bytes:
             self._flush()
 
+    def _wait(self) -> None:
+        if self._inflight is not None:
+            self._inflight.result()
+            self._inflight = None
+
     def _flush(self) -> None:
+        """Starts writing the pending group; reading the next one overlaps with the write."""
         if self._pending:
-            ocp.partial.save(self.staging / PARAMS_DIR, _nest(self._pending))
+            self._wait()  # a partial save builds on the previous one: one in flight at a time
+            with _writer_context():
+                self._inflight = ocp.partial.save_async(self.staging / PARAMS_DIR, _nest(self._pending))
             self._written.update(self._pending)
             self._pending, self._pending_bytes = {}, 0
 
     def finish(self, config: EmolaConfig, source: dict[str, Any], tokenizer_files: list[Path] = ()) -> Path:
         self._flush()
+        self._wait()
         expected = set(disk_shapes(config))
         if self._written != expected:
             missing, extra = sorted(expected - self._written), sorted(self._written - expected)
@@ -156,6 +175,11 @@ def load_config(path: str | Path) -> EmolaConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not an emola-jax checkpoint: {CONFIG_FILE} is missing")
+    if not (Path(path) / PARAMS_DIR).is_dir():
+        raise FileNotFoundError(
+            f"{path} is not an emola-jax checkpoint ({PARAMS_DIR}/ is missing); a PyTorch checkpoint must first "
+            "be converted with `python run.py convert`"
+        )
     return EmolaConfig.load(config_file)
 
 
@@ -167,11 +191,9 @@ def load_pretrained(
     Weights are cast to `dtype` as they are read (LoRA factors stay float32) and placed with
     `sharding` (default: the first device); per-layer entries are stacked for the scanned layers.
     """
-    path = Path(path)
+    path = Path(path).absolute()
     config = load_config(path).replace(dtype=dtype)
     params_dir = path / PARAMS_DIR
-    if not params_dir.is_dir():
-        raise FileNotFoundError(f"{path} is not an emola-jax checkpoint: {PARAMS_DIR}/ is missing")
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     expected = disk_shapes(config)
     stored = dict(_flatten(ocp.metadata(params_dir).metadata))

@@ -182,3 +182,37 @@ class EmolaConfig:
             return cls.from_dict(json.loads(Path(path).read_text()))
         except (json.JSONDecodeError, TypeError) as err:
             raise ValueError(f"{path} is not a valid emola-jax config: {err}") from err
+
+
+def override(config: Any, assignments: list[str]) -> Any:
+    """Applies `key=value` strings (dotted keys into nested dataclasses; values parsed as JSON,
+    else kept as strings). An unknown key is an error that lists the valid ones."""
+    for assignment in assignments:
+        key, sep, raw = assignment.partition("=")
+        if not sep:
+            raise ValueError(f"override {assignment!r} is not of the form key=value")
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        config = _set(config, key.split("."), value, key)
+    return config
+
+
+def _set(node: Any, parts: list[str], value: Any, full_key: str) -> Any:
+    names = [f.name for f in dataclasses.fields(node)]
+    head = parts[0]
+    if head not in names:
+        raise ValueError(f"unknown config key {full_key!r}; valid keys here: {', '.join(names)}")
+    current = getattr(node, head)
+    if len(parts) > 1:
+        if current is None:
+            raise ValueError(f"config key {full_key!r}: {head} is off (None); set it whole in the config file")
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"config key {full_key!r}: {head} has no sub-keys")
+        value = _set(current, parts[1:], value, full_key)
+    elif dataclasses.is_dataclass(current):
+        raise ValueError(f"config key {full_key!r} is a group; set one of its fields, e.g. {full_key}.<field>")
+    elif isinstance(current, tuple) and isinstance(value, list):
+        value = tuple(value)
+    return dataclasses.replace(node, **{head: value})

@@ -30,14 +30,22 @@ class LlamaAttention(nnx.Module):
         self.v_proj = proj("v_proj", d, kv_heads * self.head_dim)
         self.o_proj = proj("o_proj", heads * self.head_dim, d)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
+        """Without `cache`: attention over `x` itself. With `cache = (k, v, index)`, k and v
+        `[batch, cache_len, kv_heads, head_dim]`: the new keys and values are written at `index`
+        and the queries attend over the whole cache; returns `(out, (k, v))`."""
         batch, seq, _ = x.shape
         q = self.q_proj(x).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, heads, head_dim]
         k = self.k_proj(x).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, kv_heads, head_dim]
         v = self.v_proj(x).reshape(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k_cache, v_cache, index = cache
+            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
+            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
         out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
-        return self.o_proj(out.reshape(batch, seq, -1))
+        out = self.o_proj(out.reshape(batch, seq, -1))
+        return out if cache is None else (out, (k, v))
 
 
 class LlamaMLP(nnx.Module):
@@ -58,9 +66,21 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, lora, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array) -> jax.Array:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
-        return x + self.mlp(self.post_attention_layernorm(x))
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if cache is not None:
+            attended, cache = attended
+        x = x + attended
+        x = x + self.mlp(self.post_attention_layernorm(x))
+        return x if cache is None else (x, cache)
+
+
+def cached_attention_mask(kv_valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
+    """Queries at cache slots `index .. index+seq-1` see valid slots up to their own:
+    kv_valid `[batch, cache_len]` -> `[batch, 1, seq, cache_len]` bool."""
+    slots = jnp.arange(kv_valid.shape[-1])
+    causal = slots[None, :] <= (index + jnp.arange(seq))[:, None]  # [seq, cache_len]
+    return causal[None, None] & kv_valid.astype(bool)[:, None, None, :]
 
 
 def attention_mask_4d(attention_mask: jax.Array) -> jax.Array:
@@ -89,3 +109,24 @@ class LlamaModel(nnx.Module):
         mask = attention_mask_4d(attention_mask)
         hidden = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=remat)
         return self.norm(hidden)
+
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
+        """Zeroed keys and values `[layers, batch, length, kv_heads, head_dim]`."""
+        c = self.config
+        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.resolved_head_dim)
+        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+    def decode(self, inputs_embeds, position_ids, kv_valid, cache, index):
+        """Runs `inputs_embeds [batch, seq, embed]` at cache slots `index ..`; returns the normed
+        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens."""
+        cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
+        mask = cached_attention_mask(kv_valid, index, inputs_embeds.shape[1])
+        graphdef, state = nnx.split(self.layers)
+
+        def body(hidden, xs):
+            layer_state, k, v = xs
+            hidden, (k, v) = nnx.merge(graphdef, layer_state)(hidden, cos, sin, mask, (k, v, index))
+            return hidden, (k, v)
+
+        hidden, cache = jax.lax.scan(body, inputs_embeds, (state, *cache))
+        return self.norm(hidden), cache

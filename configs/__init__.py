@@ -1,0 +1,25 @@
+"""One Python file per setting; each defines `get_config()`."""
+
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+from typing import Any
+
+CONFIG_DIR = Path(__file__).resolve().parent
+
+
+def load(name_or_path: str) -> Any:
+    """`tiny`, `emola_7b`, or a path to any file with a `get_config()`."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = CONFIG_DIR / f"{name_or_path}.py"
+    if not path.is_file():
+        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
+        raise FileNotFoundError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
+    spec = importlib.util.spec_from_file_location(f"emola_config_{path.stem}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    if not hasattr(module, "get_config"):
+        raise AttributeError(f"{path} defines no get_config()")
+    return module.get_config()

@@ -1,0 +1,87 @@
+"""Batched decoding with a KV cache: one prefill, then a jitted `while_loop` of single-token steps.
+
+Prompts are left-padded to one length (a bucket) so that every row writes its next token into
+the same cache slot; position ids skip the padding, exactly as transformers' `generate` does.
+Shapes are static (batch, prompt bucket, max_new_tokens), so each bucket compiles once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from functools import partial
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from emola_jax.models.emola import EmolaForConditionalGeneration, default_position_ids
+
+
+@dataclasses.dataclass(frozen=True)
+class GenerationConfig:
+    max_new_tokens: int = 128
+    eos_token_id: int = 2
+    pad_token_id: int = 0
+    temperature: float = 0.0  # 0: greedy
+    top_p: float = 1.0
+
+
+def sample_next(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> jax.Array:
+    """Greedy at temperature 0; else temperature + nucleus (top-p) sampling. logits `[batch, vocab]`."""
+    if config.temperature == 0.0:
+        return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    logits = logits.astype(jnp.float32) / config.temperature
+    if config.top_p < 1.0:
+        order = jnp.argsort(-logits, axis=-1)
+        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+        probs = jax.nn.softmax(sorted_logits, axis=-1)
+        mass_before = jnp.cumsum(probs, axis=-1) - probs
+        sorted_logits = jnp.where(mass_before < config.top_p, sorted_logits, -jnp.inf)  # always keeps the top token
+        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+    return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+@partial(nnx.jit, static_argnames=("config",))
+def generate(
+    model: EmolaForConditionalGeneration,
+    input_ids: jax.Array,
+    pixel_values: jax.Array | None,
+    attention_mask: jax.Array,
+    landmarks: jax.Array | None,
+    key: jax.Array,
+    config: GenerationConfig,
+) -> jax.Array:
+    """New tokens `[batch, max_new_tokens]`; after a row's EOS, the rest of it is `pad_token_id`.
+
+    input_ids and attention_mask `[batch, prompt]` must be left-padded.
+    """
+    batch, prompt_len = input_ids.shape
+    lm = model.language_model
+    embeds = model.embed(input_ids, pixel_values, landmarks)
+    positions = default_position_ids(attention_mask)
+    cache = lm.init_cache(batch, prompt_len + config.max_new_tokens, embeds.dtype)
+    kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((batch, config.max_new_tokens), bool)], axis=1)
+    hidden, cache = lm.decode(embeds, positions, kv_valid, cache, 0)
+    key, step_key = jax.random.split(key)
+    first = sample_next(model.logits(hidden[:, -1]), config, step_key)
+    out = jnp.full((batch, config.max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
+
+    def cond(state):
+        step, _, _, done, _, _ = state
+        return (step < config.max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, token, cache, done, out, key = state
+        position = positions[:, -1:] + step  # the token written at slot prompt_len + step - 1
+        hidden, cache = lm.decode(
+            lm.embed_tokens(token[:, None]), position, kv_valid, cache, prompt_len + step - 1
+        )
+        key, step_key = jax.random.split(key)
+        token = sample_next(model.logits(hidden[:, -1]), config, step_key)
+        token = jnp.where(done, config.pad_token_id, token)
+        out = out.at[:, step].set(token)
+        done = done | (token == config.eos_token_id)
+        return step + 1, token, cache, done, out, key
+
+    state = (jnp.int32(1), first, cache, first == config.eos_token_id, out, key)
+    return jax.lax.while_loop(cond, body, state)[4]
