@@ -27,14 +27,61 @@ def _demo(args: argparse.Namespace) -> None:
         print(f"{key:<{width}}  {value}")
 
 
+def _generation_config(args: argparse.Namespace, tokenizer):
+    from emola_jax.generate import GenerationConfig
+
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    return GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+                            pad_token_id=pad, temperature=args.temperature, top_p=args.top_p)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from emola_jax.eval import report
 
-    if args.predictions is None:
-        raise ValueError("give --predictions FILE.jsonl to score an existing predictions file")
-    metrics = report.score(report.read_predictions(args.predictions), args.task, args.protocol)
-    path = report.write_report(args.out, metrics)
-    print(f"S_re {metrics['s_re']:.2f}  S_ge {metrics['s_ge']:.2f}  S_rege {metrics['s_rege']:.2f}  ({path})")
+    if (args.predictions is None) == (args.ckpt is None):
+        raise ValueError("give either --predictions FILE.jsonl (score a file) or --ckpt CKPT --data SPLIT.json")
+    if args.predictions is not None:
+        metrics = report.score(report.read_predictions(args.predictions), args.task, args.protocol)
+        report.write_report(args.out, metrics)
+    else:
+        if args.data is None:
+            raise ValueError("--ckpt needs --data, the annotation file of the split to evaluate")
+        from emola_jax.eval import evaluate
+
+        tokenizer = evaluate.load_tokenizer(args.ckpt)
+        metrics = evaluate.evaluate_model(
+            args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
+            protocol=args.protocol, dtype=args.dtype, generation=_generation_config(args, tokenizer),
+        )
+    print(f"S_re {metrics['s_re']:.2f}  S_ge {metrics['s_ge']:.2f}  S_rege {metrics['s_rege']:.2f}  "
+          f"({args.out / 'report.md'})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import numpy as np
+
+    from emola_jax.eval import evaluate
+
+    if args.landmarks is not None and args.onnx is not None:
+        raise ValueError("give --landmarks or --onnx, not both")
+    landmarks = None
+    if args.landmarks is not None:
+        landmarks = np.load(args.landmarks)
+    elif args.onnx is not None:
+        from emola_jax.data import landmarks as lm
+
+        landmarks = lm.official_features(lm.open_session(args.onnx), [args.image])[0]
+    tokenizer = evaluate.load_tokenizer(args.ckpt)
+    evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
+    print(evaluator.answer(args.image, args.prompt, landmarks))
+
+
+def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (default 128)")
+    parser.add_argument("--temperature", type=float, default=0.0,
+                        help="0 decodes greedily (default); the official evaluation samples at 0.01 with top-p 0.5")
+    parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,10 +122,18 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="score predictions on FABA-Bench (REGE) or a traditional dataset",
-        description="Score a predictions file (JSON lines with prediction, reference, label): writes "
-        "OUT/metrics.json and OUT/report.md with its figure.",
+        description="Generate answers for a split with a checkpoint, sharded over every device, into "
+        "OUT/predictions.jsonl (a rerun continues where a killed one stopped), or score an existing predictions "
+        "file (JSON lines with prediction, reference, label); then write OUT/metrics.json and OUT/report.md.",
     )
     evaluate.add_argument("--predictions", type=Path, help="JSON-lines file with prediction, reference and label")
+    evaluate.add_argument("--ckpt", type=Path, help="emola-jax checkpoint to generate the predictions with")
+    evaluate.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json)")
+    evaluate.add_argument("--images-root", type=Path,
+                          help="folder the records' image and landmark paths are relative to (default: --data's)")
+    evaluate.add_argument("--batch-size", type=int, default=8,
+                          help="global batch, rounded up to a multiple of the device count (default 8)")
+    _add_decoding_flags(evaluate)
     evaluate.add_argument("--task", required=True, choices=["emotion", "au", "rafdb", "bp4d", "disfa", "gft"],
                           help="emotion/rafdb: 7-class accuracy; au/bp4d/disfa/gft: mean F1 over that AU set")
     evaluate.add_argument("--protocol", default="official", choices=["official", "rouge-score"],
@@ -86,6 +141,17 @@ def build_parser() -> argparse.ArgumentParser:
                           "whole-word negation test")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md")
     evaluate.set_defaults(func=_evaluate)
+
+    generate = commands.add_parser("generate", help="answer one prompt about one image",
+                                   description="Print the model's answer about IMAGE.")
+    generate.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
+    generate.add_argument("--image", type=Path, required=True, help="the face image")
+    generate.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?"')
+    generate.add_argument("--landmarks", type=Path, help="the image's 212-value prior feature (.npy)")
+    generate.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the prior feature "
+                          "on the fly with the official recipe")
+    _add_decoding_flags(generate)
+    generate.set_defaults(func=_generate)
     return parser
 
 

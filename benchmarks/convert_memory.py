@@ -165,7 +165,8 @@ def main() -> None:
             src.mkdir()
             start = time.perf_counter()
             total = write_checkpoint(src)
-            print(f"wrote synthetic LLaVA-1.5-7B checkpoint: {total / 1e9:.2f} GB in {time.perf_counter() - start:.0f} s")
+            seconds = time.perf_counter() - start
+            print(f"wrote synthetic LLaVA-1.5-7B checkpoint: {total / 1e9:.2f} GB in {seconds:.0f} s")
         rows = {
             "read files once": measure("read_once", str(src)),
             "emola-jax convert (bf16)": measure("emola_jax_convert", str(src), str(out), str(ROOT)),

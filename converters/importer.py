@@ -146,11 +146,16 @@ def _emola(run: Path, base: Path | None, clip: Path | None, dtype: str) -> tuple
     )
     landmark_file = run / "landmark_feature_projector.bin"
     if landmark_file.is_file():
+        # The official loader keeps whatever follows "landmark_feature_projector.", whatever precedes it.
         landmark = TensorStore([landmark_file])
-        prefixes = {k[: k.index("landmark_feature_projector.")] for k in landmark.keys() if "landmark_feature_projector." in k}
+        marker = "landmark_feature_projector."
+        prefixes = sorted({k[: k.index(marker)] for k in landmark.keys() if marker in k})
         layouts = tuple(
-            tables.Layout(f"landmark projector ({p or 'no prefix'})", tuple((ours, p + theirs[len("model."):]) for ours, theirs in tables.EMOLA_LANDMARK.prefixes))
-            for p in sorted(prefixes)
+            tables.Layout(
+                f"landmark projector ({p or 'no prefix'})",
+                tuple((ours, p + theirs.removeprefix("model.")) for ours, theirs in tables.EMOLA_LANDMARK.prefixes),
+            )
+            for p in prefixes
         )
         sources.append(Source(f"EmoLA landmark projector from {run}", landmark, layouts))
     sources.append(Source(f"PEFT LoRA adapter from {run}", TensorStore(_adapter_files(run)), (tables.PEFT_EMOLA,)))

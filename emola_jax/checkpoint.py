@@ -227,3 +227,22 @@ def load_pretrained(
         var.set_value(values[tuple(str(p) for p in key)])
     model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
     return model, config
+
+
+def save_pretrained(
+    model, out: str | Path, *, overwrite: bool = False, source: dict[str, Any] | None = None,
+    tokenizer_files: list[Path] = (),
+) -> Path:
+    """Writes `model` (any `EmolaForConditionalGeneration`) as a checkpoint `load_pretrained` reads."""
+    config: EmolaConfig = model.config
+    _, state = nnx.split(model)
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        for key, var in nnx.to_flat_state(state):
+            path = tuple(str(p) for p in key)
+            value = var.get_value()
+            if is_stacked(path):
+                for i in range(value.shape[0]):
+                    writer.add(layer_path(path, i), value[i])
+            else:
+                writer.add(path, value)
+        return writer.finish(config, source or {"format": "emola-jax"}, list(tokenizer_files))

@@ -70,6 +70,8 @@ def run(workdir: str | Path, model_config: EmolaConfig, seed: int = 0) -> dict:
     forward = nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))
     logits = forward(emola, ids, pixels, landmarks)
     summary["emola_logits_shape"] = tuple(logits.shape)
-    summary["emola_image_side_tokens"] = f"{model_config.num_visual_tokens} visual + prior token {model_config.prior_position}"
+    summary["emola_image_side_tokens"] = (
+        f"{model_config.num_visual_tokens} visual + prior token {model_config.prior_position}"
+    )
     summary["lora_parameters"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(emola, nnx.LoRAParam))))
     return summary

@@ -15,13 +15,15 @@ CONFIGS = {
     "gqa": {},
     "mha_last_layer": dict(text=dict(num_key_value_heads=4), vision_feature_layer=-1),
     "odd_sizes_layer3": dict(
-        text=dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72, vocab_size=131),
+        text=dict(hidden_size=40, num_attention_heads=5, num_key_value_heads=1, intermediate_size=72,
+                  vocab_size=131),
         vision=dict(hidden_size=24, num_attention_heads=3, intermediate_size=40, image_size=42, num_hidden_layers=4),
         vision_feature_layer=-3,
     ),
     "full_select_first_layer": dict(vision_feature_select_strategy="full", vision_feature_layer=1),
     "tied_embeddings": dict(text=dict(tie_word_embeddings=True), tie_word_embeddings=True),
-    "biases_head_dim": dict(text=dict(attention_bias=True, mlp_bias=True, head_dim=16), multimodal_projector_bias=False),
+    "biases_head_dim": dict(text=dict(attention_bias=True, mlp_bias=True, head_dim=16),
+                            multimodal_projector_bias=False),
     "rope_linear": dict(text=dict(rope_parameters=dict(rope_type="linear", factor=2.0, rope_theta=500.0))),
     "rope_llama3": dict(text=dict(rope_parameters=dict(
         rope_type="llama3", factor=8.0, rope_theta=500000.0, low_freq_factor=1.0, high_freq_factor=4.0,
@@ -69,7 +71,8 @@ def test_padded_batch_matches_transformers(tmp_path, side):
     [
         [("model.", "model.")],  # transformers 5 in-memory names: model.language_model.*, model.vision_tower.*
         [("model.language_model.", "language_model.model."), ("lm_head.", "language_model.lm_head."),
-         ("model.vision_tower.", "vision_tower.vision_model."), ("model.multi_modal_projector.", "multi_modal_projector.")],
+         ("model.vision_tower.", "vision_tower.vision_model."),
+         ("model.multi_modal_projector.", "multi_modal_projector.")],
         [("model.vision_tower.", "model.vision_tower.vision_model.")],
     ],
     ids=["v5_names", "legacy_names", "v5_nested_vision_model"],

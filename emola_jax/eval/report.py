@@ -36,7 +36,8 @@ def read_predictions(path: str | Path) -> list[faba.Sample]:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            missing = [k for k in ("prediction", "reference", "label") if not isinstance(record, dict) or k not in record]
+            fields = ("prediction", "reference", "label")
+            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
             if missing:
                 raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}")
             if not isinstance(record["prediction"], str) or not isinstance(record["reference"], str):
@@ -80,9 +81,11 @@ def write_report(out: str | Path, metrics: dict) -> Path:
     lines += ["", f"Predictions with no recognisable {'emotion' if task in EMOTION_TASKS else 'AU'}: "
               f"{metrics['unrecognised_predictions']}; ROUGE failures (left out of S_ge): {metrics['rouge_failures']}."]
     if metrics["protocol"] == "official":
-        lines.append("ROUGE-L as the `rouge` 1.0.1 package computes it (case kept, whitespace tokens), as the paper did.")
+        lines.append("ROUGE-L as the `rouge` 1.0.1 package computes it (case kept, whitespace tokens), "
+                     "as the paper did.")
     else:
-        lines.append("ROUGE-L from `rouge-score` (lower-cased, alphanumeric tokens): not comparable with the paper's S_ge.")
+        lines.append("ROUGE-L from `rouge-score` (lower-cased, alphanumeric tokens): "
+                     "not comparable with the paper's S_ge.")
     if "f1_per_au" in metrics:
         lines += ["", "| AU | F1 |", "|---|---|"]
         lines += [f"| {au} | {f1:.2f} |" for au, f1 in metrics["f1_per_au"].items()]

@@ -52,7 +52,7 @@ class CLIPAttention(nnx.Module):
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, seq, _ = x.shape
-        q, k, v = (proj(x).reshape(batch, seq, -1, self.head_dim) for proj in (self.q_proj, self.k_proj, self.v_proj))
+        q, k, v = (p(x).reshape(batch, seq, -1, self.head_dim) for p in (self.q_proj, self.k_proj, self.v_proj))
         return self.out_proj(jax.nn.dot_product_attention(q, k, v).reshape(batch, seq, -1))
 
 
@@ -85,7 +85,8 @@ class CLIPEncoderLayer(nnx.Module):
 
 class CLIPEncoder(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.layers = stack_layers(lambda r: CLIPEncoderLayer(config, dtype=dtype, rngs=r), config.num_hidden_layers, rngs)
+        make = lambda r: CLIPEncoderLayer(config, dtype=dtype, rngs=r)  # noqa: E731
+        self.layers = stack_layers(make, config.num_hidden_layers, rngs)
 
 
 class CLIPVisionModel(nnx.Module):

@@ -1,0 +1,1 @@
+"""Inputs: images, the conversation template and tokenisation, FABA-Instruct records."""

@@ -1,0 +1,67 @@
+"""FABA-Instruct / FABA-Bench annotation files, as the official release writes them."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from emola_jax.config import LANDMARK_DIM
+
+
+@dataclasses.dataclass(frozen=True)
+class EvalRecord:
+    id: str
+    image: Path
+    landmark: Path | None
+    question: str
+    reference: str
+    label: int | str
+
+
+def read_eval_records(annotations: str | Path, images_root: str | Path | None = None) -> list[EvalRecord]:
+    """Records of an `eval_{au,emotion}_anno.json`; paths are relative to `images_root`
+    (default: the folder of the annotation file). A malformed record is an error naming its id."""
+    annotations = Path(annotations)
+    root = Path(images_root) if images_root is not None else annotations.parent
+    try:
+        raw = json.loads(annotations.read_text())
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{annotations} is not valid JSON: {err}") from err
+    if not isinstance(raw, list):
+        raise ValueError(f"{annotations} must hold a list of records")
+    records, seen = [], set()
+    for index, item in enumerate(raw):
+        rid = str(item.get("id", f"#{index}")) if isinstance(item, dict) else f"#{index}"
+        try:
+            conversations = item["conversations"]
+            question = next(turn["value"] for turn in conversations if turn["from"] == "human")
+            reference = item.get("gpt4") or next(turn["value"] for turn in conversations if turn["from"] == "gpt")
+            record = EvalRecord(
+                id=str(item["id"]), image=root / item["image"],
+                landmark=root / item["landmark"] if item.get("landmark") else None,
+                question=question, reference=reference, label=item["label"],
+            )
+        except (KeyError, TypeError, StopIteration) as err:
+            raise ValueError(f"{annotations}: record {rid} is malformed (missing {err})") from None
+        if record.id in seen:
+            raise ValueError(f"{annotations}: record id {record.id} appears twice")
+        seen.add(record.id)
+        records.append(record)
+    return records
+
+
+def load_landmarks(record: EvalRecord) -> np.ndarray:
+    """The 212-d prior feature of a record, from its official `.npy` file."""
+    if record.landmark is None:
+        raise ValueError(f"record {record.id} has no landmark file")
+    try:
+        feature = np.load(record.landmark).astype(np.float32).reshape(-1)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"record {record.id}: landmark file {record.landmark} could not be read: {err}") from err
+    if feature.shape != (LANDMARK_DIM,):
+        raise ValueError(f"record {record.id}: landmark file {record.landmark} holds {feature.size} values, "
+                         f"not {LANDMARK_DIM}")
+    return feature

@@ -1,0 +1,184 @@
+"""Sharded FABA-Bench evaluation: generate for every record, append predictions, then score.
+
+The batch is laid out over every device of every process (`data` mesh axis); the tokens are
+gathered back in input order and process 0 appends them to `predictions.jsonl`, one fsynced
+line per record. A rerun reads that file first and continues after the last complete line, so
+an evaluation killed half-way loses at most the batch in flight.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from emola_jax.checkpoint import TOKENIZER_DIR, load_pretrained
+from emola_jax.data import conversation, faba, image
+from emola_jax.eval import report
+from emola_jax.eval.faba import Sample
+from emola_jax.generate import GenerationConfig, generate
+
+PREDICTIONS = "predictions.jsonl"
+
+
+def load_tokenizer(checkpoint: str | Path):
+    from transformers import AutoTokenizer
+
+    path = Path(checkpoint) / TOKENIZER_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{checkpoint} carries no tokenizer ({TOKENIZER_DIR}/ is missing)")
+    return AutoTokenizer.from_pretrained(path)
+
+
+def read_done(path: Path) -> list[dict]:
+    """Complete prediction lines already written; a torn last line (a kill mid-write) is cut off."""
+    if not path.exists():
+        return []
+    done, good_bytes = [], 0
+    with open(path, "rb") as f:
+        for line in f:
+            if not line.endswith(b"\n"):
+                break
+            try:
+                done.append(json.loads(line))
+            except json.JSONDecodeError:
+                break
+            good_bytes += len(line)
+    if good_bytes != path.stat().st_size:
+        with open(path, "r+b") as f:
+            f.truncate(good_bytes)
+    return done
+
+
+def bucket(length: int, multiple: int = 64) -> int:
+    """Prompt lengths are rounded up to a multiple: one compile per bucket, not per batch."""
+    return -(-length // multiple) * multiple
+
+
+def left_pad(rows: list[np.ndarray], pad_id: int, length: int) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.full((len(rows), length), pad_id, np.int32)
+    mask = np.zeros((len(rows), length), np.int32)
+    for i, row in enumerate(rows):
+        ids[i, length - len(row):] = row
+        mask[i, length - len(row):] = 1
+    return ids, mask
+
+
+class Evaluator:
+    """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
+
+    def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None):
+        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        replicated = NamedSharding(self.mesh, PartitionSpec())  # weights on every device, the batch split
+        self.model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=replicated)
+        self.tokenizer = load_tokenizer(checkpoint)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
+        self.key = jax.random.key(0)
+
+    def tokens(self, question: str) -> np.ndarray:
+        prompt = conversation.generation_prompt(question)
+        return conversation.tokenize_with_image(
+            self.tokenizer, prompt, self.config.image_token_id, self.config.image_seq_length
+        )
+
+    def inputs(self, records: list[faba.EvalRecord], length: int):
+        size = self.config.vision.image_size
+        ids, mask = left_pad([self.tokens(r.question) for r in records], self.generation.pad_token_id, length)
+        pixels = np.stack([image.clip_preprocess(image.load_image(r.image), size) for r in records])
+        landmarks = (
+            np.stack([faba.load_landmarks(r) for r in records]) if self.config.prior_position != "off" else None
+        )
+        return ids, pixels, mask, landmarks
+
+    def predict(self, batch: list[faba.EvalRecord]) -> list[str]:
+        """Answers for the global `batch` (a multiple of the device count); every process calls
+        this with the same batch and feeds its own share of the rows."""
+        per_process = len(batch) // jax.process_count()
+        mine = batch[jax.process_index() * per_process:(jax.process_index() + 1) * per_process]
+        length = bucket(max(len(self.tokens(r.question)) for r in batch))  # the same on every process
+        ids, pixels, mask, landmarks = self.inputs(mine, length)
+        sharding = NamedSharding(self.mesh, PartitionSpec("data"))
+        place = lambda x: None if x is None else jax.make_array_from_process_local_data(sharding, x)  # noqa: E731
+        self.key, key = jax.random.split(self.key)
+        tokens = generate(self.model, place(ids), place(pixels), place(mask), place(landmarks), key, self.generation)
+        tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
+        return [self.decode(row) for row in tokens]
+
+    def answer(self, image_path: str | Path, question: str, landmarks: np.ndarray | None) -> str:
+        """One answer, for `run.py generate`."""
+        if self.config.prior_position != "off" and landmarks is None:
+            raise ValueError("this model uses a facial prior token: give --landmarks FILE.npy or --onnx MODEL.onnx")
+        row = self.tokens(question)
+        ids, mask = left_pad([row], self.generation.pad_token_id, bucket(len(row)))
+        pixels = image.clip_preprocess(image.load_image(image_path), self.config.vision.image_size)[None]
+        landmarks = None if self.config.prior_position == "off" else np.asarray(landmarks, np.float32).reshape(1, -1)
+        replicated = NamedSharding(self.mesh, PartitionSpec())
+        ids, pixels, mask, landmarks = jax.device_put((ids, pixels, mask, landmarks), replicated)
+        self.key, key = jax.random.split(self.key)
+        return self.decode(np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))[0])
+
+    def decode(self, row: np.ndarray) -> str:
+        stop = np.flatnonzero(row == self.generation.eos_token_id)
+        row = row[: stop[0]] if stop.size else row
+        return self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()
+
+
+def batches(items: list, size: int) -> Iterator[list]:
+    for start in range(0, len(items), size):
+        yield items[start:start + size]
+
+
+def evaluate_model(
+    checkpoint: str | Path, annotations: str | Path, task: str, out: str | Path, *,
+    images_root: str | Path | None = None, batch_size: int = 8, protocol: str = "official",
+    dtype: str = "float32", generation: GenerationConfig | None = None, progress: bool = True,
+) -> dict:
+    """Predictions for every record of `annotations` (resuming), then metrics and report."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    records = faba.read_eval_records(annotations, images_root)
+    predictions_file = out / PREDICTIONS
+    done = read_done(predictions_file)
+    done_ids = [d["id"] for d in done]
+    if done_ids != [r.id for r in records[: len(done_ids)]]:
+        raise ValueError(f"{predictions_file} does not hold predictions for the first records of {annotations}; "
+                         "point --out at a fresh folder")
+    todo = records[len(done_ids):]
+    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation) if todo else None
+    if evaluator is not None:
+        # every process takes the same number of rows; the global batch is a multiple of the devices
+        global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
+        bar = tqdm(total=len(todo), desc="evaluating", unit="record", disable=not progress)
+        for batch in batches(todo, global_batch):
+            padded = batch + [batch[-1]] * (global_batch - len(batch))  # repeat the last: static shapes
+            answers = evaluator.predict(padded)[: len(batch)]
+            if jax.process_index() == 0:
+                _append(predictions_file, [_line(r, a) for r, a in zip(batch, answers, strict=True)])
+            bar.update(len(batch))
+        bar.close()
+    lines = read_done(predictions_file)
+    samples = [Sample(line["prediction"], line["reference"], line["label"]) for line in lines]
+    metrics = report.score(samples, task, protocol)
+    if jax.process_index() == 0:
+        report.write_report(out, metrics)
+    return metrics
+
+
+def _line(record: faba.EvalRecord, answer: str) -> dict:
+    return {"id": record.id, "prompt": conversation.generation_prompt(record.question), "prediction": answer,
+            "reference": record.reference, "label": record.label}
+
+
+def _append(path: Path, lines: list[dict]) -> None:
+    with open(path, "a") as f:
+        f.write("".join(json.dumps(line) + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())

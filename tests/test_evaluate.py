@@ -1,0 +1,169 @@
+"""Model evaluation end to end on a tiny EmoLA: batching, resuming and sharding change nothing."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flax import nnx
+from PIL import Image
+from transformers import CLIPImageProcessor
+
+from emola_jax.checkpoint import save_pretrained
+from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
+from emola_jax.data import conversation, image
+from emola_jax.eval import evaluate as ev
+from emola_jax.models import EmolaForConditionalGeneration
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = ("a chat between curious user and an artificial intelligence assistant the gives helpful detailed polite "
+         "answers to s questions what emotions are conveyed by this face person looks happy sad angry calm au1 "
+         "au2 au4 au12 is active").split()
+
+
+def _tokenizer(directory: Path):
+    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<unk>", "<s>", "</s>", "<pad>"]
+    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)) + [".", ",", ":", "?", "'", "\n"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.normalizer = normalizers.Lowercase()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+    fast.save_pretrained(directory)
+    return fast
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    root = tmp_path_factory.mktemp("evaluate")
+    tokenizer = _tokenizer(root / "tok")
+    config = EmolaConfig(
+        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                            image_size=28),
+        text=TextConfig(vocab_size=len(tokenizer) + 1, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2),
+        image_token_id=len(tokenizer),
+    )
+    model = EmolaForConditionalGeneration(config, rngs=nnx.Rngs(7))
+    ckpt = save_pretrained(model, root / "ckpt", tokenizer_files=sorted((root / "tok").iterdir()))
+    rng = np.random.default_rng(0)
+    records = []
+    (root / "data" / "images").mkdir(parents=True)
+    (root / "data" / "landmarks").mkdir()
+    for i in range(5):
+        size = [(40, 30), (28, 28), (50, 64), (33, 45), (60, 60)][i]
+        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
+            root / "data" / "images" / f"{i}.png")
+        np.save(root / "data" / "landmarks" / f"{i}.npy", rng.random(212).astype(np.float32))
+        records.append({
+            "id": f"img{i}", "source": "AffectNet", "image": f"images/{i}.png", "landmark": f"landmarks/{i}.npy",
+            "conversations": [{"from": "human", "value": "<image>\nWhat emotions are conveyed by this face?"},
+                              {"from": "gpt", "value": "The person looks happy."}],
+            "label": i % 7, "gpt4": "The person looks happy.",
+        })
+    (root / "data" / "eval_emotion_anno.json").write_text(json.dumps(records))
+    return root, ckpt
+
+
+def _run(root, ckpt, out, **kw):
+    from emola_jax.generate import GenerationConfig
+
+    gen = GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3)
+    return ev.evaluate_model(ckpt, root / "data" / "eval_emotion_anno.json", "emotion", out, generation=gen,
+                             progress=False, **kw)
+
+
+def _predictions(out):
+    return [json.loads(line) for line in (out / ev.PREDICTIONS).read_text().splitlines()]
+
+
+def test_batching_does_not_change_predictions(setup, tmp_path):
+    root, ckpt = setup
+    metrics = _run(root, ckpt, tmp_path / "b3", batch_size=3)
+    _run(root, ckpt, tmp_path / "b1", batch_size=1)
+    batched, single = _predictions(tmp_path / "b3"), _predictions(tmp_path / "b1")
+    assert [p["id"] for p in batched] == [f"img{i}" for i in range(5)]
+    assert [p["prediction"] for p in batched] == [p["prediction"] for p in single]
+    assert batched[0]["prompt"] == conversation.generation_prompt("What emotions are conveyed by this face?")
+    assert metrics["num_samples"] == 5
+    assert json.loads((tmp_path / "b3" / "metrics.json").read_text())["s_re"] == metrics["s_re"]
+
+
+def test_resume_after_a_kill_and_a_torn_line(setup, tmp_path, monkeypatch):
+    root, ckpt = setup
+    _run(root, ckpt, tmp_path / "clean", batch_size=2)
+    calls = {"n": 0}
+    original = ev.Evaluator.predict
+
+    def dies_on_second_batch(self, batch):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return original(self, batch)
+
+    monkeypatch.setattr(ev.Evaluator, "predict", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        _run(root, ckpt, tmp_path / "killed", batch_size=2)
+    monkeypatch.setattr(ev.Evaluator, "predict", original)
+    assert len(_predictions(tmp_path / "killed")) == 2
+    with open(tmp_path / "killed" / ev.PREDICTIONS, "a") as f:
+        f.write('{"id": "img2", "predic')  # a kill in the middle of a write
+    _run(root, ckpt, tmp_path / "killed", batch_size=2)
+    assert _predictions(tmp_path / "killed") == _predictions(tmp_path / "clean")
+
+
+def test_sharded_over_four_devices_matches(setup, tmp_path):
+    root, ckpt = setup
+    _run(root, ckpt, tmp_path / "one", batch_size=4)
+    script = (
+        "import sys, jax; sys.path.insert(0, sys.argv[4]); assert jax.device_count() == 4\n"
+        "from emola_jax.eval.evaluate import evaluate_model\n"
+        "from emola_jax.generate import GenerationConfig\n"
+        "evaluate_model(sys.argv[1], sys.argv[2], 'emotion', sys.argv[3], batch_size=4, progress=False,\n"
+        "               generation=GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3))\n"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    result = subprocess.run([sys.executable, "-c", script, str(ckpt), str(root / "data" / "eval_emotion_anno.json"),
+                             str(tmp_path / "four"), str(ROOT)], env=env, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert _predictions(tmp_path / "four") == _predictions(tmp_path / "one")
+
+
+def test_clip_preprocessing_matches_transformers():
+    processor = CLIPImageProcessor(size={"shortest_edge": 336}, crop_size={"height": 336, "width": 336})
+    rng = np.random.default_rng(0)
+    for shape in [(300, 451), (500, 336), (336, 336), (401, 299)]:
+        picture = Image.fromarray(rng.integers(0, 255, (*shape, 3), dtype=np.uint8))
+        expected = processor(images=picture, return_tensors="np")["pixel_values"][0].transpose(1, 2, 0)
+        np.testing.assert_allclose(image.clip_preprocess(picture, 336), expected, atol=1e-5)
+
+
+def test_prompt_tokens_follow_llava(setup):
+    root, _ = setup
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(root / "tok")
+    prompt = conversation.generation_prompt("What emotions are conveyed by this face?")
+    assert prompt == (conversation.SYSTEM + " USER: <image>\nWhat emotions are conveyed by this face? ASSISTANT:")
+    ids = conversation.tokenize_with_image(tok, prompt, 99, 3)
+    before, after = prompt.split("<image>")
+    expected = tok(before).input_ids + [99, 99, 99] + tok(after).input_ids[1:]  # one BOS, at the start
+    assert ids.tolist() == expected and ids[0] == tok.bos_token_id
+
+
+def test_bad_records_are_named(tmp_path):
+    from emola_jax.data import faba
+
+    (tmp_path / "a.json").write_text(json.dumps([{"id": "x1", "image": "i.png"}]))
+    with pytest.raises(ValueError, match="record x1 is malformed"):
+        faba.read_eval_records(tmp_path / "a.json")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
+    with pytest.raises(ValueError, match="broken.png could not be read"):
+        image.load_image(tmp_path / "broken.png")

@@ -1,0 +1,78 @@
+"""The official landmark recipe on an ONNX graph with 2d106det's signature, and `run.py generate`."""
+
+import subprocess
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from emola_jax.data import landmarks
+from tests.test_evaluate import setup  # noqa: F401  (the tiny checkpoint and data)
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _landmark_graph(path: Path, batch: int | str = 1) -> tuple[np.ndarray, np.ndarray]:
+    """`[N, 3, 192, 192] -> [N, 212]`: per-channel spatial means, then an affine map."""
+    rng = np.random.default_rng(0)
+    weight, bias = rng.standard_normal((3, 212)).astype(np.float32), rng.standard_normal(212).astype(np.float32)
+    nodes = [
+        helper.make_node("ReduceMean", ["data", "axes"], ["pooled"], keepdims=0),
+        helper.make_node("MatMul", ["pooled", "w"], ["projected"]),
+        helper.make_node("Add", ["projected", "b"], ["fc1"]),
+    ]
+    graph = helper.make_graph(
+        nodes, "landmark_106",
+        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3, 192, 192])],
+        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [batch, 212])],
+        [helper.make_tensor("axes", TensorProto.INT64, [2], [2, 3]),
+         helper.make_tensor("w", TensorProto.FLOAT, [3, 212], weight.ravel()),
+         helper.make_tensor("b", TensorProto.FLOAT, [212], bias)],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
+    return weight, bias
+
+
+@pytest.mark.parametrize("batch", [1, "N"])
+def test_official_recipe_by_hand(tmp_path, batch):
+    weight, bias = _landmark_graph(tmp_path / "2d106det.onnx", batch)
+    rng = np.random.default_rng(1)
+    paths = []
+    for i, (h, w) in enumerate([(120, 90), (192, 192), (64, 300)]):
+        paths.append(tmp_path / f"{i}.jpg")
+        cv2.imwrite(str(paths[-1]), rng.integers(0, 255, (h, w, 3), dtype=np.uint8))
+    got = landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), paths)
+    for row, path in zip(got, paths, strict=True):
+        bgr = cv2.resize(cv2.imread(str(path)), (192, 192)).astype(np.float32) / 255.0  # BGR, whole image
+        expected = bgr.mean(axis=(0, 1)) @ weight + bias  # channel order B, G, R as the graph sees it
+        np.testing.assert_allclose(row, expected, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="could not be read"):
+        landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), [tmp_path / "none.jpg"])
+
+
+def test_generate_cli(setup, tmp_path):  # noqa: F811
+    from emola_jax.eval.evaluate import Evaluator
+    from emola_jax.generate import GenerationConfig
+
+    root, ckpt = setup
+    _landmark_graph(tmp_path / "2d106det.onnx")
+    image = root / "data" / "images" / "2.png"
+    question = "What emotions are conveyed by this face?"
+    run = [sys.executable, str(ROOT / "run.py"), "generate", str(ckpt), "--image", str(image), "--prompt", question,
+           "--max-new-tokens", "6"]
+    with_npy = subprocess.run(run + ["--landmarks", str(root / "data" / "landmarks" / "2.npy")],
+                              capture_output=True, text=True)
+    assert with_npy.returncode == 0, with_npy.stderr[-2000:]
+    evaluator = Evaluator(ckpt, generation=GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3))
+    expected = evaluator.answer(image, question, np.load(root / "data" / "landmarks" / "2.npy"))
+    assert with_npy.stdout.strip() == expected
+    with_onnx = subprocess.run(run + ["--onnx", str(tmp_path / "2d106det.onnx")], capture_output=True, text=True)
+    assert with_onnx.returncode == 0, with_onnx.stderr[-2000:]
+    features = landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), [image])[0]
+    assert with_onnx.stdout.strip() == evaluator.answer(image, question, features)
+    missing = subprocess.run(run, capture_output=True, text=True)
+    assert missing.returncode == 1 and "--landmarks" in missing.stderr
