@@ -61,7 +61,8 @@ def generate(
     positions = default_position_ids(attention_mask)
     cache = lm.init_cache(batch, prompt_len + config.max_new_tokens, embeds.dtype)
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((batch, config.max_new_tokens), bool)], axis=1)
-    hidden, cache = lm.decode(embeds, positions, kv_valid, cache, 0)
+    layers = lm.unstacked_layers()
+    hidden, cache = lm.decode(embeds, positions, kv_valid, cache, 0, layers)
     key, step_key = jax.random.split(key)
     first = sample_next(model.logits(hidden[:, -1]), config, step_key)
     out = jnp.full((batch, config.max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
@@ -74,7 +75,7 @@ def generate(
         step, token, cache, done, out, key = state
         position = positions[:, -1:] + step  # the token written at slot prompt_len + step - 1
         hidden, cache = lm.decode(
-            lm.embed_tokens(token[:, None]), position, kv_valid, cache, prompt_len + step - 1
+            lm.embed_tokens(token[:, None]), position, kv_valid, cache, prompt_len + step - 1, layers
         )
         key, step_key = jax.random.split(key)
         token = sample_next(model.logits(hidden[:, -1]), config, step_key)

@@ -39,13 +39,32 @@ class LlamaAttention(nnx.Module):
         k = self.k_proj(x).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, kv_heads, head_dim]
         v = self.v_proj(x).reshape(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is not None:
-            k_cache, v_cache, index = cache
-            k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.astype(k_cache.dtype), index, axis=1)
-            v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.astype(v_cache.dtype), index, axis=1)
-        out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
-        out = self.o_proj(out.reshape(batch, seq, -1))
-        return out if cache is None else (out, (k, v))
+        if cache is None:
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
+            return self.o_proj(out.reshape(batch, seq, -1))
+        k_cache, v_cache, index = cache  # [batch, kv_heads, cache_len, head_dim]
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k.transpose(0, 2, 1, 3).astype(k_cache.dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v.transpose(0, 2, 1, 3).astype(v_cache.dtype), index, axis=2)
+        out = heads_first_attention(q, k, v, mask)
+        return self.o_proj(out.reshape(batch, seq, -1)), (k, v)
+
+
+def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
+    """Attention over a cache laid out heads-first.
+
+    q `[batch, seq, heads, head_dim]`; k, v `[batch, kv_heads, cache_len, head_dim]`; mask
+    `[batch, 1, seq, cache_len]`. With the batch and head axes leading, both contractions are
+    plain batched matmuls: on CPU this is over ten times faster per decode step than attention
+    over a `[batch, cache_len, heads, head_dim]` cache, which XLA transposes on every call.
+    """
+    batch, seq, heads, head_dim = q.shape
+    kv_heads = k.shape[1]
+    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [batch, kv, group, seq, cache]
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [batch, kv_heads, group, seq, head_dim]
+    return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
 class LlamaMLP(nnx.Module):
@@ -110,23 +129,29 @@ class LlamaModel(nnx.Module):
         hidden = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=remat)
         return self.norm(hidden)
 
-    def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> tuple[jax.Array, jax.Array]:
-        """Zeroed keys and values `[layers, batch, length, kv_heads, head_dim]`."""
+    def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> list[tuple[jax.Array, jax.Array]]:
+        """Zeroed keys and values per layer, `[batch, kv_heads, length, head_dim]` (heads first)."""
         c = self.config
-        shape = (c.num_hidden_layers, batch, length, c.num_key_value_heads, c.resolved_head_dim)
-        return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+        shape = (batch, c.num_key_value_heads, length, c.resolved_head_dim)
+        return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
 
-    def decode(self, inputs_embeds, position_ids, kv_valid, cache, index):
+    def unstacked_layers(self) -> list[LlamaDecoderLayer]:
+        """One module per layer, sliced once from the stacked weights (outside the decode loop)."""
+        graphdef, state = nnx.split(self.layers)
+        layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state))  # noqa: E731
+        return [layer(i) for i in range(self.config.num_hidden_layers)]
+
+    def decode(self, inputs_embeds, position_ids, kv_valid, cache, index, layers=None):
         """Runs `inputs_embeds [batch, seq, embed]` at cache slots `index ..`; returns the normed
-        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens."""
+        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens.
+
+        Layers are unrolled, each with its own cache buffers: in a decode loop, a scan over
+        stacked layers and a stacked cache copies both on every step (measured 2x slower on CPU).
+        """
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
         mask = cached_attention_mask(kv_valid, index, inputs_embeds.shape[1])
-        graphdef, state = nnx.split(self.layers)
-
-        def body(hidden, xs):
-            layer_state, k, v = xs
-            hidden, (k, v) = nnx.merge(graphdef, layer_state)(hidden, cos, sin, mask, (k, v, index))
-            return hidden, (k, v)
-
-        hidden, cache = jax.lax.scan(body, inputs_embeds, (state, *cache))
-        return self.norm(hidden), cache
+        hidden, new_cache = inputs_embeds, []
+        for layer, (k, v) in zip(layers or self.unstacked_layers(), cache, strict=True):
+            hidden, kv = layer(hidden, cos, sin, mask, (k, v, index))
+            new_cache.append(kv)
+        return self.norm(hidden), new_cache
