@@ -52,6 +52,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate.evaluate_model(
             args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
             protocol=args.protocol, dtype=args.dtype, generation=_generation_config(args, tokenizer),
+            official_prompt=not args.record_prompts,
         )
     print(f"S_re {metrics['s_re']:.2f}  S_ge {metrics['s_ge']:.2f}  S_rege {metrics['s_rege']:.2f}  "
           f"({args.out / 'report.md'})")
@@ -66,7 +67,9 @@ def _generate(args: argparse.Namespace) -> None:
         raise ValueError("give --landmarks or --onnx, not both")
     landmarks = None
     if args.landmarks is not None:
-        landmarks = np.load(args.landmarks)
+        landmarks = np.load(args.landmarks).astype(np.float32).reshape(-1)
+        if landmarks.shape != (212,):
+            raise ValueError(f"{args.landmarks} holds {landmarks.size} values; a prior feature has 212")
     elif args.onnx is not None:
         from emola_jax.data import landmarks as lm
 
@@ -77,7 +80,8 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--max-new-tokens", type=int, default=128, help="longest answer, in tokens (default 128)")
+    parser.add_argument("--max-new-tokens", type=int, default=512,
+                        help="longest answer, in tokens (default 512); answers cut there are counted in the metrics")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 decodes greedily (default); the official evaluation samples at 0.01 with top-p 0.5")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
@@ -131,6 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json)")
     evaluate.add_argument("--images-root", type=Path,
                           help="folder the records' image and landmark paths are relative to (default: --data's)")
+    evaluate.add_argument("--record-prompts", action="store_true",
+                          help="ask each record's own question instead of the official per-task prompt")
     evaluate.add_argument("--batch-size", type=int, default=8,
                           help="global batch, rounded up to a multiple of the device count (default 8)")
     _add_decoding_flags(evaluate)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -134,6 +135,13 @@ def llava_original_config(config_file: Path, vision: VisionConfig, dtype: str) -
     select = data.get("mm_vision_select_feature", "patch")
     if select not in SELECT_FEATURE:
         raise ValueError(f"{config_file}: mm_vision_select_feature {select!r} is not supported")
+    tower = str(data.get("mm_vision_tower", ""))
+    size = re.search(r"-(\d+)$", tower)
+    if size and int(size.group(1)) != vision.image_size:
+        raise ValueError(
+            f"{config_file} was trained with vision tower {tower} ({size.group(1)} px) but the CLIP directory "
+            f"given is a {vision.image_size} px model"
+        )
     text = {k: v for k, v in data.items() if not k.startswith("mm_")}
     return EmolaConfig(
         vision=vision,
@@ -159,8 +167,6 @@ def lora_config_from_peft(adapter_config: Path) -> LoRAConfig:
         raise ValueError(f"{adapter_config}: DoRA adapters are not supported")
     targets = data.get("target_modules") or []
     if isinstance(targets, str):
-        import re
-
         targets = [name for name in DECODER_LINEARS if re.search(targets, f"model.layers.0.x.{name}")]
     unknown = sorted(set(targets) - set(DECODER_LINEARS))
     if unknown:
@@ -177,11 +183,9 @@ def lora_config_from_peft(adapter_config: Path) -> LoRAConfig:
 
 
 def tokenizer_files(*directories: Path | None) -> list[Path]:
-    """Tokenizer and processor files of the first directory that has any."""
+    """Tokenizer and processor files of the first directory that holds a tokenizer."""
     for directory in directories:
-        if directory is None:
+        if directory is None or not any((directory / n).is_file() for n in ("tokenizer.json", "tokenizer.model")):
             continue
-        found = [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
-        if found:
-            return found
+        return [directory / name for name in TOKENIZER_FILES if (directory / name).is_file()]
     return []

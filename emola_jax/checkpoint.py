@@ -164,7 +164,11 @@ class CheckpointWriter:
         if self.out.exists():
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.out, trash)
-            os.replace(self.staging, self.out)
+            try:
+                os.replace(self.staging, self.out)
+            except OSError:
+                os.replace(trash, self.out)  # put the previous checkpoint back
+                raise
             shutil.rmtree(trash)
         else:
             os.replace(self.staging, self.out)

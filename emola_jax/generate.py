@@ -19,7 +19,7 @@ from emola_jax.models.emola import EmolaForConditionalGeneration, default_positi
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
-    max_new_tokens: int = 128
+    max_new_tokens: int = 512
     eos_token_id: int = 2
     pad_token_id: int = 0
     temperature: float = 0.0  # 0: greedy

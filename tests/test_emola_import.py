@@ -43,7 +43,7 @@ def emola_run(tmp_path_factory):
     base_state = ref.rename({k: v for k, v in state.items() if "vision_tower" not in k}, LLAVA_ORIGINAL)
     llava_cfg = {**text_cfg, "model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu",
                  "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 32,
-                 "mm_vision_tower": "openai/clip-vit-large-patch14-336"}
+                 "mm_vision_tower": "tiny-clip-patch14-28"}
     ref.save_state(base_state, root / "base", shards=2, fmt="bin", config=llava_cfg)
 
     # CLIP: the full-CLIPModel layout (vision_model.*), with a text tower key the converter must skip
@@ -133,6 +133,17 @@ def test_lora_factors_stay_separate_from_base(emola_run, tmp_path):
     np.testing.assert_array_equal(np.asarray(q.lora_b.get_value()[1]), lora_b.T)
     lora_state = nnx.state(model, nnx.LoRAParam)
     assert len(nnx.to_flat_state(lora_state)) == 14  # A and B for 7 projections, stacked over layers
+
+
+def test_clip_of_another_resolution_is_refused(emola_run, tmp_path):
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(emola_run["root"] / "base", base)
+    config = json.loads((base / "config.json").read_text())
+    (base / "config.json").write_text(json.dumps({**config, "mm_vision_tower": "openai/clip-vit-large-patch14-336"}))
+    with pytest.raises(ValueError, match="336 px.*28 px"):
+        convert(base, tmp_path / "jax", clip=emola_run["root"] / "clip", progress=False)
 
 
 def test_missing_base_is_a_clear_error(emola_run, tmp_path):

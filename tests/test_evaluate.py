@@ -167,3 +167,35 @@ def test_bad_records_are_named(tmp_path):
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(ValueError, match="broken.png could not be read"):
         image.load_image(tmp_path / "broken.png")
+
+
+def test_resume_refuses_other_settings_and_corrupt_lines(setup, tmp_path):
+    from emola_jax.generate import GenerationConfig
+
+    root, ckpt = setup
+    metrics = _run(root, ckpt, tmp_path / "a", batch_size=5)
+    lines = _predictions(tmp_path / "a")
+    assert metrics["answers_cut_at_max_new_tokens"] == sum(not line["stopped_at_eos"] for line in lines)
+    other = GenerationConfig(max_new_tokens=5, eos_token_id=2, pad_token_id=3)
+    with pytest.raises(ValueError, match="other settings"):
+        ev.evaluate_model(ckpt, root / "data" / "eval_emotion_anno.json", "emotion", tmp_path / "a",
+                          generation=other, progress=False)
+    text = (tmp_path / "a" / ev.PREDICTIONS).read_text().splitlines()
+    (tmp_path / "a" / ev.PREDICTIONS).write_text("\n".join([text[0], "{not json", *text[1:]]) + "\n")
+    with pytest.raises(ValueError, match="line 2: not valid JSON"):
+        _run(root, ckpt, tmp_path / "a", batch_size=5)
+
+
+def test_official_prompt_replaces_the_record_question(setup, tmp_path):
+    root, ckpt = setup
+    data = json.loads((root / "data" / "eval_emotion_anno.json").read_text())
+    for record in data:
+        record["conversations"][0]["value"] = "<image>\nDescribe this face."
+    (tmp_path / "anno.json").write_text(json.dumps(data))
+    from emola_jax.data import faba
+
+    official = faba.read_eval_records(tmp_path / "anno.json", root / "data", prompt=ev.prompt_for("rafdb"))
+    own = faba.read_eval_records(tmp_path / "anno.json", root / "data")
+    assert {r.question for r in official} == {"What emotions are conveyed by this face?"}
+    assert {r.question for r in own} == {"<image>\nDescribe this face."}
+    assert ev.prompt_for("disfa") == "What AUs are conveyed by this face?"

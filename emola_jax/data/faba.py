@@ -21,9 +21,12 @@ class EvalRecord:
     label: int | str
 
 
-def read_eval_records(annotations: str | Path, images_root: str | Path | None = None) -> list[EvalRecord]:
+def read_eval_records(
+    annotations: str | Path, images_root: str | Path | None = None, prompt: str | None = None
+) -> list[EvalRecord]:
     """Records of an `eval_{au,emotion}_anno.json`; paths are relative to `images_root`
-    (default: the folder of the annotation file). A malformed record is an error naming its id."""
+    (default: the folder of the annotation file). `prompt`, when given, replaces every record's
+    own question. A malformed record is an error naming its id."""
     annotations = Path(annotations)
     root = Path(images_root) if images_root is not None else annotations.parent
     try:
@@ -42,7 +45,7 @@ def read_eval_records(annotations: str | Path, images_root: str | Path | None = 
             record = EvalRecord(
                 id=str(item["id"]), image=root / item["image"],
                 landmark=root / item["landmark"] if item.get("landmark") else None,
-                question=question, reference=reference, label=item["label"],
+                question=prompt or question, reference=reference, label=item["label"],
             )
         except (KeyError, TypeError, StopIteration) as err:
             raise ValueError(f"{annotations}: record {rid} is malformed (missing {err})") from None

@@ -8,6 +8,7 @@ an evaluation killed half-way loses at most the batch in flight.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from collections.abc import Iterator
@@ -26,6 +27,7 @@ from emola_jax.eval.faba import Sample
 from emola_jax.generate import GenerationConfig, generate
 
 PREDICTIONS = "predictions.jsonl"
+RUN_SETTINGS = "run_settings.json"
 
 
 def load_tokenizer(checkpoint: str | Path):
@@ -34,24 +36,29 @@ def load_tokenizer(checkpoint: str | Path):
     path = Path(checkpoint) / TOKENIZER_DIR
     if not path.is_dir():
         raise FileNotFoundError(f"{checkpoint} carries no tokenizer ({TOKENIZER_DIR}/ is missing)")
-    return AutoTokenizer.from_pretrained(path)
+    # LLaVA tokenises with the slow sentencepiece tokenizer; use it whenever the model file is there.
+    return AutoTokenizer.from_pretrained(path, use_fast=not (path / "tokenizer.model").is_file())
 
 
-def read_done(path: Path) -> list[dict]:
-    """Complete prediction lines already written; a torn last line (a kill mid-write) is cut off."""
+def read_done(path: Path, *, repair: bool = False) -> list[dict]:
+    """Complete prediction lines already written. A torn last line (no newline: a kill in the
+    middle of a write) is cut off when `repair`; any other bad line is an error naming it."""
     if not path.exists():
         return []
     done, good_bytes = [], 0
     with open(path, "rb") as f:
-        for line in f:
+        for number, line in enumerate(f, start=1):
             if not line.endswith(b"\n"):
                 break
             try:
-                done.append(json.loads(line))
-            except json.JSONDecodeError:
-                break
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+            if not isinstance(record, dict) or not {"id", "prediction", "reference", "label"} <= record.keys():
+                raise ValueError(f"{path}, line {number}: not a prediction (needs id, prediction, reference, label)")
+            done.append(record)
             good_bytes += len(line)
-    if good_bytes != path.stat().st_size:
+    if repair and good_bytes != path.stat().st_size:
         with open(path, "r+b") as f:
             f.truncate(good_bytes)
     return done
@@ -75,7 +82,9 @@ class Evaluator:
     """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None):
-        self.mesh = Mesh(np.asarray(jax.devices()), ("data",))
+        # devices grouped by process, so that process p's rows are the p-th slice of the batch
+        devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
+        self.mesh = Mesh(np.asarray(devices), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())  # weights on every device, the batch split
         self.model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=replicated)
         self.tokenizer = load_tokenizer(checkpoint)
@@ -90,6 +99,7 @@ class Evaluator:
         )
 
     def inputs(self, records: list[faba.EvalRecord], length: int):
+        """Left-padded ids, pixels, mask and landmarks for `records`."""
         size = self.config.vision.image_size
         ids, mask = left_pad([self.tokens(r.question) for r in records], self.generation.pad_token_id, length)
         pixels = np.stack([image.clip_preprocess(image.load_image(r.image), size) for r in records])
@@ -98,7 +108,7 @@ class Evaluator:
         )
         return ids, pixels, mask, landmarks
 
-    def predict(self, batch: list[faba.EvalRecord]) -> list[str]:
+    def predict(self, batch: list[faba.EvalRecord]) -> list[tuple[str, bool]]:
         """Answers for the global `batch` (a multiple of the device count); every process calls
         this with the same batch and feeds its own share of the rows."""
         per_process = len(batch) // jax.process_count()
@@ -110,7 +120,7 @@ class Evaluator:
         self.key, key = jax.random.split(self.key)
         tokens = generate(self.model, place(ids), place(pixels), place(mask), place(landmarks), key, self.generation)
         tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
-        return [self.decode(row) for row in tokens]
+        return [self.decode_with_stop(row) for row in tokens]
 
     def answer(self, image_path: str | Path, question: str, landmarks: np.ndarray | None) -> str:
         """One answer, for `run.py generate`."""
@@ -126,9 +136,13 @@ class Evaluator:
         return self.decode(np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))[0])
 
     def decode(self, row: np.ndarray) -> str:
+        return self.decode_with_stop(row)[0]
+
+    def decode_with_stop(self, row: np.ndarray) -> tuple[str, bool]:
+        """The answer text, and whether it ended with EOS (False: cut at max_new_tokens)."""
         stop = np.flatnonzero(row == self.generation.eos_token_id)
         row = row[: stop[0]] if stop.size else row
-        return self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip()
+        return self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip(), bool(stop.size)
 
 
 def batches(items: list, size: int) -> Iterator[list]:
@@ -140,18 +154,25 @@ def evaluate_model(
     checkpoint: str | Path, annotations: str | Path, task: str, out: str | Path, *,
     images_root: str | Path | None = None, batch_size: int = 8, protocol: str = "official",
     dtype: str = "float32", generation: GenerationConfig | None = None, progress: bool = True,
+    official_prompt: bool = True,
 ) -> dict:
-    """Predictions for every record of `annotations` (resuming), then metrics and report."""
+    """Predictions for every record of `annotations` (resuming), then metrics and report.
+
+    Only process 0 reads and writes `predictions.jsonl`; the others learn how many records are
+    done from it. Returns the metrics (on process 0; an empty dict elsewhere).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = faba.read_eval_records(annotations, images_root)
+    records = faba.read_eval_records(annotations, images_root, prompt=prompt_for(task) if official_prompt else None)
     predictions_file = out / PREDICTIONS
-    done = read_done(predictions_file)
-    done_ids = [d["id"] for d in done]
-    if done_ids != [r.id for r in records[: len(done_ids)]]:
-        raise ValueError(f"{predictions_file} does not hold predictions for the first records of {annotations}; "
-                         "point --out at a fresh folder")
-    todo = records[len(done_ids):]
+    lead = jax.process_index() == 0
+    settings = {"checkpoint": str(Path(checkpoint).resolve()), "annotations": str(Path(annotations).resolve()),
+                "dtype": dtype, "generation": dataclasses.asdict(generation) if generation else None,
+                "official_prompt": official_prompt}
+    done_count = _resume_point(predictions_file, out / RUN_SETTINGS, settings, records, annotations) if lead else 0
+    if jax.process_count() > 1:
+        done_count = int(multihost_utils.broadcast_one_to_all(np.int32(done_count)))
+    todo = records[done_count:]
     evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation) if todo else None
     if evaluator is not None:
         # every process takes the same number of rows; the global batch is a multiple of the devices
@@ -160,21 +181,47 @@ def evaluate_model(
         for batch in batches(todo, global_batch):
             padded = batch + [batch[-1]] * (global_batch - len(batch))  # repeat the last: static shapes
             answers = evaluator.predict(padded)[: len(batch)]
-            if jax.process_index() == 0:
-                _append(predictions_file, [_line(r, a) for r, a in zip(batch, answers, strict=True)])
+            if lead:
+                _append(predictions_file, [_line(r, *a) for r, a in zip(batch, answers, strict=True)])
             bar.update(len(batch))
         bar.close()
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices("emola_jax evaluate: predictions written")
+    if not lead:
+        return {}
     lines = read_done(predictions_file)
     samples = [Sample(line["prediction"], line["reference"], line["label"]) for line in lines]
     metrics = report.score(samples, task, protocol)
-    if jax.process_index() == 0:
-        report.write_report(out, metrics)
+    metrics["answers_cut_at_max_new_tokens"] = sum(not line.get("stopped_at_eos", True) for line in lines)
+    report.write_report(out, metrics)
     return metrics
 
 
-def _line(record: faba.EvalRecord, answer: str) -> dict:
+def _resume_point(predictions: Path, settings_file: Path, settings: dict, records, annotations) -> int:
+    """How many records are already done; refuses to mix two different runs in one folder."""
+    done = read_done(predictions, repair=True)
+    if done and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
+        raise ValueError(f"{predictions.parent} holds predictions made with other settings "
+                         f"(see {settings_file}); point --out at a fresh folder")
+    done_ids = [d["id"] for d in done]
+    if done_ids != [r.id for r in records[: len(done_ids)]]:
+        raise ValueError(f"{predictions} does not hold predictions for the first records of {annotations}; "
+                         "point --out at a fresh folder")
+    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    return len(done)
+
+
+OFFICIAL_PROMPTS = {"emotion": "What emotions are conveyed by this face?", "au": "What AUs are conveyed by this face?"}
+
+
+def prompt_for(task: str) -> str:
+    """The question the official evaluation asks, whatever the record's own question says."""
+    return OFFICIAL_PROMPTS["emotion" if task in report.EMOTION_TASKS else "au"]
+
+
+def _line(record: faba.EvalRecord, answer: str, stopped_at_eos: bool) -> dict:
     return {"id": record.id, "prompt": conversation.generation_prompt(record.question), "prediction": answer,
-            "reference": record.reference, "label": record.label}
+            "reference": record.reference, "label": record.label, "stopped_at_eos": stopped_at_eos}
 
 
 def _append(path: Path, lines: list[dict]) -> None:

@@ -10,8 +10,9 @@ Two protocols:
 - `rouge-score` uses Google's `rouge-score` ROUGE-L (lower-cased, tokenised on non-alphanumerics)
   and drops negative sentences only on whole-word negations.
 
-One decision where the official code crashes: a text with no `.`, `!` or `?` has no sentence end;
-here the whole text is then the first sentence and the rest is empty.
+One decision where the official code crashes: when no `.`, `!` or `?` ends a first sentence (the
+text has none, or a line break comes before the first one, since the rule's `.` does not match a
+newline), the whole text is the first sentence and the rest is empty.
 """
 
 from __future__ import annotations
@@ -159,8 +160,20 @@ def _generation_score(samples: Sequence[Sample], protocol: str) -> tuple[float, 
     return (100.0 * sum(valid) / len(valid) if valid else 0.0), len(scores) - len(valid)
 
 
+def _labels(samples: Sequence[Sample], parse) -> list:
+    if not samples:
+        raise ValueError("there are no samples to score")
+    out = []
+    for index, sample in enumerate(samples):
+        try:
+            out.append(parse(sample.label))
+        except ValueError as err:
+            raise ValueError(f"sample {index}: {err}") from None
+    return out
+
+
 def score_emotion(samples: Sequence[Sample], protocol: str = "official") -> dict:
-    labels = [emotion_label(s.label) for s in samples]
+    labels = _labels(samples, emotion_label)
     predicted = [emotion_of(s.prediction, protocol) for s in samples]
     confusion = [[0] * len(EMOTIONS) for _ in EMOTIONS]
     for t, p in zip(labels, predicted, strict=True):
@@ -178,7 +191,7 @@ def score_emotion(samples: Sequence[Sample], protocol: str = "official") -> dict
 
 def score_au(samples: Sequence[Sample], protocol: str = "official", aus: Sequence[int] = FABA_AUS,
              task: str = "au") -> dict:
-    targets = [au_label(s.label) for s in samples]
+    targets = _labels(samples, au_label)
     predicted = [aus_of(s.prediction) for s in samples]
     per_au = au_f1(targets, predicted, aus)
     s_re = sum(per_au.values()) / len(per_au) if per_au else 0.0
