@@ -25,6 +25,17 @@ LLAVA_ORIGINAL = [
 ]
 
 
+def _hf_decoder(llava) -> LlamaForCausalLM:
+    """The LLaVA's language model as a standalone `LlamaForCausalLM` (what PEFT wraps in EmoLA)."""
+    state = llava.state_dict()
+    decoder = LlamaForCausalLM(llava.config.text_config).eval()
+    decoder.load_state_dict({
+        **{k.replace("model.language_model.", "model."): v for k, v in state.items() if "language_model" in k},
+        "lm_head.weight": state["lm_head.weight"],
+    })
+    return decoder
+
+
 def _mlp(in_dim, out_dim, seed):
     torch.manual_seed(seed)
     return torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(), torch.nn.Linear(out_dim, out_dim))
@@ -64,12 +75,7 @@ def emola_run(tmp_path_factory):
     torch.save({f"model.landmark_feature_projector.{k}": v for k, v in prior.state_dict().items()},
                run / "landmark_feature_projector.bin")
     (run / "config.json").write_text(json.dumps(llava_cfg))
-    decoder = LlamaForCausalLM(config.text_config).eval()
-    decoder.load_state_dict({
-        **{k.replace("model.language_model.", "model."): v for k, v in state.items() if "language_model" in k},
-        "lm_head.weight": state["lm_head.weight"],
-    })
-    peft = get_peft_model(decoder, LoraConfig(
+    peft = get_peft_model(_hf_decoder(llava), LoraConfig(
         r=4, lora_alpha=12, lora_dropout=0.05,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
     torch.manual_seed(13)
@@ -83,14 +89,8 @@ def emola_run(tmp_path_factory):
 
 def _torch_reference(setup, ids, pixels, landmarks, mask):
     """The EmoLA forward in PyTorch: HF CLIP + retrained projector + prior token, PEFT decoder."""
-    config, llava = setup["config"], setup["llava"]
-    decoder = LlamaForCausalLM(config.text_config).eval()
-    decoder.load_state_dict({
-        **{k.replace("model.language_model.", "model."): v for k, v in llava.state_dict().items()
-           if "language_model" in k},
-        "lm_head.weight": llava.state_dict()["lm_head.weight"],
-    })
-    decoder = PeftModel.from_pretrained(decoder, setup["run"]).eval()
+    llava = setup["llava"]
+    decoder = PeftModel.from_pretrained(_hf_decoder(llava), setup["run"]).eval()
     with torch.no_grad():
         vision = llava.model.vision_tower(torch.tensor(pixels).permute(0, 3, 1, 2), output_hidden_states=True)
         visual = setup["mm"](vision.hidden_states[-2][:, 1:])
@@ -175,3 +175,27 @@ def test_prior_token_position(position):
     np.testing.assert_allclose(embeds[0, [0, 1, 7]], text_rows, atol=0)
     with pytest.raises(ValueError, match="landmarks"):
         model.embed(ids, pixels)
+
+
+def test_merged_lora_matches_peft_merge_and_unmerged_logits(emola_run, tmp_path):
+    from emola_jax.lora import merge_lora, split_lora
+
+    out = convert(emola_run["run"], tmp_path / "jax", base=emola_run["root"] / "base",
+                  clip=emola_run["root"] / "clip", progress=False)
+    model, _ = emola_jax.load_pretrained(out)
+    _, lora_state, base_state = split_lora(model)
+    assert {p[-1] for p, _ in nnx.to_flat_state(lora_state)} == {"lora_a", "lora_b"}
+    assert not any(p[-1].startswith("lora") for p, _ in nnx.to_flat_state(base_state))
+    merged = merge_lora(model)
+    assert merged.config.lora is None and merged.language_model.layers.mlp.up_proj.lora_a is None
+    # the merged kernels are what PEFT's merge_and_unload produces
+    peft = PeftModel.from_pretrained(_hf_decoder(emola_run["llava"]), emola_run["run"]).merge_and_unload()
+    expected = peft.state_dict()["model.layers.1.mlp.down_proj.weight"].numpy().T
+    np.testing.assert_allclose(np.asarray(merged.language_model.layers.mlp.down_proj.kernel.get_value()[1]),
+                               expected, atol=1e-6)
+    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
+    ids = np.where(ids == ref.IMAGE_TOKEN, -200, ids)
+    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(np.asarray(merged(ids, pixels, mask, landmarks))[valid],
+                               np.asarray(model(ids, pixels, mask, landmarks))[valid], atol=1e-4)
