@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from converters import formats, tables
 from converters.readers import TensorStore, weight_files
-from emola_jax.checkpoint import CheckpointWriter, layer_path
+from emola_jax.checkpoint import CheckpointWriter, is_stacked, layer_path
 from emola_jax.config import EmolaConfig, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
 
@@ -239,7 +239,7 @@ def load_clip_vision(clip: str | Path, dtype: str = "float32") -> tuple[CLIPVisi
     for path, var in flat:
         path = ("vision_tower",) + tuple(str(p) for p in path)
         key, transform = tables.canonical_key(path)
-        if tables.is_stacked(path):
+        if is_stacked(path):
             parts = [_read(source, layout.to_file(key.format(i=i)), transform) for i in range(var.shape[0])]
             value = np.stack(parts)
         else:

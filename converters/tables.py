@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from emola_jax.checkpoint import Path_, is_stacked, param_shapes  # noqa: F401  (is_stacked re-used by importers)
+from emola_jax.checkpoint import Path_, is_stacked, param_shapes
 from emola_jax.config import EmolaConfig
 
 
