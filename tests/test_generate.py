@@ -55,3 +55,19 @@ def test_top_p_keeps_only_the_nucleus():
     assert draws == {0, 1}  # 0.5 + 0.3 reaches 0.7: tokens 2 and 3 are never drawn
     greedy = GenerationConfig(temperature=0.0)
     assert int(sample_next(logits, greedy, jax.random.key(0))[0]) == 0
+
+
+def test_blockwise_causal_attention_equals_full_attention():
+    import jax.numpy as jnp
+
+    from emola_jax.models.llama import causal_blockwise_attention, heads_first_attention
+
+    rng = np.random.default_rng(0)
+    batch, seq, heads, kv_heads, dim = 3, 150, 8, 2, 16
+    q = jnp.asarray(rng.standard_normal((batch, seq, heads, dim)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((batch, kv_heads, seq, dim)), jnp.float32) for _ in range(2))
+    valid = np.ones((batch, seq), bool)
+    valid[1, :17], valid[2, :90] = False, False  # left padding
+    full = heads_first_attention(q, k, v, jnp.asarray(np.tril(np.ones((seq, seq), bool)) & valid[:, None, None, :]))
+    blocks = causal_blockwise_attention(q, k, v, jnp.asarray(valid), block=64)
+    np.testing.assert_allclose(np.asarray(blocks)[valid], np.asarray(full)[valid], atol=1e-6)
