@@ -43,9 +43,12 @@ def official_input(image_path: str | Path) -> np.ndarray:
 def official_features(session, image_paths: list[str | Path]) -> np.ndarray:
     """`[len(image_paths), 212]` prior features, one batched session call."""
     batch = np.stack([official_input(p) for p in image_paths])
-    name = session.get_inputs()[0].name
-    out = np.concatenate([session.run(None, {name: batch[i:i + 1]})[0] for i in range(len(batch))]) \
-        if session.get_inputs()[0].shape[0] == 1 else session.run(None, {name: batch})[0]
+    model_input = session.get_inputs()[0]
+    # the released 2d106det.onnx has a fixed batch of 1; a graph with a free batch axis takes all at once
+    step = 1 if model_input.shape[0] == 1 else len(batch)
+    out = np.concatenate(
+        [session.run(None, {model_input.name: batch[i:i + step]})[0] for i in range(0, len(batch), step)]
+    )
     out = out.reshape(len(image_paths), -1).astype(np.float32)
     if out.shape[1] != LANDMARK_DIM:
         raise ValueError(f"the landmark model returned {out.shape[1]} values per image, not {LANDMARK_DIM}")

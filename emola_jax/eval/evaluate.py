@@ -133,10 +133,8 @@ class Evaluator:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         ids, pixels, mask, landmarks = jax.device_put((ids, pixels, mask, landmarks), replicated)
         self.key, key = jax.random.split(self.key)
-        return self.decode(np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))[0])
-
-    def decode(self, row: np.ndarray) -> str:
-        return self.decode_with_stop(row)[0]
+        tokens = np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))
+        return self.decode_with_stop(tokens[0])[0]
 
     def decode_with_stop(self, row: np.ndarray) -> tuple[str, bool]:
         """The answer text, and whether it ended with EOS (False: cut at max_new_tokens)."""
