@@ -15,13 +15,21 @@ def _convert(args: argparse.Namespace) -> None:
     print(f"wrote {out}")
 
 
+def _export(args: argparse.Namespace) -> None:
+    from converters import export
+
+    out = export(args.ckpt, args.out, fmt=args.format, dtype=args.dtype, merge=not args.no_merge,
+                 max_shard_size=args.max_shard_size, adapter_format=args.adapter_format, overwrite=args.overwrite)
+    print(f"wrote {out}")
+
+
 def _demo(args: argparse.Namespace) -> None:
     import configs
     from emola_jax import demo
     from emola_jax.config import override
 
-    config = override(configs.load(args.config), args.set)
-    summary = demo.run(args.workdir, config, seed=args.seed)
+    experiment = override(configs.load(args.config), args.set)
+    summary = demo.run(args.workdir, experiment, seed=args.seed)
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")
@@ -79,6 +87,42 @@ def _generate(args: argparse.Namespace) -> None:
     print(evaluator.answer(args.image, args.prompt, landmarks))
 
 
+def _precompute_landmarks(args: argparse.Namespace) -> None:
+    from emola_jax.data import precompute
+
+    if args.import_npy is not None:
+        summary = precompute.import_npy(args.annotations, args.import_npy, args.out, progress=not args.no_progress)
+    else:
+        if args.onnx is None or args.images_root is None:
+            raise ValueError("give --onnx MODEL.onnx and --images-root DIR (or --import-npy LANDMARKS_ROOT)")
+        summary = precompute.precompute_landmarks(
+            args.annotations, args.images_root, args.onnx, args.out, recipe=args.recipe,
+            batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress,
+        )
+    print(summary.line())
+
+
+def _train(args: argparse.Namespace) -> None:
+    import configs
+    from emola_jax.config import override
+    from emola_jax.train import initialize_distributed
+    from emola_jax.train.loop import train
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    assignments = list(args.set)
+    if args.steps is not None:
+        assignments.append(f"train.steps={args.steps}")
+    if args.mesh is not None:
+        from emola_jax.sharding import MeshConfig
+
+        mesh = MeshConfig.parse(args.mesh)
+        assignments += [f"train.mesh.{axis}={getattr(mesh, axis)}" for axis in ("data", "fsdp", "tensor")]
+    summary = train(override(configs.load(args.config), assignments), args.workdir, until=args.until)
+    width = max(map(len, summary))
+    for key, value in summary.items():
+        print(f"{key:<{width}}  {value}")
+
+
 def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-new-tokens", type=int, default=512,
                         help="longest answer, in tokens (default 512); answers cut there are counted in the metrics")
@@ -110,6 +154,29 @@ def build_parser() -> argparse.ArgumentParser:
     convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     convert.set_defaults(func=_convert)
 
+    export = commands.add_parser(
+        "export",
+        help="emola-jax checkpoint -> PyTorch (transformers, PEFT or the official EmoLA layout)",
+        description="Write an emola-jax checkpoint as hf: a transformers LlavaForConditionalGeneration directory "
+        "(LoRA merged; the prior projector beside it as prior_projector.safetensors), peft: a PEFT LoRA adapter for "
+        "that model, or emola: an official EmoLA run (PEFT adapter, non_lora_trainables.bin, "
+        "landmark_feature_projector.bin, config.json) to load over its base LLaVA-1.5. Streams one layer at a time.",
+    )
+    export.add_argument("ckpt", type=Path, help="the emola-jax checkpoint")
+    export.add_argument("out", type=Path, help="the folder to write")
+    export.add_argument("--format", required=True, choices=["hf", "peft", "emola"], help="what to write")
+    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+                        help="dtype of the written weights (default: the checkpoint's; LoRA factors stay float32)")
+    export.add_argument("--max-shard-size", default="5GB",
+                        help="hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
+    export.add_argument("--no-merge", action="store_true",
+                        help="hf: write the base weights without the LoRA update (the base of a --format peft export)")
+    export.add_argument("--adapter-format", default="safetensors", choices=["safetensors", "bin"],
+                        help="peft/emola: adapter_model.safetensors (default) or adapter_model.bin (as PEFT 0.4, "
+                        "which the official EmoLA code pins, saved it)")
+    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    export.set_defaults(func=_export)
+
     demo = commands.add_parser(
         "demo",
         help="run the embedded end-to-end example (no download)",
@@ -119,7 +186,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where the demo writes its files")
     demo.add_argument("--config", default="tiny", help="config name in configs/ or a path (default: tiny)")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set text.num_hidden_layers=4 (repeatable)")
+                      help="override a config field, e.g. --set model.text.num_hidden_layers=4 (repeatable)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
     demo.set_defaults(func=_demo)
 
@@ -147,6 +214,54 @@ def build_parser() -> argparse.ArgumentParser:
                           "whole-word negation test")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md")
     evaluate.set_defaults(func=_evaluate)
+
+    precompute = commands.add_parser(
+        "precompute-landmarks",
+        help="prior features of every annotated image (ONNX landmark model) -> one ArrayRecord file",
+        description="Run a landmark model with 2d106det's signature over every distinct record id of the annotation "
+        "files (batched onnxruntime, images decoded by a thread pool) and write the 212-value features, keyed by id, "
+        "to OUT. A rerun skips ids already written; unreadable images are listed in OUT's .errors.jsonl and skipped.",
+    )
+    precompute.add_argument("--annotations", type=Path, nargs="+", required=True,
+                            help="annotation JSON file(s) (records with id, image, and landmark for --import-npy)")
+    precompute.add_argument("--images-root", type=Path, help="folder the records' image paths are relative to")
+    precompute.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx or any graph with its signature)")
+    precompute.add_argument("--out", type=Path, required=True,
+                            help="the ArrayRecord file to write (FEATURES.array_record)")
+    precompute.add_argument("--recipe", default="official", choices=["official", "insightface"],
+                            help="official: EmoLA's (BGR, whole image at 192x192, /255, raw output; default); "
+                            "insightface: the library's Landmark (RGB crop around the box, points in image pixels)")
+    precompute.add_argument("--batch-size", type=int, default=32, help="images per session call (default 32)")
+    precompute.add_argument("--threads", type=int, help="image decoding threads (default: the core count, at most 8)")
+    precompute.add_argument("--import-npy", type=Path, metavar="LANDMARKS_ROOT",
+                            help="convert an official landmarks/*.npy tree (records' landmark paths) instead of "
+                            "running a model")
+    precompute.add_argument("--no-progress", action="store_true", help="no progress bar")
+    precompute.set_defaults(func=_precompute_landmarks)
+
+    train = commands.add_parser(
+        "train",
+        help="train LoRA + prior projector over a frozen base checkpoint (resumes by itself)",
+        description="Train what the config's train.trainable patterns name (LoRA factors, the prior projector, the "
+        "multi-modal projector at its own rate) on the config's data, sharded over a data x fsdp x tensor mesh of "
+        "every device of every process. Resumes from the latest checkpoint in WORKDIR; writes WORKDIR/metrics.jsonl, "
+        "TensorBoard logs in WORKDIR/tensorboard, checkpoints in WORKDIR/checkpoints and, at the end, the trained "
+        "model in WORKDIR/model.",
+    )
+    train.add_argument("--config", required=True, help="config name in configs/ (tiny, emola_7b, llava15_7b) or a path")
+    train.add_argument("--workdir", type=Path, required=True, help="run folder (created; resumed when it holds one)")
+    train.add_argument("--steps", type=int, help="optimiser steps of the whole run (train.steps)")
+    train.add_argument("--until", type=int, metavar="STEP",
+                       help="stop after this step (and its checkpoint), as a preemption would; rerun to go on")
+    train.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest)")
+    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config field, e.g. --set train.remat=dots (repeatable)")
+    train.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
+    train.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
+    train.add_argument("--process-id", type=int, help="multi-process run: this process's index")
+    train.add_argument("--distributed", action="store_true",
+                       help="multi-process run on a TPU pod or cluster that jax detects by itself")
+    train.set_defaults(func=_train)
 
     generate = commands.add_parser("generate", help="answer one prompt about one image",
                                    description="Print the model's answer about IMAGE.")

@@ -143,6 +143,7 @@ LLAVA_HF_LEGACY = Layout(
     "llava-hf (language_model.model.*, vision_tower.vision_model.*)",
     (("model.vision_tower.", "vision_tower.vision_model."),) + _LEGACY_TEXT,
 )
+# What transformers 5's `save_pretrained` writes for LlavaForConditionalGeneration: export writes this.
 LLAVA_HF_SAVED = Layout(
     "llava-hf (language_model.model.*, vision_tower.*)",
     (("model.vision_tower.", "vision_tower."),) + _LEGACY_TEXT,
@@ -163,6 +164,12 @@ CLIP = Layout("CLIP (vision_model.*)", (("model.vision_tower.", "vision_model.")
 CLIP_VISION_ONLY = Layout("CLIPVisionModel (embeddings.*, encoder.*)", (("model.vision_tower.", ""),))
 # PEFT prefixes the wrapped model's keys with "base_model.model."; EmoLA wraps LLaVA's own layout.
 PEFT_EMOLA = Layout("PEFT adapter on LLaVA", (("model.language_model.", "base_model.model.model."),))
+# PEFT on transformers' LlavaForConditionalGeneration (module names model.language_model.layers.*).
+PEFT_LLAVA_HF = Layout(
+    "PEFT adapter on llava-hf", (("model.language_model.", "base_model.model.model.language_model."),)
+)
+# The prior projector beside a llava-hf export: a bare mlp2x_gelu (linear_1.*, linear_2.*).
+PRIOR_PROJECTOR_FILE = Layout("prior projector (linear_1.*, linear_2.*)", (("model.prior_projector.", ""),))
 # non_lora_trainables.bin of an official EmoLA run: LLaVA's layout, PEFT-prefixed.
 EMOLA_NON_LORA = Layout(
     "EmoLA non_lora_trainables",

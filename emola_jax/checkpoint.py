@@ -21,7 +21,7 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
@@ -95,25 +95,23 @@ def _writer_context() -> ocp.Context:
     return context
 
 
-class CheckpointWriter:
-    """Streams weights into a new checkpoint, flushing to orbax every `flush_bytes`.
+class StagedDirectory:
+    """A folder built in a hidden sibling (`.NAME.tmp-XXXX`) and renamed into place by `publish()`.
 
-    Use as a context manager; `finish()` makes the checkpoint appear at `out` in one rename.
-    An exception inside the block removes the staging folder and leaves `out` untouched.
+    Use as a context manager: an exception inside the block removes the staging folder and leaves
+    `out` untouched, so a failure never leaves a folder that looks finished. A non-empty `out` is
+    refused unless `overwrite`; the previous folder is then swapped out only at `publish()`.
     """
 
-    def __init__(self, out: str | Path, *, overwrite: bool = False, flush_bytes: int = 128 << 20):
+    def __init__(self, out: str | Path, *, overwrite: bool = False):
         self.out = Path(out).absolute()
+        if self.out.exists() and not self.out.is_dir():
+            raise FileExistsError(f"{self.out} exists and is not a directory")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
         self.staging = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
-        self.flush_bytes = flush_bytes
-        self._pending: dict[Path_, np.ndarray] = {}
-        self._pending_bytes = 0
-        self._written: set[Path_] = set()
-        self._inflight = None  # the previous group's asynchronous save
 
-    def __enter__(self) -> CheckpointWriter:
+    def __enter__(self) -> Self:
         self.out.parent.mkdir(parents=True, exist_ok=True)
         self.staging.mkdir()
         return self
@@ -121,9 +119,46 @@ class CheckpointWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is not None:
             try:
-                self._wait()
+                self._abort()
             finally:
                 shutil.rmtree(self.staging, ignore_errors=True)
+
+    def _abort(self) -> None:
+        """Stops background work that still writes into the staging folder (before it is removed)."""
+
+    def publish(self) -> Path:
+        """Renames the staging folder to `out` (swapping out a previous `out` last); returns `out`."""
+        if self.out.exists():
+            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(self.out, trash)
+            try:
+                os.replace(self.staging, self.out)
+            except OSError:
+                os.replace(trash, self.out)  # put the previous folder back
+                raise
+            shutil.rmtree(trash)
+        else:
+            os.replace(self.staging, self.out)
+        return self.out
+
+
+class CheckpointWriter(StagedDirectory):
+    """Streams weights into a new checkpoint, flushing to orbax every `flush_bytes`.
+
+    Use as a context manager; `finish()` makes the checkpoint appear at `out` in one rename.
+    An exception inside the block removes the staging folder and leaves `out` untouched.
+    """
+
+    def __init__(self, out: str | Path, *, overwrite: bool = False, flush_bytes: int = 128 << 20):
+        super().__init__(out, overwrite=overwrite)
+        self.flush_bytes = flush_bytes
+        self._pending: dict[Path_, np.ndarray] = {}
+        self._pending_bytes = 0
+        self._written: set[Path_] = set()
+        self._inflight = None  # the previous group's asynchronous save
+
+    def _abort(self) -> None:
+        self._wait()
 
     def add(self, path: Path_, array: np.ndarray) -> None:
         if path in self._written or path in self._pending:
@@ -161,18 +196,7 @@ class CheckpointWriter:
             (self.staging / TOKENIZER_DIR).mkdir()
             for f in tokenizer_files:
                 shutil.copy2(f, self.staging / TOKENIZER_DIR / f.name)
-        if self.out.exists():
-            trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(self.out, trash)
-            try:
-                os.replace(self.staging, self.out)
-            except OSError:
-                os.replace(trash, self.out)  # put the previous checkpoint back
-                raise
-            shutil.rmtree(trash)
-        else:
-            os.replace(self.staging, self.out)
-        return self.out
+        return self.publish()
 
 
 def load_config(path: str | Path) -> EmolaConfig:
@@ -185,6 +209,40 @@ def load_config(path: str | Path) -> EmolaConfig:
             "be converted with `python run.py convert`"
         )
     return EmolaConfig.load(config_file)
+
+
+def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
+    """The `params/` entries (orbax metadata: shape, dtype), checked against what `config` needs."""
+    params_dir = Path(path).absolute() / PARAMS_DIR
+    expected = disk_shapes(config)
+    stored = dict(_flatten(ocp.metadata(params_dir).metadata))
+    for key in sorted(set(expected) | set(stored)):
+        name = "/".join(key)
+        if key not in stored:
+            raise ValueError(f"{params_dir}: weight {name} is missing from the checkpoint")
+        if key not in expected:
+            raise ValueError(f"{params_dir}: weight {name} is not part of the model its config describes")
+        if tuple(stored[key].shape) != tuple(expected[key].shape):
+            raise ValueError(
+                f"{params_dir}: weight {name} has shape {tuple(stored[key].shape)}, "
+                f"the config needs {tuple(expected[key].shape)}"
+            )
+    return stored
+
+
+def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> dict[Path_, jax.Array]:
+    """Only the entries named in `specs`, read with orbax's partial load: memory for those alone,
+    so an exporter can walk a checkpoint far larger than memory one layer at a time."""
+    params_dir = Path(path).absolute() / PARAMS_DIR
+    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for k, s in specs.items()}
+    context = ocp.Context()
+    context.pytree.loading.partial_load = True
+    try:
+        with context:
+            return dict(_flatten(ocp.load(params_dir, _nest(target))))
+    except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
+        raise ValueError(f"could not read the weights in {params_dir}: {err}") from err
 
 
 def load_pretrained(
@@ -200,18 +258,7 @@ def load_pretrained(
     params_dir = path / PARAMS_DIR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     expected = disk_shapes(config)
-    stored = dict(_flatten(ocp.metadata(params_dir).metadata))
-    for key in sorted(set(expected) | set(stored)):
-        name = "/".join(key)
-        if key not in stored:
-            raise ValueError(f"{params_dir}: weight {name} is missing from the checkpoint")
-        if key not in expected:
-            raise ValueError(f"{params_dir}: weight {name} is not part of the model its config describes")
-        if tuple(stored[key].shape) != tuple(expected[key].shape):
-            raise ValueError(
-                f"{params_dir}: weight {name} has shape {tuple(stored[key].shape)}, "
-                f"the config needs {tuple(expected[key].shape)}"
-            )
+    stored_params(path, config)
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in expected.items()}
     try:
         flat = dict(_flatten(ocp.load(params_dir, _nest(target))))

@@ -102,6 +102,7 @@ class LoRAConfig:
         "q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj",
     )
     use_rslora: bool = False
+    dropout: float = 0.0  # PEFT's lora_dropout, on the adapter's input, in training only
 
     @property
     def scale(self) -> float:

@@ -39,8 +39,10 @@ def _tiny_llava_hf(directory: Path, seed: int):
     return model
 
 
-def run(workdir: str | Path, model_config: EmolaConfig, seed: int = 0) -> dict:
+def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     import torch
+
+    model_config: EmolaConfig = experiment.model
 
     from converters import convert
 

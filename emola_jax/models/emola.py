@@ -59,16 +59,16 @@ class EmolaForConditionalGeneration(nnx.Module):
             else Linear(text.hidden_size, text.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
         )
 
-    def image_features(self, pixel_values: jax.Array, *, remat: bool = False) -> jax.Array:
+    def image_features(self, pixel_values: jax.Array) -> jax.Array:
         """CLIP features of the configured layer, projected: `[batch, visual_tokens, embed]`."""
-        hidden = self.vision_tower(pixel_values, self.config.vision_layers_used, remat=remat)
+        hidden = self.vision_tower(pixel_values, self.config.vision_layers_used)
         if self.config.vision_feature_select_strategy == "default":
             hidden = hidden[:, 1:]  # drop CLS
         return self.multi_modal_projector(hidden)
 
-    def image_side_embeddings(self, pixel_values: jax.Array, landmarks: jax.Array | None, *, remat: bool = False):
+    def image_side_embeddings(self, pixel_values: jax.Array, landmarks: jax.Array | None):
         """Visual tokens plus the prior token: `[batch, image_seq_length, embed]`."""
-        visual = self.image_features(pixel_values, remat=remat)
+        visual = self.image_features(pixel_values)
         if self.prior_projector is None:
             return visual
         if landmarks is None:
@@ -85,8 +85,6 @@ class EmolaForConditionalGeneration(nnx.Module):
         input_ids: jax.Array,
         pixel_values: jax.Array | None = None,
         landmarks: jax.Array | None = None,
-        *,
-        remat: bool = False,
     ) -> jax.Array:
         """Token embeddings with the image-side embeddings scattered in: `[batch, seq, embed]`."""
         is_image = input_ids == self.config.image_token_id
@@ -96,7 +94,7 @@ class EmolaForConditionalGeneration(nnx.Module):
             _check_no_image_tokens(is_image)
             return embeds
         _check_image_token_counts(is_image, self.config.image_seq_length)
-        image_embeds = self.image_side_embeddings(pixel_values, landmarks, remat=remat)
+        image_embeds = self.image_side_embeddings(pixel_values, landmarks)
         return scatter_image_embeddings(embeds, image_embeds, is_image)
 
     def logits(self, hidden: jax.Array) -> jax.Array:
@@ -112,16 +110,38 @@ class EmolaForConditionalGeneration(nnx.Module):
         landmarks: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
-        remat: bool = False,
+        remat: bool | str = False,
+        attention: str | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """input_ids `[batch, seq]`, pixel_values `[batch, height, width, 3]`, landmarks `[batch, 212]`."""
+        """input_ids `[batch, seq]`, pixel_values `[batch, height, width, 3]`, landmarks `[batch, 212]`.
+
+        Training passes `attention` (causal-only kernels for right-padded rows, see `LlamaModel`)
+        and `dropout_key` (LoRA dropout); the frozen vision tower is never rematerialised.
+        """
+        return self.logits(self.hidden_states(input_ids, pixel_values, attention_mask, landmarks, position_ids,
+                                              remat=remat, attention=attention, dropout_key=dropout_key))
+
+    def hidden_states(
+        self,
+        input_ids: jax.Array,
+        pixel_values: jax.Array | None = None,
+        attention_mask: jax.Array | None = None,
+        landmarks: jax.Array | None = None,
+        position_ids: jax.Array | None = None,
+        *,
+        remat: bool | str = False,
+        attention: str | None = None,
+        dropout_key: jax.Array | None = None,
+    ) -> jax.Array:
+        """The decoder's normed output `[batch, seq, embed]`, before the vocabulary projection."""
         if attention_mask is None:
             attention_mask = jnp.ones(input_ids.shape, jnp.int32)
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
-        embeds = self.embed(input_ids, pixel_values, landmarks, remat=remat)
-        hidden = self.language_model(embeds, attention_mask, position_ids, remat=remat)
-        return self.logits(hidden)
+        embeds = self.embed(input_ids, pixel_values, landmarks)
+        return self.language_model(embeds, attention_mask, position_ids, remat=remat, attention=attention,
+                                   dropout_key=dropout_key)
 
 
 def _concrete(x: jax.Array) -> np.ndarray | None:

@@ -23,6 +23,7 @@ class Linear(nnx.Module):
         *,
         use_bias: bool = True,
         lora: LoRAConfig | None = None,
+        lora_salt: int = 0,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -31,7 +32,7 @@ class Linear(nnx.Module):
         self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
         if lora is None:
             self.lora_a = self.lora_b = None
-            self.lora_scale = 0.0
+            self.lora_scale = self.lora_dropout = 0.0
         else:
             # PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
             bound = in_features**-0.5
@@ -40,13 +41,20 @@ class Linear(nnx.Module):
             )  # [in, rank]
             self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32))  # [rank, out]
             self.lora_scale = lora.scale
+            self.lora_dropout = lora.dropout
+        self.lora_salt = lora_salt  # tells this adapter's dropout mask apart from its siblings'
 
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        """With `dropout_key`, PEFT's LoRA dropout is applied to the adapter's input (training)."""
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is not None:
             a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
+            if dropout_key is not None and self.lora_dropout > 0:
+                keep = 1.0 - self.lora_dropout
+                kept = jax.random.bernoulli(jax.random.fold_in(dropout_key, self.lora_salt), keep, x.shape)
+                x = jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
         return y
 
@@ -83,16 +91,46 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.merge(graphdef, states)
 
 
-def scan_layers(layers: nnx.Module, carry, *args, num_layers: int | None = None, remat: bool = False):
-    """Runs the stacked `layers` (optionally only the first `num_layers`) over `carry` with scan."""
+REMAT_POLICIES = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in the backward pass
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+}
+
+
+def remat_policy(remat: bool | str) -> str:
+    """`True`/`False` or a name from `REMAT_POLICIES`."""
+    name = {True: "full", False: "none"}.get(remat, remat)
+    if name not in REMAT_POLICIES:
+        raise ValueError(f"remat policy {remat!r} is unknown; choose one of {', '.join(REMAT_POLICIES)}")
+    return name
+
+
+def scan_layers(
+    layers: nnx.Module,
+    carry,
+    *args,
+    num_layers: int | None = None,
+    remat: bool | str = False,
+    dropout_key: jax.Array | None = None,
+):
+    """Runs the stacked `layers` (optionally only the first `num_layers`) over `carry` with scan.
+
+    `dropout_key`, when given, is split into one key per layer and passed to each layer call.
+    """
     graphdef, state = nnx.split(layers)
+    depth = jax.tree.leaves(state)[0].shape[0] if num_layers is None else num_layers
     if num_layers is not None:
         state = jax.tree.map(lambda p: p[:num_layers], state)
+    keys = None if dropout_key is None else jax.random.split(dropout_key, depth)
 
-    def body(carry, layer_state):
-        return nnx.merge(graphdef, layer_state)(carry, *args), None
+    def body(carry, xs):
+        layer_state, key = xs
+        layer = nnx.merge(graphdef, layer_state)
+        return (layer(carry, *args) if key is None else layer(carry, *args, dropout_key=key)), None
 
-    if remat:
-        body = jax.checkpoint(body)
-    carry, _ = jax.lax.scan(body, carry, state)
+    policy = remat_policy(remat)
+    if policy != "none":
+        body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
+    carry, _ = jax.lax.scan(body, carry, (state, keys))
     return carry

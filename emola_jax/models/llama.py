@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import re
+import zlib
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
@@ -11,8 +14,27 @@ from emola_jax.models.layers import Linear, RMSNorm, scan_layers, stack_layers
 from emola_jax.models.rope import apply_rope, rope_cos_sin
 
 
-def _adapter(lora: LoRAConfig | None, name: str) -> LoRAConfig | None:
-    return lora if lora is not None and name in lora.targets else None
+def _adapter(lora: LoRAConfig | None, path: str) -> LoRAConfig | None:
+    """The adapter config when a target regex matches the projection's path in its layer
+    (`self_attn.q_proj`) or its bare name (`q_proj`), as PEFT's `target_modules` do."""
+    if lora is None:
+        return None
+    name = path.rpartition(".")[2]
+    return lora if any(re.fullmatch(t, path) or re.fullmatch(t, name) for t in lora.targets) else None
+
+
+def _projection(config: TextConfig, lora: LoRAConfig | None, path: str, fan_in: int, fan_out: int, bias: bool,
+                dtype: jnp.dtype, rngs: nnx.Rngs) -> Linear:
+    return Linear(fan_in, fan_out, use_bias=bias, lora=_adapter(lora, path), lora_salt=zlib.crc32(path.encode()),
+                  dtype=dtype, rngs=rngs)
+
+
+def _key(key: jax.Array | None, i: int) -> jax.Array | None:
+    return None if key is None else jax.random.fold_in(key, i)
+
+
+# How the training forward pass computes causal self-attention over right-padded rows.
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 
 
 class LlamaAttention(nnx.Module):
@@ -21,27 +43,31 @@ class LlamaAttention(nnx.Module):
         self.head_dim = config.resolved_head_dim
 
         def proj(name, fan_in, fan_out):
-            return Linear(
-                fan_in, fan_out, use_bias=config.attention_bias, lora=_adapter(lora, name), dtype=dtype, rngs=rngs
-            )
+            return _projection(config, lora, f"self_attn.{name}", fan_in, fan_out, config.attention_bias, dtype, rngs)
 
         self.q_proj = proj("q_proj", d, heads * self.head_dim)
         self.k_proj = proj("k_proj", d, kv_heads * self.head_dim)
         self.v_proj = proj("v_proj", d, kv_heads * self.head_dim)
         self.o_proj = proj("o_proj", heads * self.head_dim, d)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
-        """Without `cache`: attention over `x` itself. With `cache = (k, v, index)`, k and v
-        `[batch, cache_len, kv_heads, head_dim]`: the new keys and values are written at `index`
-        and the queries attend over the whole cache; returns `(out, (k, v))`."""
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | str, cache=None,
+                 dropout_key: jax.Array | None = None):
+        """Without `cache`: attention over `x` itself, under a `[batch, 1, seq, seq]` mask, or, when
+        `mask` names an implementation, causal only (right-padded rows: padding is never seen by
+        a real token). With `cache = (k, v, index)`, k and v `[batch, kv_heads, cache_len, head_dim]`:
+        the new keys and values are written at `index`, the queries attend over the whole cache,
+        and `(out, (k, v))` is returned."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, heads, head_dim]
-        k = self.k_proj(x).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, kv_heads, head_dim]
-        v = self.v_proj(x).reshape(batch, seq, -1, self.head_dim)
+        q = self.q_proj(x, _key(dropout_key, 0)).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, heads, hd]
+        k = self.k_proj(x, _key(dropout_key, 1)).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, kv, hd]
+        v = self.v_proj(x, _key(dropout_key, 2)).reshape(batch, seq, -1, self.head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         if cache is None:
-            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
-            return self.o_proj(out.reshape(batch, seq, -1))
+            if isinstance(mask, str):
+                out = causal_attention(q, k, v, mask)
+            else:
+                out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
+            return self.o_proj(out.reshape(batch, seq, -1), _key(dropout_key, 3))
         k_cache, v_cache, index = cache  # [batch, kv_heads, cache_len, head_dim]
         k_new, v_new = k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype)
         k = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new, index, axis=2)
@@ -72,8 +98,32 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
+def resolve_attention(implementation: str, dtype: jnp.dtype) -> str:
+    """`auto`: cuDNN flash attention on GPUs in 16-bit, block-causal einsums on CPU, XLA elsewhere."""
+    if implementation not in ATTENTION_IMPLEMENTATIONS:
+        choices = ", ".join(ATTENTION_IMPLEMENTATIONS)
+        raise ValueError(f"attention {implementation!r} is unknown; choose one of {choices}")
+    if implementation != "auto":
+        return implementation
+    backend = jax.default_backend()
+    if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
+        return "cudnn"
+    return "blockwise" if backend == "cpu" else "xla"
+
+
+def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
+    """Causal self-attention without a padding mask. q `[batch, seq, heads, head_dim]`, k and v
+    `[batch, seq, kv_heads, head_dim]`."""
+    implementation = resolve_attention(implementation, q.dtype)
+    if implementation == "blockwise":
+        return causal_blockwise_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)
+    return jax.nn.dot_product_attention(
+        q, k, v, is_causal=True, implementation=None if implementation == "xla" else implementation
+    )
+
+
 def causal_blockwise_attention(
-    q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array, block: int = 128
+    q: jax.Array, k: jax.Array, v: jax.Array, key_valid: jax.Array | None, block: int = 128
 ) -> jax.Array:
     """Causal self-attention that skips the masked upper triangle a block of queries at a time.
 
@@ -87,7 +137,7 @@ def causal_blockwise_attention(
     for start in range(0, seq, block):
         end = min(start + block, seq)
         causal = jnp.arange(end)[None, :] <= jnp.arange(start, end)[:, None]  # [block, end]
-        mask = causal[None, None] & key_valid[:, None, None, :end]
+        mask = causal[None, None] if key_valid is None else causal[None, None] & key_valid[:, None, None, :end]
         outputs.append(heads_first_attention(q[:, start:end], k[:, :, :end], v[:, :, :end], mask))
     return jnp.concatenate(outputs, axis=1)
 
@@ -95,12 +145,13 @@ def causal_blockwise_attention(
 class LlamaMLP(nnx.Module):
     def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = Linear(d, f, use_bias=bias, lora=_adapter(lora, "gate_proj"), dtype=dtype, rngs=rngs)
-        self.up_proj = Linear(d, f, use_bias=bias, lora=_adapter(lora, "up_proj"), dtype=dtype, rngs=rngs)
-        self.down_proj = Linear(f, d, use_bias=bias, lora=_adapter(lora, "down_proj"), dtype=dtype, rngs=rngs)
+        self.gate_proj = _projection(config, lora, "mlp.gate_proj", d, f, bias, dtype, rngs)
+        self.up_proj = _projection(config, lora, "mlp.up_proj", d, f, bias, dtype, rngs)
+        self.down_proj = _projection(config, lora, "mlp.down_proj", f, d, bias, dtype, rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+    def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        gate, up = self.gate_proj(x, _key(dropout_key, 0)), self.up_proj(x, _key(dropout_key, 1))
+        return self.down_proj(jax.nn.silu(gate) * up, _key(dropout_key, 2))
 
 
 class LlamaDecoderLayer(nnx.Module):
@@ -110,12 +161,13 @@ class LlamaDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, lora, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array, cache=None):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | str, cache=None,
+                 dropout_key: jax.Array | None = None):
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, _key(dropout_key, 0))
         if cache is not None:
             attended, cache = attended
         x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x))
+        x = x + self.mlp(self.post_attention_layernorm(x), _key(dropout_key, 1))
         return x if cache is None else (x, cache)
 
 
@@ -146,12 +198,24 @@ class LlamaModel(nnx.Module):
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
     def __call__(
-        self, inputs_embeds: jax.Array, attention_mask: jax.Array, position_ids: jax.Array, *, remat: bool = False
+        self,
+        inputs_embeds: jax.Array,
+        attention_mask: jax.Array,
+        position_ids: jax.Array,
+        *,
+        remat: bool | str = False,
+        attention: str | None = None,
+        dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """inputs_embeds `[batch, seq, embed]`, attention_mask and position_ids `[batch, seq]`."""
+        """inputs_embeds `[batch, seq, embed]`, attention_mask and position_ids `[batch, seq]`.
+
+        `attention=None` masks padding anywhere (exact for left padding, as in generation); an
+        implementation name from `ATTENTION_IMPLEMENTATIONS` uses a causal mask alone, which is
+        exact for the real tokens of right-padded rows (training).
+        """
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
-        mask = attention_mask_4d(attention_mask)
-        hidden = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=remat)
+        mask = attention_mask_4d(attention_mask) if attention is None else attention
+        hidden = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=remat, dropout_key=dropout_key)
         return self.norm(hidden)
 
     def init_cache(self, batch: int, length: int, dtype: jnp.dtype) -> list[tuple[jax.Array, jax.Array]]:

@@ -1,0 +1,512 @@
+"""emola-jax checkpoints -> PyTorch checkpoints, one layer at a time: the importer's table, reversed.
+
+Three targets, each a folder:
+
+    hf     a transformers `LlavaForConditionalGeneration` directory (LoRA merged in float32), with
+           the prior projector beside it as `prior_projector.safetensors`
+    peft   a PEFT LoRA adapter for that `LlavaForConditionalGeneration` (the base: `hf --no-merge`)
+    emola  the official EmoLA run layout: PEFT adapter, `non_lora_trainables.bin` (mm_projector),
+           `landmark_feature_projector.bin`, LLaVA's `config.json`; loaded over the base LLaVA-1.5
+
+Every output tensor is planned before anything is read: its file, its key (a `tables.Layout`
+applied to the rule's canonical key), dtype and shape, so safetensors headers are written first.
+The checkpoint's per-layer orbax entries are then read one group at a time (orbax partial load,
+the next group read while this one is written), mapped through each rule's `to_torch`, and
+streamed out. The folder is staged and renamed into place at the end.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import json
+import re
+import shutil
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from tqdm import tqdm
+
+from converters import formats, tables
+from converters.writers import SafetensorsWriter, nbytes, parse_size, plan_shards, save_torch, shard_names
+from emola_jax.checkpoint import (
+    LAYER_AXIS_PARENT,
+    SOURCE_FILE,
+    TOKENIZER_DIR,
+    Path_,
+    StagedDirectory,
+    layer_path,
+    load_config,
+    read_params,
+    stored_params,
+)
+from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
+
+FORMATS = ("hf", "peft", "emola")
+DTYPES = ("float32", "bfloat16", "float16")
+PRIOR_PROJECTOR_FILE = "prior_projector.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+NON_LORA_FILE = "non_lora_trainables.bin"
+LANDMARK_FILE = "landmark_feature_projector.bin"
+_WEIGHTS = "<model weights>"  # placeholder file name until the shards are planned
+_PT = {"format": "pt"}  # transformers refuses safetensors files without it
+
+
+@dataclasses.dataclass(frozen=True)
+class Item:
+    """One output tensor: its file and key, the rule (and layer) it comes from, and its dtype.
+
+    `lora` names the adapter rules folded into this kernel (`hf` export of a LoRA checkpoint).
+    """
+
+    file: str
+    key: str
+    rule: tables.ParamRule
+    layer: int | None
+    dtype: np.dtype
+    lora: tuple[tables.ParamRule, tables.ParamRule] | None = None
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return self.rule.torch_shape
+
+    @property
+    def entries(self) -> list[Path_]:
+        """The stored (per-layer) checkpoint entries this tensor is computed from."""
+        rules = [self.rule, *(self.lora or ())]
+        return [r.path if self.layer is None else layer_path(r.path, self.layer) for r in rules]
+
+
+def _canonical(rule: tables.ParamRule, layer: int | None) -> str:
+    return rule.key if layer is None else rule.key.format(i=layer)
+
+
+def _walk(rules: list[tables.ParamRule]) -> Iterator[tuple[tables.ParamRule, int | None]]:
+    """The rules in table order, each stack of layers walked layer by layer (all of layer 0, then 1...)."""
+    seen: set[Path_] = set()
+    for rule in rules:
+        if rule.num_layers is None:
+            yield rule, None
+            continue
+        stack = rule.path[: rule.path.index(LAYER_AXIS_PARENT) + 1]
+        if stack in seen:
+            continue
+        seen.add(stack)
+        members = [r for r in rules if r.num_layers is not None and r.path[: len(stack)] == stack]
+        for i in range(rule.num_layers):
+            for member in members:
+                yield member, i
+
+
+def _item(file: str, layout: tables.Layout, rule: tables.ParamRule, layer: int | None, dtype: np.dtype,
+          lora: tuple[tables.ParamRule, tables.ParamRule] | None = None) -> Item:
+    key = layout.to_file(_canonical(rule, layer))
+    if key is None:  # a table/layout mismatch, never user input
+        raise KeyError(f"layout {layout.name!r} has no name for {_canonical(rule, layer)!r}")
+    return Item(file, key, rule, layer, np.dtype(dtype), lora)
+
+
+def _plan_hf(config: EmolaConfig, dtype: np.dtype, merge: bool, max_shard_bytes: int) -> list[Item]:
+    rules = tables.rules(config)
+    adapters = {r.path: r for r in rules if r.is_lora}
+    items = []
+    for rule, layer in _walk(rules):
+        if rule.is_lora:
+            continue
+        lora = None
+        if merge and rule.path[-1] == "kernel" and rule.path[:-1] + ("lora_a",) in adapters:
+            lora = (adapters[rule.path[:-1] + ("lora_a",)], adapters[rule.path[:-1] + ("lora_b",)])
+        if rule.path[0] == "prior_projector":
+            items.append(_item(PRIOR_PROJECTOR_FILE, tables.PRIOR_PROJECTOR_FILE, rule, layer, dtype))
+        else:
+            items.append(_item(_WEIGHTS, tables.LLAVA_HF_SAVED, rule, layer, dtype, lora))
+    weights = [item for item in items if item.file == _WEIGHTS]
+    shards = plan_shards([(item.key, item.dtype, item.shape) for item in weights], max_shard_bytes)
+    names = {key: name for name, shard in zip(shard_names(len(shards)), shards, strict=True) for key, _, _ in shard}
+    return [dataclasses.replace(item, file=names[item.key]) if item.file == _WEIGHTS else item for item in items]
+
+
+def _adapter_file(adapter_format: str) -> str:
+    if adapter_format not in ("safetensors", "bin"):
+        raise ValueError(f"adapter format must be safetensors or bin, not {adapter_format!r}")
+    return f"adapter_model.{adapter_format}"
+
+
+def _plan_peft(config: EmolaConfig, adapter_format: str) -> list[Item]:
+    file = _adapter_file(adapter_format)
+    return [
+        _item(file, tables.PEFT_LLAVA_HF, rule, layer, np.float32)
+        for rule, layer in _walk(tables.rules(config)) if rule.is_lora
+    ]
+
+
+def _plan_emola(config: EmolaConfig, dtype: np.dtype, adapter_format: str) -> list[Item]:
+    adapter = _adapter_file(adapter_format)
+    items = []
+    for rule, layer in _walk(tables.rules(config)):
+        if rule.is_lora:
+            items.append(_item(adapter, tables.PEFT_EMOLA, rule, layer, np.float32))
+        elif rule.path[0] == "multi_modal_projector":
+            items.append(_item(NON_LORA_FILE, tables.EMOLA_NON_LORA, rule, layer, dtype))
+        elif rule.path[0] == "prior_projector":
+            items.append(_item(LANDMARK_FILE, tables.EMOLA_LANDMARK, rule, layer, dtype))
+    return items
+
+
+def _groups(items: list[Item], stored: dict[Path_, Any], budget: int) -> list[list[Item]]:
+    """Consecutive items read together: whole layers (or single weights), merged while under `budget` bytes."""
+
+    def unit(item: Item) -> tuple:
+        if item.layer is None:
+            return (item.rule.path,)
+        return (item.rule.path[: item.rule.path.index(LAYER_AXIS_PARENT)], item.layer)
+
+    units: list[list[Item]] = []
+    for item in items:
+        if units and unit(units[-1][-1]) == unit(item):
+            units[-1].append(item)
+        else:
+            units.append([item])
+    groups: list[list[Item]] = []
+    size = 0
+    for members in units:
+        unit_bytes = sum(nbytes(stored[e].dtype, stored[e].shape) for m in members for e in m.entries)
+        if groups and size + unit_bytes <= budget:
+            groups[-1].extend(members)
+            size += unit_bytes
+        else:
+            groups.append(list(members))
+            size = unit_bytes
+    return groups
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2))
+def _to_file_layout(array: jax.Array, transform: tables.Transform, dtype: np.dtype) -> jax.Array:
+    return transform.to_torch(array).astype(dtype)
+
+
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _merged(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array,
+            transform: tables.Transform, dtype: np.dtype) -> jax.Array:
+    """kernel + scale * A @ B, computed in float32, then in the file's layout and dtype (PEFT's merge_and_unload)."""
+    delta = jnp.matmul(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return transform.to_torch(kernel.astype(jnp.float32) + scale * delta).astype(dtype)
+
+
+class _Files:
+    """The output files of one export: safetensors streamed in plan order, `.bin` files kept and saved at the end."""
+
+    def __init__(self, folder: Path, items: list[Item], metadata: dict[str, dict[str, str]]):
+        self.folder = folder
+        by_file: dict[str, list[Item]] = {}
+        for item in items:
+            by_file.setdefault(item.file, []).append(item)
+        self.streams: dict[str, SafetensorsWriter] = {}
+        self.held: dict[str, dict[str, np.ndarray]] = {}
+        for name, members in by_file.items():
+            if name.endswith(".safetensors"):
+                entries = [(m.key, m.dtype, m.shape) for m in members]
+                self.streams[name] = SafetensorsWriter(folder / name, entries, metadata.get(name, _PT))
+            else:
+                self.held[name] = {}
+
+    def write(self, item: Item, array: np.ndarray) -> None:
+        if item.file in self.streams:
+            self.streams[item.file].write(item.key, array)
+        else:
+            self.held[item.file][item.key] = np.array(array)
+
+    def close(self) -> None:
+        for stream in self.streams.values():
+            stream.close()
+        for name, tensors in self.held.items():
+            save_torch(self.folder / name, tensors)
+
+    def abort(self) -> None:
+        for stream in self.streams.values():
+            stream.abort()
+
+
+def _stream(ckpt: Path, items: list[Item], stored: dict[Path_, Any], files: _Files, scale: float,
+            budget: int, progress: bool) -> None:
+    """Reads the checkpoint group by group (the next group while this one is written) into `files`."""
+    groups = _groups(items, stored, budget)
+
+    def read(group: list[Item]) -> dict[Path_, jax.Array]:
+        wanted = {e: stored[e] for item in group for e in item.entries}
+        return read_params(ckpt, wanted)
+
+    with ThreadPoolExecutor(1) as reader, tqdm(total=len(items), desc="exporting", unit="tensor",
+                                               disable=not progress) as bar:
+        upcoming = reader.submit(read, groups[0])
+        for g, group in enumerate(groups):
+            arrays = upcoming.result()
+            if g + 1 < len(groups):
+                upcoming = reader.submit(read, groups[g + 1])
+            for item in group:
+                if item.lora is None:
+                    out = _to_file_layout(arrays[item.entries[0]], item.rule.transform, item.dtype)
+                else:
+                    kernel, lora_a, lora_b = (arrays[e] for e in item.entries)
+                    out = _merged(kernel, lora_a, lora_b, jnp.float32(scale), item.rule.transform, item.dtype)
+                files.write(item, np.asarray(out))
+                del out
+                bar.update()
+            del arrays
+
+
+# ---------------------------------------------------------------------------------------------
+# Config files
+
+
+def _rope_parameters(text: TextConfig) -> dict[str, Any]:
+    """transformers 5's `rope_parameters` for this decoder."""
+    scaling = text.rope_scaling
+    out: dict[str, Any] = {"rope_type": scaling.rope_type, "rope_theta": text.rope_theta}
+    if scaling.rope_type != "default":
+        out.update({k: v for k, v in dataclasses.asdict(scaling).items() if v is not None and k != "rope_type"})
+    return out
+
+
+def _llama_fields(text: TextConfig) -> dict[str, Any]:
+    return dict(
+        vocab_size=text.vocab_size,
+        hidden_size=text.hidden_size,
+        intermediate_size=text.intermediate_size,
+        num_hidden_layers=text.num_hidden_layers,
+        num_attention_heads=text.num_attention_heads,
+        num_key_value_heads=text.num_key_value_heads,
+        head_dim=text.resolved_head_dim,
+        max_position_embeddings=text.max_position_embeddings,
+        rms_norm_eps=text.rms_norm_eps,
+        tie_word_embeddings=text.tie_word_embeddings,
+        attention_bias=text.attention_bias,
+        mlp_bias=text.mlp_bias,
+        hidden_act=text.hidden_act,
+    )
+
+
+def _clip_vision_fields(vision: VisionConfig) -> dict[str, Any]:
+    return dict(
+        hidden_size=vision.hidden_size,
+        intermediate_size=vision.intermediate_size,
+        num_hidden_layers=vision.num_hidden_layers,
+        num_attention_heads=vision.num_attention_heads,
+        image_size=vision.image_size,
+        patch_size=vision.patch_size,
+        num_channels=vision.num_channels,
+        layer_norm_eps=vision.layer_norm_eps,
+        hidden_act=vision.hidden_act,
+    )
+
+
+def hf_config(config: EmolaConfig, dtype: str):
+    """The `LlavaConfig` of an `hf` export, built with transformers' own config classes."""
+    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
+
+    text = LlamaConfig(**_llama_fields(config.text), rope_parameters=_rope_parameters(config.text))
+    return LlavaConfig(
+        vision_config=CLIPVisionConfig(**_clip_vision_fields(config.vision)),
+        text_config=text,
+        image_token_index=config.image_token_id,
+        image_seq_length=config.num_visual_tokens,  # what LlavaForConditionalGeneration fills (no prior token)
+        vision_feature_layer=config.vision_feature_layer,
+        vision_feature_select_strategy=config.vision_feature_select_strategy,
+        projector_hidden_act=config.projector_hidden_act,
+        multimodal_projector_bias=config.projector_bias,
+        tie_word_embeddings=config.text.tie_word_embeddings,
+        architectures=["LlavaForConditionalGeneration"],
+        dtype=dtype,
+    )
+
+
+def _clip_name(vision: VisionConfig) -> str:
+    """LLaVA's `mm_vision_tower`: the OpenAI CLIP name for ViT-L/14, else a name ending in the image size."""
+    if (vision.hidden_size, vision.num_hidden_layers, vision.patch_size) == (1024, 24, 14):
+        return "openai/clip-vit-large-patch14" + ("" if vision.image_size == 224 else f"-{vision.image_size}")
+    return f"clip-vit-patch{vision.patch_size}-{vision.image_size}"
+
+
+def emola_run_config(config: EmolaConfig, dtype: str) -> dict[str, Any]:
+    """The run's `config.json` as the official code (transformers 4.31) reads it: LlamaConfig + `mm_*` fields."""
+    text = config.text
+    scaling = text.rope_scaling
+    rope_scaling = None
+    if scaling.rope_type != "default":  # transformers 4.x spelling; 5.x reads it too
+        rope_scaling = {"type": scaling.rope_type, "factor": scaling.factor}
+        rope_scaling.update({k: v for k, v in dataclasses.asdict(scaling).items()
+                             if v is not None and k not in ("rope_type", "factor")})
+    select = {v: k for k, v in formats.SELECT_FEATURE.items()}[config.vision_feature_select_strategy]
+    return {
+        "architectures": ["EmoLlavaLlamaForCausalLM"],
+        "model_type": "emollava",
+        **_llama_fields(text),
+        "rope_theta": text.rope_theta,
+        "rope_scaling": rope_scaling,
+        "pretraining_tp": 1,
+        "use_cache": True,
+        "torch_dtype": dtype,
+        "mm_vision_tower": _clip_name(config.vision),
+        "mm_hidden_size": config.vision.hidden_size,
+        "mm_projector_type": "mlp2x_gelu",
+        "mm_vision_select_layer": config.vision_feature_layer,
+        "mm_vision_select_feature": select,
+        "mm_use_im_start_end": False,
+        "mm_use_im_patch_token": False,
+        "use_mm_proj": True,
+        "landmark_feature_hidden_size": config.prior_dim,
+    }
+
+
+def _alpha(alpha: float) -> int | float:
+    return int(alpha) if float(alpha).is_integer() else alpha
+
+
+def adapter_config(config: EmolaConfig, *, target_modules: list[str] | str, task_type: str | None,
+                   base: str | None) -> dict[str, Any]:
+    """PEFT's `adapter_config.json` (fields PEFT 0.4, which the official code pins, and today's PEFT both read)."""
+    lora = config.lora
+    return {
+        "base_model_name_or_path": base,
+        "bias": "none",
+        "fan_in_fan_out": False,
+        "inference_mode": True,
+        "init_lora_weights": True,
+        "layers_pattern": None,
+        "layers_to_transform": None,
+        "lora_alpha": _alpha(lora.alpha),
+        "lora_dropout": float(getattr(lora, "dropout", 0.0)),
+        "modules_to_save": None,
+        "peft_type": "LORA",
+        "r": lora.rank,
+        "revision": None,
+        "target_modules": target_modules,
+        "task_type": task_type,
+        "use_rslora": lora.use_rslora,
+    }
+
+
+def llava_hf_target_modules(targets: tuple[str, ...]) -> str:
+    """A regex for PEFT: the decoder's projections only (the CLIP tower has q_proj/k_proj/v_proj too)."""
+    return rf"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, targets))})"
+
+
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_paths(ckpt: Path, out: Path) -> None:
+    a, b = ckpt.resolve(), out.absolute().resolve()
+    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
+        raise ValueError(f"OUT {out} must lie outside the checkpoint {ckpt} (and not contain it)")
+
+
+def _source(ckpt: Path) -> dict[str, Any]:
+    try:
+        return json.loads((ckpt / SOURCE_FILE).read_text())
+    except (FileNotFoundError, json.JSONDecodeError):
+        return {}
+
+
+def plan_export(
+    ckpt: str | Path, fmt: str, *, dtype: str | None = None, merge: bool = True,
+    max_shard_size: str | int = "5GB", adapter_format: str = "safetensors",
+) -> tuple[EmolaConfig, list[Item]]:
+    """`(config, items)`: every tensor the export writes, before anything is read."""
+    ckpt = Path(ckpt)
+    config = load_config(ckpt)
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    dtype = dtype or config.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    if fmt in ("peft", "emola") and config.lora is None:
+        raise ValueError(f"{ckpt} has no LoRA adapter (its config's lora is null): export it with --format hf")
+    if fmt == "emola":
+        if config.prior_position != "after":
+            raise ValueError(
+                f"{ckpt} has prior_position {config.prior_position!r}; the official EmoLA code places the prior "
+                "token after the visual tokens only (export it with --format hf)"
+            )
+        if not config.projector_bias:
+            raise ValueError(f"{ckpt}: LLaVA's mm_projector has biases; this checkpoint's projector has none")
+    if fmt == "hf":
+        items = _plan_hf(config, np.dtype(dtype), merge, parse_size(max_shard_size))
+    elif fmt == "peft":
+        items = _plan_peft(config, adapter_format)
+    else:
+        items = _plan_emola(config, np.dtype(dtype), adapter_format)
+    return config.replace(dtype=dtype), items
+
+
+def export(
+    ckpt: str | Path,
+    out: str | Path,
+    *,
+    fmt: str = "hf",
+    dtype: str | None = None,
+    merge: bool = True,
+    max_shard_size: str | int = "5GB",
+    adapter_format: str = "safetensors",
+    overwrite: bool = False,
+    progress: bool = True,
+    read_bytes: int = 256 << 20,
+) -> Path:
+    """Writes checkpoint `ckpt` as a PyTorch folder at `out` (format `hf`, `peft` or `emola`); returns `out`.
+
+    `dtype` (default: the checkpoint's) applies to every weight but LoRA factors, which stay float32.
+    `merge=False` writes an `hf` export's base weights without the LoRA update (the base of a `peft` export).
+    """
+    ckpt, out = Path(ckpt), Path(out)
+    config, items = plan_export(ckpt, fmt, dtype=dtype, merge=merge, max_shard_size=max_shard_size,
+                                adapter_format=adapter_format)
+    _check_paths(ckpt, out)
+    stored = stored_params(ckpt, config)
+    source = _source(ckpt)
+    scale = config.lora.scale if config.lora is not None else 0.0
+    metadata = {PRIOR_PROJECTOR_FILE: {**_PT, "prior_position": config.prior_position,
+                                        "prior_dim": str(config.prior_dim)}}
+    with StagedDirectory(out, overwrite=overwrite) as staged:
+        files = _Files(staged.staging, items, metadata)
+        try:
+            _stream(ckpt, items, stored, files, scale, read_bytes, progress)
+            files.close()
+        except BaseException:
+            files.abort()
+            raise
+        _write_configs(staged.staging, ckpt, fmt, config, items, source)
+        return staged.publish()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    path.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def _write_configs(folder: Path, ckpt: Path, fmt: str, config: EmolaConfig, items: list[Item],
+                   source: dict[str, Any]) -> None:
+    if fmt == "hf":
+        hf_config(config, config.dtype).to_json_file(folder / "config.json")
+        shards = sorted({i.file for i in items if i.file != PRIOR_PROJECTOR_FILE})
+        if len(shards) > 1:
+            weights = [i for i in items if i.file != PRIOR_PROJECTOR_FILE]
+            _write_json(folder / "model.safetensors.index.json", {
+                "metadata": {"total_size": sum(nbytes(i.dtype, i.shape) for i in weights)},
+                "weight_map": {i.key: i.file for i in weights},
+            })
+        tokenizer = ckpt / TOKENIZER_DIR
+        if tokenizer.is_dir():
+            for f in sorted(tokenizer.iterdir()):
+                if f.is_file():
+                    shutil.copy2(f, folder / f.name)
+    elif fmt == "peft":
+        base = source.get("src") if source.get("format") == "llava-hf" else None
+        _write_json(folder / ADAPTER_CONFIG, adapter_config(
+            config, target_modules=llava_hf_target_modules(config.lora.targets), task_type=None, base=base))
+    else:
+        _write_json(folder / ADAPTER_CONFIG, adapter_config(
+            config, target_modules=list(config.lora.targets), task_type="CAUSAL_LM", base=source.get("base")))
+        _write_json(folder / "config.json", emola_run_config(config, config.dtype))

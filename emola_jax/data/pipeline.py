@@ -1,0 +1,383 @@
+"""grain input pipeline for training and evaluation.
+
+Batches are dicts of numpy arrays (`B = batch_size // process_count` rows per process):
+
+    input_ids       int32   [B, L]  image placeholder expanded to `image_seq_length` image-token ids
+    labels          int32   [B, L]  aligned with input_ids (not shifted); -100 except answers + </s>
+    attention_mask  int32   [B, L]  1 real, 0 padding (right padding)
+    pixel_values    float32 [B, S, S, 3]  CLIP-normalised, channels-last, S = vision.image_size
+    landmarks       float32 [B, 212]
+
+L is the smallest length bucket that holds the longest row of the batch (`max_length` is always
+the last bucket). Two sources: an annotation JSON + images + landmark ArrayRecord (tokenised and
+checked up front, so bad records are counted before training starts), or the ArrayRecord shards
+of a built tfds dataset (checked as they are read). Each process reads only its shard of the
+index space; the order follows from the seed; `iter(loader).get_state()` / `set_state()` resume
+at the same example.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Literal
+
+import grain
+import numpy as np
+
+from emola_jax.config import LANDMARK_DIM, EmolaConfig
+from emola_jax.data import conversation, image
+from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
+from emola_jax.data.landmark_store import LandmarkTable
+
+log = logging.getLogger(__name__)
+BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "landmarks")
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineConfig:
+    """Where the examples come from and how they are batched.
+
+    Give `annotations` (one path or several; image and `.npy` paths relative to `images_root`,
+    default each file's folder) or `tfds_dir` (a built dataset version folder) with `split`
+    (tfds split expression, e.g. "fold2+fold3"). `landmarks` is the ArrayRecord file from
+    `precompute-landmarks`; None reads each record's official `.npy` (annotations) or the stored
+    vector (tfds). `truncate=False` makes a sample longer than `max_length` a bad record;
+    `truncate=True` cuts it as LLaVA's collator does (never into the image tokens).
+    """
+
+    annotations: str | tuple[str, ...] = ()
+    images_root: str | None = None
+    landmarks: str | None = None
+    tfds_dir: str | None = None
+    split: str = "train"
+    max_length: int = 2048
+    truncate: bool = False
+    pad_to_square: bool = True
+    length_buckets: tuple[int, ...] = (768, 1024, 1280, 1536, 2048)
+    batch_size: int = 64
+    seed: int = 0
+    shuffle: bool = True
+    num_epochs: int | None = None
+    worker_count: int = 2
+    worker_buffer_size: int = 2
+    on_bad_record: Literal["error", "skip"] = "error"
+
+    def __post_init__(self):
+        paths = (self.annotations,) if isinstance(self.annotations, (str, Path)) else tuple(self.annotations)
+        object.__setattr__(self, "annotations", tuple(str(p) for p in paths))
+        object.__setattr__(self, "length_buckets", tuple(int(b) for b in self.length_buckets))
+        if bool(self.annotations) == bool(self.tfds_dir):
+            raise ValueError("give either annotations (JSON files) or tfds_dir (a built tfds dataset), not both")
+        if self.on_bad_record not in ("error", "skip"):
+            raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
+        if self.max_length < 1 or any(b < 1 for b in self.length_buckets) or self.batch_size < 1:
+            raise ValueError("max_length, length buckets and batch_size must be positive")
+        if self.num_epochs is not None and self.num_epochs < 1:
+            raise ValueError("num_epochs must be positive, or None for an endless stream")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """The bucket lengths in use: those below max_length, then max_length."""
+        return tuple(sorted({b for b in self.length_buckets if b < self.max_length})) + (self.max_length,)
+
+
+@dataclasses.dataclass
+class BadRecords:
+    """Records left out (on_bad_record='skip'), with the reason for each."""
+
+    items: list[tuple[str, str]] = dataclasses.field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+
+# --- the annotation-file source ------------------------------------------------------------------
+
+class AnnotationSource:
+    """Records of annotation files, tokenised and checked up front; images are read by the workers.
+
+    Holds the token ids with a single image placeholder (the expansion happens per example), so
+    what is pickled into each worker stays small.
+    """
+
+    def __init__(self, config: PipelineConfig, tokenizer, model_config: EmolaConfig):
+        self.bad = BadRecords()
+        self.files = config.annotations
+        table = LandmarkTable.open(config.landmarks) if config.landmarks else None
+        needs_prior = model_config.prior_position != "off"
+        self.ids: list[str] = []
+        self.images: list[str] = []
+        self.tokens: list[np.ndarray] = []
+        self.labels: list[np.ndarray] = []
+        features: list[np.ndarray] = []
+        seen: set[str] = set()
+        for annotation in config.annotations:
+            root = Path(config.images_root) if config.images_root else Path(annotation).parent
+            for rid, record in _read_annotation(annotation):
+                try:
+                    if rid in seen:
+                        raise BadRecord(f"record {rid} appears twice in {', '.join(config.annotations)}")
+                    seen.add(rid)
+                    path = _image_path(rid, record, root)
+                    feature = _landmark(rid, record, root, table) if needs_prior else np.zeros(LANDMARK_DIM, np.float32)
+                    turns = conversation.conversation_turns(rid, record.get("conversations"))
+                    ids, labels = conversation.training_ids(tokenizer, rid, turns, model_config.image_token_id, 1)
+                    _check_length(rid, ids, model_config, config)
+                except BadRecord as err:
+                    if config.on_bad_record == "error":
+                        raise
+                    self.bad.items.append((rid, str(err)))
+                    continue
+                self.ids.append(rid)
+                self.images.append(str(path))
+                self.tokens.append(ids)
+                self.labels.append(labels)
+                features.append(feature)
+        self.landmarks = np.stack(features) if features else np.zeros((0, LANDMARK_DIM), np.float32)
+        if self.bad:
+            log.warning("%d of %d records left out: %s", len(self.bad), len(self.bad) + len(self.ids),
+                        "; ".join(reason for _, reason in self.bad.items[:3]) + ("; ..." if len(self.bad) > 3 else ""))
+        if not self.ids:
+            raise ValueError(f"no usable records in {', '.join(config.annotations)}")
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        """Stable across processes and restarts: grain compares it when a saved state is restored."""
+        digest = hashlib.sha256("\n".join(self.ids).encode("utf-8")).hexdigest()[:16]
+        return f"AnnotationSource(files={list(self.files)}, records={len(self.ids)}, ids_sha256={digest})"
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"id": self.ids[index], "image_path": self.images[index], "tokens": self.tokens[index],
+                "token_labels": self.labels[index], "landmarks": self.landmarks[index]}
+
+
+def _read_annotation(path: str) -> list[tuple[str, dict]]:
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"annotation file {path} could not be read: {err}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a list of records")
+    out = []
+    for index, record in enumerate(records):
+        if not isinstance(record, dict):
+            record = {"_not_a_record": record}
+        out.append((str(record.get("id", f"{path}#{index}")), record))
+    return out
+
+
+def _image_path(rid: str, record: dict, root: Path) -> Path:
+    if not isinstance(record.get("image"), str):
+        raise BadRecord(f"record {rid} has no image path")
+    path = root / record["image"]
+    if not path.is_file():
+        raise BadRecord(f"record {rid}: image {path} does not exist")
+    return path
+
+
+def _landmark(rid: str, record: dict, root: Path, table: LandmarkTable | None) -> np.ndarray:
+    if table is not None:
+        if rid not in table:
+            raise BadRecord(f"record {rid} has no landmark feature in {table.source}")
+        return table.get(rid)
+    if not isinstance(record.get("landmark"), str):
+        raise BadRecord(f"record {rid} has no landmark path (and no landmark ArrayRecord file was given)")
+    path = root / record["landmark"]
+    try:
+        feature = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+    except (OSError, ValueError, EOFError) as err:
+        raise BadRecord(f"record {rid}: landmark file {path} could not be read: {err}") from None
+    if feature.shape != (LANDMARK_DIM,):
+        raise BadRecord(f"record {rid}: landmark file {path} holds {feature.size} values, not {LANDMARK_DIM}")
+    return feature
+
+
+def _check_length(rid: str, ids: np.ndarray, model_config: EmolaConfig, config: PipelineConfig) -> None:
+    """Over-long samples are bad records unless truncating, and truncation never cuts the image."""
+    length = len(ids) - 1 + model_config.image_seq_length
+    if length <= config.max_length:
+        return
+    if not config.truncate:
+        raise BadRecord(f"record {rid} is {length} tokens long, over max_length {config.max_length}")
+    image_end = int(np.flatnonzero(ids == model_config.image_token_id)[0]) + model_config.image_seq_length
+    if image_end > config.max_length:
+        raise BadRecord(f"record {rid}: cutting it to max_length {config.max_length} would cut its image tokens")
+
+
+# --- per-example work (runs in the worker processes) ------------------------------------------------
+
+class _MakeExample:
+    """Record -> one example (or a `_bad` marker the filter drops and logs, on_bad_record='skip')."""
+
+    def __init__(self, config: PipelineConfig, model_config: EmolaConfig, tokenizer=None,
+                 table: LandmarkTable | None = None):
+        self.config, self.tokenizer, self.table = config, tokenizer, table
+        self.image_token_id = model_config.image_token_id
+        self.image_tokens = model_config.image_seq_length
+        self.image_size = model_config.vision.image_size
+        self.model_config = model_config
+
+    def map(self, record: dict) -> dict:
+        rid = record["id"] if isinstance(record["id"], str) else record["id"].decode("utf-8")
+        try:
+            if "tokens" in record:  # annotation source: tokenised and checked already
+                tokens, token_labels, landmarks = record["tokens"], record["token_labels"], record["landmarks"]
+                source = record["image_path"]
+            else:
+                tokens, token_labels, landmarks = self._from_tfds(rid, record)
+                source = io.BytesIO(record["image"])
+            pixels = self._pixels(rid, source)
+        except BadRecord as err:
+            if self.config.on_bad_record == "error":
+                raise
+            return {"id": rid, "_bad": str(err)}
+        ids, labels = _expand(tokens, token_labels, self.image_token_id, self.image_tokens)
+        if len(ids) > self.config.max_length:  # only with truncate=True: the check above allowed it
+            ids, labels = ids[:self.config.max_length], labels[:self.config.max_length]
+        return {"id": rid, "input_ids": ids, "labels": labels, "pixel_values": pixels,
+                "landmarks": np.asarray(landmarks, np.float32)}
+
+    def _from_tfds(self, rid: str, record: dict):
+        turns = record["conversations"]
+        texts = [{"from": _text(f), "value": _text(v)} for f, v in zip(turns["from"], turns["value"], strict=True)]
+        turns = conversation.conversation_turns(rid, texts)
+        tokens, labels = conversation.training_ids(self.tokenizer, rid, turns, self.image_token_id, 1)
+        _check_length(rid, tokens, self.model_config, self.config)
+        if self.model_config.prior_position == "off":
+            landmarks = np.zeros(LANDMARK_DIM, np.float32)
+        elif self.table is not None:
+            if rid not in self.table:
+                raise BadRecord(f"record {rid} has no landmark feature in {self.table.source}")
+            landmarks = self.table.get(rid)
+        elif not bool(record["has_landmarks"]):
+            raise BadRecord(f"record {rid} was built without a landmark feature")
+        else:
+            landmarks = record["landmarks"]
+        return tokens, labels, landmarks
+
+    def _pixels(self, rid: str, source) -> np.ndarray:
+        try:
+            picture = image.load_image(source)
+        except ValueError as err:
+            raise BadRecord(f"record {rid}: {err}") from None
+        return image.clip_preprocess(picture, self.image_size, pad=self.config.pad_to_square)
+
+
+def _text(value) -> str:
+    return value.decode("utf-8") if isinstance(value, bytes) else str(value)
+
+
+def _expand(tokens: np.ndarray, labels: np.ndarray, image_token_id: int, count: int) -> tuple[np.ndarray, np.ndarray]:
+    position = int(np.flatnonzero(tokens == image_token_id)[0])
+    ids = np.concatenate([tokens[:position], np.full(count, image_token_id, np.int32), tokens[position + 1:]])
+    out = np.concatenate([labels[:position], np.full(count, IGNORE_INDEX, np.int32), labels[position + 1:]])
+    return ids.astype(np.int32), out.astype(np.int32)
+
+
+class _GrainMap(grain.transforms.Map):
+    def __init__(self, inner: _MakeExample):
+        self.inner = inner
+
+    def map(self, element):
+        return self.inner.map(element)
+
+
+class _GrainFilter(grain.transforms.Filter):
+    """Drops (and logs) the bad-record markers of on_bad_record='skip'."""
+
+    def filter(self, example: dict) -> bool:
+        if "_bad" in example:
+            log.warning("skipping a bad record: %s", example["_bad"])
+            return False
+        return True
+
+
+class _Collate:
+    """Right-pads a list of examples to the batch's length bucket."""
+
+    def __init__(self, buckets: tuple[int, ...], pad_id: int):
+        self.buckets, self.pad_id = buckets, pad_id
+
+    def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
+        longest = max(len(e["input_ids"]) for e in examples)
+        length = next(b for b in self.buckets if b >= longest)
+        rows = len(examples)
+        input_ids = np.full((rows, length), self.pad_id, np.int32)
+        labels = np.full((rows, length), IGNORE_INDEX, np.int32)
+        mask = np.zeros((rows, length), np.int32)
+        for i, example in enumerate(examples):
+            n = len(example["input_ids"])
+            input_ids[i, :n], labels[i, :n], mask[i, :n] = example["input_ids"], example["labels"], 1
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
+                "pixel_values": np.stack([e["pixel_values"] for e in examples]).astype(np.float32),
+                "landmarks": np.stack([e["landmarks"] for e in examples]).astype(np.float32)}
+
+
+# --- loaders --------------------------------------------------------------------------------------
+
+def make_source(config: PipelineConfig, tokenizer, model_config: EmolaConfig):
+    """The random-access source: an `AnnotationSource`, or the tfds dataset's ArrayRecord shards."""
+    if config.annotations:
+        return AnnotationSource(config, tokenizer, model_config)
+    import tensorflow_datasets as tfds
+
+    return tfds.builder_from_directory(config.tfds_dir).as_data_source(split=config.split)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
+                process_count: int = 1, *, training: bool = True, source=None):
+    """A `grain.DataLoader` over this process's shard. `training=False`: one pass in file order,
+    the last (partial) batch kept."""
+    if config.batch_size % process_count:
+        raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {process_count} processes")
+    if not 0 <= process_index < process_count:
+        raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
+    source = source if source is not None else make_source(config, tokenizer, model_config)
+    if config.worker_count:
+        from absl import flags
+
+        if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app none are parsed
+            flags.FLAGS.mark_as_parsed()
+    table = LandmarkTable.open(config.landmarks) if config.landmarks and config.tfds_dir else None
+    sampler = grain.samplers.IndexSampler(
+        num_records=len(source),
+        shard_options=grain.sharding.ShardOptions(process_index, process_count, drop_remainder=training),
+        shuffle=config.shuffle and training,
+        num_epochs=config.num_epochs if training else 1,
+        seed=config.seed,
+    )
+    operations = [
+        _GrainMap(_MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table)),
+        _GrainFilter(),
+        grain.transforms.Batch(config.batch_size // process_count, drop_remainder=training,
+                               batch_fn=_Collate(config.buckets, _pad_id(tokenizer))),
+    ]
+    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
+                            worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+
+
+def make_train_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
+                      process_count: int = 1, *, source=None):
+    """Shuffled (per seed), `num_epochs` passes (None: endless), full batches only."""
+    return make_loader(config, tokenizer, model_config, process_index, process_count, training=True, source=source)
+
+
+def make_eval_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
+                     process_count: int = 1, *, source=None):
+    """One pass in record order; the last batch may be short."""
+    return make_loader(config, tokenizer, model_config, process_index, process_count, training=False, source=source)

@@ -1,0 +1,256 @@
+"""`run.py precompute-landmarks`: the prior feature of every annotated image, into one ArrayRecord.
+
+Images are decoded by a thread pool (OpenCV releases the GIL) a few batches ahead of batched
+onnxruntime inference. Finished features go to numbered part files beside the output (each
+written atomically); at the end the previous output and the parts are merged into the output,
+again atomically, and the parts removed. A rerun skips every id already in the output or a part,
+so a killed run loses at most the features not yet in a part. An unreadable, truncated or empty
+image is one line (id, path, reason) of `<out stem>.errors.jsonl` and is skipped.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import json
+import os
+import shutil
+from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from emola_jax.config import LANDMARK_DIM
+from emola_jax.data import landmark_store, landmarks
+
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    id: str
+    path: Path
+    bbox: tuple[float, float, float, float] | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Summary:
+    written: int
+    skipped: int
+    failed: int
+    out: Path
+    errors: Path
+
+    def line(self) -> str:
+        text = f"landmarks: written {self.written}, skipped {self.skipped} (already done), failed {self.failed}"
+        if self.failed:
+            text += f" (listed in {self.errors})"
+        return text + f" -> {self.out}"
+
+
+def errors_path(out: str | Path) -> Path:
+    """`FEATURES.array_record` -> `FEATURES.errors.jsonl`, beside it."""
+    return Path(out).with_suffix(".errors.jsonl")
+
+
+def read_jobs(annotations: Iterable[str | Path], root: str | Path, key: str = "image") -> list[Job]:
+    """One job per distinct record id, `key` ("image" or "landmark") resolved under `root`.
+    A record without an id or path, or one id naming two different files, is an error."""
+    jobs: dict[str, Job] = {}
+    for annotation in annotations:
+        try:
+            records = json.loads(Path(annotation).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ValueError(f"annotation file {annotation} could not be read: {err}") from None
+        if not isinstance(records, list):
+            raise ValueError(f"{annotation} must hold a list of records")
+        for index, record in enumerate(records):
+            if not isinstance(record, dict) or "id" not in record or not isinstance(record.get(key), str):
+                rid = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
+                raise ValueError(f"{annotation}: record {rid} has no {key!r} path")
+            bbox = record.get("bbox")
+            if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4):
+                raise ValueError(f"{annotation}: record {record['id']}: bbox must be [x1, y1, x2, y2]")
+            job = Job(str(record["id"]), Path(root) / record[key], tuple(map(float, bbox)) if bbox else None)
+            seen = jobs.setdefault(job.id, job)
+            if seen != job:
+                raise ValueError(f"record id {job.id} names two different inputs: {seen.path} and {job.path}")
+    return list(jobs.values())
+
+
+class _Output:
+    """Part files of finished features, merged into `out` at the end."""
+
+    def __init__(self, out: Path, part_size: int):
+        self.out, self.part_size = out, part_size
+        self.parts_dir = out.with_name(out.name + ".parts")
+        self.pending: list[tuple[str, np.ndarray]] = []
+        self.done: set[str] = set()
+        if out.exists():
+            self.done.update(key for key, _ in landmark_store.iter_file(out))
+        for part in self.parts():
+            self.done.update(key for key, _ in landmark_store.iter_file(part))
+        if self.parts_dir.is_dir():  # a part killed while being written is only ever a hidden temporary
+            for stale in self.parts_dir.glob(".*.tmp-*"):
+                stale.unlink()
+
+    def parts(self) -> list[Path]:
+        return sorted(self.parts_dir.glob("part-*.array_record")) if self.parts_dir.is_dir() else []
+
+    def add(self, record_id: str, feature: np.ndarray) -> None:
+        self.pending.append((record_id, feature))
+        if len(self.pending) >= self.part_size:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        self.parts_dir.mkdir(parents=True, exist_ok=True)
+        existing = self.parts()
+        number = int(existing[-1].name.split("-")[1].split(".")[0]) + 1 if existing else 0
+        landmark_store.write_file(self.parts_dir / f"part-{number:05d}.array_record", self.pending)
+        self.pending = []
+
+    def finalise(self) -> None:
+        self.flush()
+        parts = self.parts()
+        if not parts and self.out.exists():
+            return
+        sources = ([self.out] if self.out.exists() else []) + parts
+
+        def merged() -> Iterator[tuple[str, np.ndarray]]:
+            seen: set[str] = set()
+            for source in sources:
+                for key, feature in landmark_store.iter_file(source):
+                    if key in seen:
+                        raise ValueError(f"record id {key} is in more than one of {', '.join(map(str, sources))}")
+                    seen.add(key)
+                    yield key, feature
+
+        landmark_store.write_file(self.out, merged())
+        shutil.rmtree(self.parts_dir, ignore_errors=True)
+
+
+class _ErrorLog:
+    def __init__(self, path: Path):
+        self.path, self.count, self.file = path, 0, None
+
+    def add(self, job: Job, reason: str) -> None:
+        if self.file is None:
+            self.file = open(self.path, "w")
+        self.file.write(json.dumps({"id": job.id, "path": str(job.path), "reason": reason}) + "\n")
+        self.file.flush()
+        self.count += 1
+
+    def close(self) -> None:
+        if self.file is not None:
+            self.file.close()
+        elif self.path.exists():
+            self.path.unlink()  # the previous run's failures were retried and none is left
+
+
+def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterator[tuple[Job, np.ndarray | str]]],
+         part_size: int, progress: bool) -> Summary:
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    output = _Output(out, part_size)
+    todo = [job for job in jobs if job.id not in output.done]
+    errors = _ErrorLog(errors_path(out))
+    written = 0
+    try:
+        with tqdm(total=len(todo), unit="img", desc="landmarks", disable=not progress) as bar:
+            for job, result in compute(todo):
+                if isinstance(result, str):
+                    errors.add(job, result)
+                else:
+                    output.add(job.id, result)
+                    written += 1
+                bar.update(1)
+    finally:  # whatever stops the loop, features already computed reach a part file
+        errors.close()
+        output.flush()
+    output.finalise()
+    return Summary(written, len(jobs) - len(todo), errors.count, out, errors.path)
+
+
+def _prepare(recipe: str, normalisation: tuple[float, float] | None, job: Job):
+    try:
+        bgr = landmarks.read_bgr(job.path)
+    except ValueError as err:
+        return str(err)
+    if recipe == "official":
+        return landmarks.official_array(bgr), None
+    prepared = landmarks.insightface_array(bgr, *normalisation, bbox=job.bbox)
+    return prepared.blob, prepared.inverse
+
+
+def precompute_landmarks(
+    annotations: str | Path | list[str | Path], images_root: str | Path, onnx: str | Path, out: str | Path, *,
+    recipe: str = "official", batch_size: int = 32, threads: int | None = None, part_size: int = 1024,
+    progress: bool = True,
+) -> Summary:
+    """Features of every distinct record id of `annotations` into the ArrayRecord file `out`."""
+    if recipe not in landmarks.RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(landmarks.RECIPES)}, not {recipe!r}")
+    if batch_size < 1:
+        raise ValueError("batch size must be at least 1")
+    annotations = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
+    jobs = read_jobs(annotations, images_root)
+    session = landmarks.open_session(onnx)
+    normalisation = landmarks.graph_normalisation(onnx) if recipe == "insightface" else None
+    threads = threads or min(8, os.cpu_count() or 1)
+
+    def compute(todo: list[Job]) -> Iterator[tuple[Job, np.ndarray | str]]:
+        queue: collections.deque[tuple[Job, Future]] = collections.deque()
+        pending = iter(todo)
+        with ThreadPoolExecutor(threads) as pool:
+            def refill() -> None:  # decode at most 3 batches ahead: memory stays bounded
+                while len(queue) < 3 * batch_size:
+                    job = next(pending, None)
+                    if job is None:
+                        return
+                    queue.append((job, pool.submit(_prepare, recipe, normalisation, job)))
+
+            refill()
+            while queue:
+                batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
+                refill()
+                results = [(job, future.result()) for job, future in batch]
+                good = [(job, r) for job, r in results if not isinstance(r, str)]
+                features = iter(())
+                if good:
+                    outputs = landmarks.run_session(session, np.stack([r[0] for _, r in good]))
+                    if recipe == "insightface":
+                        outputs = [landmarks.insightface_points(o, r[1])
+                                   for o, (_, r) in zip(outputs, good, strict=True)]
+                    features = iter(outputs)
+                for job, result in results:
+                    yield job, result if isinstance(result, str) else next(features)
+
+    return _run(jobs, out, compute, part_size, progress)
+
+
+def import_npy(
+    annotations: str | Path | list[str | Path], landmarks_root: str | Path, out: str | Path, *,
+    part_size: int = 4096, progress: bool = True,
+) -> Summary:
+    """An official `landmarks/*.npy` tree (records' `landmark` paths, relative to `landmarks_root`)
+    into the same ArrayRecord format."""
+    annotations = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
+    jobs = read_jobs(annotations, landmarks_root, key="landmark")
+
+    def compute(todo: list[Job]) -> Iterator[tuple[Job, np.ndarray | str]]:
+        for job in todo:
+            try:
+                feature = np.load(job.path, allow_pickle=False).astype(np.float32).reshape(-1)
+            except (OSError, ValueError, EOFError) as err:
+                yield job, f"landmark file could not be read: {err}"
+                continue
+            if feature.shape != (LANDMARK_DIM,):
+                yield job, f"landmark file holds {feature.size} values, not {LANDMARK_DIM}"
+            elif not np.isfinite(feature).all():
+                yield job, "landmark file holds NaN or infinite values"
+            else:
+                yield job, feature
+
+    return _run(jobs, out, compute, part_size, progress)

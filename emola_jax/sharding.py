@@ -1,0 +1,173 @@
+"""Where every array lives: a `(data, fsdp, tensor)` mesh and logical axis rules.
+
+Weights name their axes logically (`("embed", "mlp")`); one rules table maps logical names to
+mesh axes. Changing the parallelism changes the mesh sizes (or this table), never the model.
+LoRA factors, the optimiser state (same shapes as the trainable weights) and gradients follow
+the weights they belong to; activations follow the batch, split over `data` and `fsdp`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+MESH_AXES = ("data", "fsdp", "tensor")
+
+# logical axis -> mesh axes (None: replicated)
+LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
+    "batch": ("data", "fsdp"),
+    "embed": "fsdp",
+    "heads": "tensor",
+    "mlp": "tensor",
+    "vocab": "tensor",
+    "layers": None,
+    "rank": None,
+    "norm": None,
+}
+
+# (regex over the '/'-joined weight path, logical axes of the unstacked weight). First match wins.
+# The vision tower, both projectors and norms are small and replicated (`None` everywhere).
+PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
+    (r"language_model/embed_tokens/embedding", ("vocab", "embed")),
+    (r"lm_head/kernel", ("embed", "vocab")),
+    (r".*self_attn/[qkv]_proj/kernel", ("embed", "heads")),
+    (r".*self_attn/[qkv]_proj/bias", ("heads",)),
+    (r".*self_attn/[qkv]_proj/lora_a", ("embed", "rank")),
+    (r".*self_attn/[qkv]_proj/lora_b", ("rank", "heads")),
+    (r"language_model/.*self_attn/o_proj/kernel", ("heads", "embed")),
+    (r"language_model/.*self_attn/o_proj/lora_a", ("heads", "rank")),
+    (r"language_model/.*self_attn/o_proj/lora_b", ("rank", "embed")),
+    (r".*mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
+    (r".*mlp/(gate|up)_proj/lora_a", ("embed", "rank")),
+    (r".*mlp/(gate|up)_proj/lora_b", ("rank", "mlp")),
+    (r".*mlp/down_proj/kernel", ("mlp", "embed")),
+    (r".*mlp/down_proj/lora_a", ("mlp", "rank")),
+    (r".*mlp/down_proj/lora_b", ("rank", "embed")),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """Mesh axis sizes; one of them may be -1 (all devices the others leave)."""
+
+    data: int = -1
+    fsdp: int = 1
+    tensor: int = 1
+
+    @classmethod
+    def parse(cls, text: str) -> MeshConfig:
+        """`data=2,fsdp=2,tensor=2` (axes left out keep their defaults)."""
+        sizes = {}
+        for part in filter(None, text.split(",")):
+            name, _, value = part.partition("=")
+            if name not in MESH_AXES or not value.lstrip("-").isdigit():
+                raise ValueError(f"mesh {text!r}: expected axis=size with axes {', '.join(MESH_AXES)}")
+            sizes[name] = int(value)
+        return dataclasses.replace(cls(), **sizes)
+
+    def shape(self, device_count: int) -> tuple[int, int, int]:
+        sizes = [self.data, self.fsdp, self.tensor]
+        if sizes.count(-1) > 1:
+            raise ValueError(f"mesh {self}: at most one axis may be -1")
+        known = math.prod(s for s in sizes if s != -1)
+        if -1 in sizes:
+            if device_count % known:
+                raise ValueError(f"mesh {self}: {device_count} devices do not split into axes of {known}")
+            sizes[sizes.index(-1)] = device_count // known
+        if math.prod(sizes) > device_count:
+            raise ValueError(f"mesh {self} needs {math.prod(sizes)} devices; there are {device_count}")
+        return tuple(sizes)
+
+
+def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
+    """All devices of all processes, ordered by process so each host's rows of the batch are local."""
+    devices = list(devices if devices is not None else jax.devices())
+    devices.sort(key=lambda d: (d.process_index, d.id))
+    shape = config.shape(len(devices))
+    if math.prod(shape) < len(devices):
+        print(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} uses {math.prod(shape)} of the {len(devices)} devices")
+        devices = devices[: math.prod(shape)]
+    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+
+
+def logical_axes(path: Sequence[str], ndim: int, stacked: bool) -> tuple[str | None, ...]:
+    """Logical axes of one weight; scanned layers get a leading `layers` axis."""
+    joined = "/".join(path)
+    listed = next((axes for pattern, axes in PARAM_AXES if re.fullmatch(pattern, joined)), ())
+    axes = (("layers",) if stacked else ()) + tuple(listed)
+    if len(axes) != ndim:  # unlisted weights (vision tower, projectors, norms): replicated
+        axes = (("layers",) if stacked else ()) + ("norm",) * (ndim - stacked)
+    return axes
+
+
+def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
+    """Logical axes -> mesh axes; a dimension the mesh axes do not divide stays replicated."""
+    used: set[str] = set()
+    spec = []
+    for name, size in zip(axes, shape, strict=True):
+        mesh_axes = LOGICAL_RULES.get(name) if name else None
+        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
+        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
+        if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
+            used.update(mesh_axes)
+            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
+        else:
+            spec.append(None)
+    return PartitionSpec(*spec)
+
+
+def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+    from emola_jax.checkpoint import is_stacked
+
+    path = tuple(str(p) for p in path)
+    return NamedSharding(mesh, partition_spec(logical_axes(path, len(shape), is_stacked(path)), shape, mesh))
+
+
+MODEL_ROOTS = ("vision_tower", "multi_modal_projector", "prior_projector", "language_model", "lm_head")
+
+
+def state_shardings(state, mesh: Mesh):
+    """A `NamedSharding` for every leaf of a tree that holds weights: an `nnx.State`, a pure dict,
+    or a training state whose optimiser moments nest the weights' paths deeper. A leaf is placed
+    by the part of its path that starts at a model root (`language_model/...`); leaves outside
+    the model (step counters, RNG keys) are replicated."""
+
+    def place(path, x):
+        names = [_key_name(k) for k in path if not _is_value_attr(k)]
+        start = next((i for i, name in enumerate(names) if name in MODEL_ROOTS), None)
+        if start is None:
+            return NamedSharding(mesh, PartitionSpec())
+        return param_sharding(names[start:], x.shape, mesh)
+
+    return jax.tree_util.tree_map_with_path(place, state)
+
+
+def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
+    """Rows over `data` x `fsdp`, everything else whole."""
+    return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+
+
+def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
+    """Each process's rows of the batch -> global arrays sharded over the batch axes."""
+    return {
+        name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
+        for name, value in local.items()
+    }
+
+
+def _is_value_attr(key) -> bool:
+    """The `.value` step into an `nnx.Variable` in a tree path."""
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+
+
+def _key_name(key) -> str:
+    for attr in ("key", "name", "idx"):
+        if hasattr(key, attr):
+            return str(getattr(key, attr))
+    return str(key)

@@ -1,0 +1,63 @@
+"""What a training run is: the model, the data, and how to train (one object per config file)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, Literal
+
+from emola_jax.config import EmolaConfig
+from emola_jax.sharding import MeshConfig
+
+# (path regex, learning rate): the first pattern a weight's '/'-joined path matches decides;
+# `None` freezes it; weights no pattern matches are frozen.
+EMOLA_TRAINABLE: tuple[tuple[str, float | None], ...] = (
+    (r"language_model/.*/lora_[ab]", 1e-4),
+    (r"prior_projector/.*", 1e-4),
+    (r"multi_modal_projector/.*", 2e-5),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    """Optimiser, schedule, parallelism, checkpoints. Defaults are EmoLA's (see the paper's setup)."""
+
+    base: str | None = None  # converted checkpoint the run starts from and keeps frozen
+    steps: int = 1000  # optimiser updates
+    grad_accum_steps: int = 1  # micro-batches per update (the data config's batch is per micro-batch)
+    trainable: tuple[tuple[str, float | None], ...] = EMOLA_TRAINABLE
+    schedule: Literal["cosine", "constant"] = "cosine"
+    warmup_ratio: float = 0.03
+    weight_decay: float = 0.0
+    adam_b1: float = 0.9
+    adam_b2: float = 0.999
+    adam_eps: float = 1e-8
+    max_grad_norm: float | None = 1.0
+    remat: Literal["none", "full", "dots"] = "full"
+    attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
+    mesh: MeshConfig = MeshConfig()
+    on_nonfinite: Literal["skip", "stop"] = "skip"
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 3
+    log_every: int = 1
+    seed: int = 0
+
+    def __post_init__(self):
+        if self.on_nonfinite not in ("skip", "stop"):
+            raise ValueError(f"train.on_nonfinite must be skip or stop, not {self.on_nonfinite!r}")
+        if self.schedule not in ("cosine", "constant"):
+            raise ValueError(f"train.schedule must be cosine or constant, not {self.schedule!r}")
+        if self.steps < 1 or self.grad_accum_steps < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
+            raise ValueError("train.steps, grad_accum_steps, checkpoint_every and keep_checkpoints must be >= 1")
+        # `--set` hands over JSON lists; keep the field hashable and uniform
+        object.__setattr__(self, "trainable", tuple((str(p), lr) for p, lr in self.trainable))
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A config file's `get_config()`: `model` (when `train.base` is set, its vision/text towers must
+    match the base checkpoint's; its LoRA and prior settings are what the run adds), `data` (the
+    input pipeline's config) and `train`."""
+
+    model: EmolaConfig
+    train: TrainConfig = TrainConfig()
+    data: Any = None

@@ -1,0 +1,199 @@
+"""The training run: build the sharded model, resume if a checkpoint exists, step, log, save.
+
+    records -> loader (this process's rows) -> global batch (sharded over data x fsdp)
+            -> jitted step (trainable tree only) -> metrics.jsonl / TensorBoard / checkpoints
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+from pathlib import Path
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+from tqdm import tqdm
+
+from emola_jax.checkpoint import TOKENIZER_DIR, save_pretrained
+from emola_jax.config import EmolaConfig
+from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
+from emola_jax.models import EmolaForConditionalGeneration
+from emola_jax.models.llama import resolve_attention
+from emola_jax.sharding import global_batch, make_mesh, state_shardings
+from emola_jax.train import step as train_step
+from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fingerprint
+from emola_jax.train.config import Experiment
+from emola_jax.train.init import build_model
+from emola_jax.train.metrics import MetricsWriter
+
+FINAL_MODEL = "model"
+PAD_VALUES = {"labels": train_step.IGNORE_INDEX}  # others pad with 0
+
+
+def make_loader(experiment: Experiment, config: EmolaConfig):
+    """This process's batches: an iterator with `get_state()` / `set_state()`."""
+    data = experiment.data
+    index, count = jax.process_index(), jax.process_count()
+    if isinstance(data, SyntheticData):
+        return SyntheticLoader(data, config, index, count)
+    if data is None:
+        raise ValueError("the config has no data section (experiment.data)")
+    from emola_jax.data import pipeline
+    from emola_jax.eval.evaluate import load_tokenizer
+
+    if experiment.train.base is None:
+        raise ValueError("training on records needs train.base: its tokenizer turns the conversations into ids")
+    tokenizer = load_tokenizer(experiment.train.base)
+    return pipeline.make_train_loader(data, tokenizer, config, index, count)
+
+
+def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
+    out = {}
+    for name, value in batch.items():
+        if value.ndim >= 2 and name in ("input_ids", "labels", "attention_mask") and value.shape[1] < length:
+            width = [(0, 0), (0, length - value.shape[1])] + [(0, 0)] * (value.ndim - 2)
+            value = np.pad(value, width, constant_values=PAD_VALUES.get(name, 0))
+        out[name] = value
+    return out
+
+
+def next_batch(loader, accum: int) -> dict[str, np.ndarray]:
+    """`accum` micro-batches stacked `[accum, rows, ...]`, padded to one length that every
+    process agrees on (length buckets may differ between micro-batches and hosts)."""
+    micro = [next(loader) for _ in range(accum)]
+    length = max(m["input_ids"].shape[1] for m in micro)
+    if jax.process_count() > 1:
+        length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
+    micro = [_pad_to(m, length) for m in micro]
+    return {name: np.stack([m[name] for m in micro]) for name in micro[0]}
+
+
+def _stacked_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+    """Like `global_batch`, for `[accum, rows, ...]` arrays (rows are the sharded axis)."""
+    moved = {name: np.moveaxis(value, 0, 1) for name, value in local.items()}  # rows first
+    return {name: jnp.moveaxis(value, 0, 1) for name, value in global_batch(moved, mesh).items()}
+
+
+class Trainer:
+    """The sharded model, optimiser and jitted step of a run, without files: `step(local_batch)`.
+
+    `local_batch` holds this process's rows as `[accum, rows, ...]` numpy arrays (`next_batch`).
+    """
+
+    def __init__(self, experiment: Experiment, mesh: Mesh | None = None):
+        cfg = experiment.train
+        self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
+        model, self.fresh = build_model(experiment, self.mesh)
+        self.config: EmolaConfig = model.config
+        self.graphdef, self.template, params, self.frozen = train_step.split_trainable(model, cfg)
+        self.optimizer, self.schedules = train_step.make_optimizer(cfg, params)
+        init = functools.partial(train_step.init_state, optimizer=self.optimizer, seed=cfg.seed)
+        shardings = state_shardings(jax.eval_shape(init, params), self.mesh)  # Adam moments as their weights
+        self.state = jax.jit(init, out_shardings=shardings)(params)
+        self.attention = resolve_attention(cfg.attention, jnp.dtype(self.config.dtype))
+        self._step = jax.jit(
+            train_step.make_train_step(self.graphdef, self.template, self.optimizer, cfg, self.attention),
+            donate_argnums=(0,),
+            out_shardings=(shardings, NamedSharding(self.mesh, PartitionSpec())),
+        )
+
+    def step(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+        """One update; returns the step's metrics as device arrays (fetching them waits for the step)."""
+        self.state, metrics = self._step(self.state, self.frozen, _stacked_global(local_batch, self.mesh))
+        return metrics
+
+    def model(self) -> EmolaForConditionalGeneration:
+        """The trained model (trainable weights cast to their storage dtype, LoRA kept apart)."""
+        return nnx.merge(self.graphdef, train_step.as_model_state(self.template, self.state["params"]), self.frozen)
+
+
+
+
+def train(
+    experiment: Experiment, workdir: str | Path, *, until: int | None = None, progress: bool = True, loader=None
+) -> dict[str, Any]:
+    """Trains to `experiment.train.steps` (or stops after step `until`), resuming from the latest
+    checkpoint in `workdir`. Returns a summary (first and last loss, steps, where things are).
+    `loader` replaces the config's data (any iterator with `get_state`/`set_state`)."""
+    cfg = experiment.train
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    fingerprint = base_fingerprint(cfg.base) if cfg.base is not None else None
+    checkpoints = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints, base=cfg.base, fingerprint=fingerprint)
+    trainer = Trainer(experiment)
+    loader = loader if loader is not None else make_loader(experiment, trainer.config)
+    start = checkpoints.latest_step() or 0
+    if start:
+        trainer.state, data_state = checkpoints.restore(abstract_like(trainer.state))
+        loader.set_state(data_state)
+    is_main = jax.process_index() == 0
+    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+    last = min(cfg.steps, until) if until is not None else cfg.steps
+    bar = tqdm(total=last, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+    losses: dict[int, float] = {}
+    pending: tuple[int, dict] | None = None
+    clock = [time.perf_counter()]
+
+    def report(step: int, metrics: dict) -> None:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        elapsed, clock[0] = now - clock[0], now  # steady state: one step per interval
+        loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+        if not finite and cfg.on_nonfinite == "stop":
+            raise FloatingPointError(
+                f"step {step}: loss {loss} or gradient norm {float(metrics['grad_norm'])} is not finite; the update "
+                "was not applied and the run stops (train.on_nonfinite=stop; 'skip' drops such updates and goes on)"
+            )
+        losses[step] = loss
+        rates = {name: float(schedule(step - 1)) for name, schedule in trainer.schedules.items()}
+        record = {
+            "step": step, "loss": loss, "learning_rate": max(rates.values()), "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_second": float(metrics["input_tokens"]) / elapsed, "scored_tokens": int(metrics["tokens"]),
+            "skipped_updates": int(metrics["skipped"]), "step_seconds": elapsed,
+        }
+        if len(rates) > 1:
+            record.update({f"learning_rate/{name}": rate for name, rate in rates.items()})
+        if step % cfg.log_every == 0 or step == last:
+            writer.write(record)
+        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        bar.update(1)
+
+    try:
+        for step in range(start + 1, last + 1):
+            local = next_batch(loader, cfg.grad_accum_steps)
+            data_state = loader.get_state()
+            metrics = trainer.step(local)
+            if pending is not None:  # fetch the previous step's metrics while this one runs
+                report(*pending)
+            pending = (step, metrics)
+            if step % cfg.checkpoint_every == 0 or step == last:
+                report(*pending)
+                pending = None
+                checkpoints.save(step, trainer.state, data_state)
+        if pending is not None:
+            report(*pending)
+        checkpoints.wait()
+    finally:
+        bar.close()
+        writer.close()
+        checkpoints.close()
+
+    summary: dict[str, Any] = {"workdir": str(workdir), "steps": last, "fresh_weights": len(trainer.fresh)}
+    if losses:
+        summary.update(first_loss=losses[min(losses)], last_loss=losses[max(losses)])
+    if last == cfg.steps and jax.process_count() > 1:
+        # orbax's writer synchronises every process of a run; the model is written from one
+        summary["model"] = "rerun the same command as a single process to write WORKDIR/model from the last checkpoint"
+    elif last == cfg.steps:
+        tokenizer = Path(cfg.base) / TOKENIZER_DIR if cfg.base else None
+        files = sorted(tokenizer.iterdir()) if tokenizer is not None and tokenizer.is_dir() else []
+        summary["model"] = str(save_pretrained(
+            trainer.model(), workdir / FINAL_MODEL, overwrite=True, tokenizer_files=files,
+            source={"format": "emola-jax", "trained_from": cfg.base, "steps": last},
+        ))
+    return summary

@@ -1,0 +1,42 @@
+"""Per-step metrics: `metrics.jsonl` (one object per step) and TensorBoard event files."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+
+class MetricsWriter:
+    """Written by process 0 only. On resume, lines of steps after the restored one (logged by
+    a run killed before its next checkpoint) are dropped, so each step appears once."""
+
+    def __init__(self, workdir: str | Path, *, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self.path = Path(workdir) / "metrics.jsonl"
+        kept = []
+        if self.path.exists():
+            for line in self.path.read_text().splitlines():
+                if line.strip() and json.loads(line)["step"] <= resume_step:
+                    kept.append(line)
+        self.path.write_text("".join(f"{line}\n" for line in kept))
+        self._file = self.path.open("a")
+        self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+        for name, value in record.items():
+            if name != "step" and isinstance(value, int | float):
+                self._tensorboard.add_scalar(f"train/{name}", value, record["step"])
+
+    def close(self) -> None:
+        if self.enabled:
+            self._file.close()
+            self._tensorboard.close()

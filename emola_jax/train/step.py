@@ -1,0 +1,214 @@
+"""The training step as a pure function over two trees: the trainable weights and the frozen base.
+
+Gradients and optimiser state exist only for the trainable tree (LoRA factors, the prior
+projector, optionally the multi-modal projector), which is float32; the base keeps its storage
+dtype and is never donated. The state that moves from step to step is a plain dict:
+
+    {"step": int32, "params": trainable weights (pure dict), "opt_state": optax state,
+     "rng": uint32[2], "skipped": int32 (updates dropped for a non-finite loss or gradient)}
+"""
+
+from __future__ import annotations
+
+import functools
+import re
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+from emola_jax.train.config import TrainConfig
+
+IGNORE_INDEX = -100
+LOSS_CHUNK = 512  # sequence positions whose logits exist at once in the loss
+
+
+def learning_rate_for(path: str, trainable: tuple[tuple[str, float | None], ...]) -> float | None:
+    """The learning rate of the first pattern that matches `path` in full; None: frozen."""
+    for pattern, rate in trainable:
+        if re.fullmatch(pattern, path):
+            return rate
+    return None
+
+
+def _path(path) -> str:
+    return "/".join(str(p) for p in path)
+
+
+def split_trainable(model: nnx.Module, config: TrainConfig) -> tuple[nnx.GraphDef, nnx.State, dict, nnx.State]:
+    """`(graphdef, template, params, frozen)` by the config's path patterns.
+
+    `params` are the trainable weights as a float32 pure dict (the master copy the optimiser
+    updates); `template` records their storage dtypes, to which the forward pass casts them.
+    """
+    is_trainable = lambda path, _: learning_rate_for(_path(path), config.trainable) is not None  # noqa: E731
+    graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
+    if not jax.tree.leaves(trainable):
+        raise ValueError(f"no weight matches the trainable patterns {[p for p, _ in config.trainable]}")
+    template = jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), trainable)
+    params = jax.tree.map(_float32, nnx.to_pure_dict(trainable))
+    return graphdef, template, params, frozen
+
+
+def _float32(x):
+    """Cast an array, or describe the cast of an abstract one (memory plans run on shapes alone)."""
+    if isinstance(x, jax.ShapeDtypeStruct):
+        return jax.ShapeDtypeStruct(x.shape, jnp.float32)
+    return x.astype(jnp.float32)
+
+
+def _schedule(config: TrainConfig, peak: float) -> optax.Schedule:
+    warmup = int(round(config.warmup_ratio * config.steps))
+    if config.schedule == "constant":
+        return optax.join_schedules(
+            [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
+        ) if warmup else optax.constant_schedule(peak)
+    # linear warmup from 0, then cosine down to 0 at the last step (as transformers' cosine schedule)
+    return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.steps, warmup + 1), end_value=0.0)
+
+
+def learning_rate_groups(config: TrainConfig, params: dict) -> dict:
+    """Each trainable leaf's group name, `lr=<rate>`: one AdamW per distinct rate."""
+    return jax.tree_util.tree_map_with_path(
+        lambda path, _: f"lr={learning_rate_for(_path(k.key for k in path), config.trainable)}", params
+    )
+
+
+def make_optimizer(config: TrainConfig, params: dict) -> tuple[optax.GradientTransformation, dict]:
+    """AdamW per learning-rate group after global-norm clipping; also the schedules, for logging."""
+    labels = learning_rate_groups(config, params)
+    rates = sorted({float(label.split("=")[1]) for label in jax.tree.leaves(labels)})
+    schedules = {f"lr={rate}": _schedule(config, rate) for rate in rates}
+    adamw = functools.partial(
+        optax.adamw, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay
+    )
+    transforms = {name: adamw(schedule) for name, schedule in schedules.items()}
+    chain = [optax.multi_transform(transforms, labels)]
+    if config.max_grad_norm is not None:
+        chain.insert(0, optax.clip_by_global_norm(config.max_grad_norm))
+    return optax.chain(*chain), schedules
+
+
+def token_cross_entropy(
+    logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array
+) -> tuple[jax.Array, jax.Array]:
+    """Summed next-token cross-entropy and the number of scored tokens.
+
+    hidden `[batch, seq, embed]`, labels `[batch, seq]` aligned with the inputs (position t is
+    scored on predicting labels[t+1]). Logits are made `LOSS_CHUNK` positions at a time and
+    recomputed in the backward pass, so `[batch, seq, vocab]` never exists in memory at once.
+    """
+    targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
+    batch, seq, _ = hidden.shape
+    chunk = min(LOSS_CHUNK, seq)
+    pad = -seq % chunk
+    if pad:
+        hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
+        targets = jnp.pad(targets, ((0, 0), (0, pad)), constant_values=IGNORE_INDEX)
+    hidden = hidden.reshape(batch, -1, chunk, hidden.shape[-1]).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
+    targets = targets.reshape(batch, -1, chunk).swapaxes(0, 1)
+
+    @jax.checkpoint
+    def chunk_loss(h, t):
+        logits = logits_fn(h).astype(jnp.float32)  # [batch, chunk, vocab]
+        valid = t != IGNORE_INDEX
+        picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
+        losses = jax.nn.logsumexp(logits, axis=-1) - picked
+        return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+
+    def body(totals, xs):
+        loss, count = chunk_loss(*xs)
+        return (totals[0] + loss, totals[1] + count), None
+
+    (loss, count), _ = jax.lax.scan(body, (jnp.float32(0), jnp.int32(0)), (hidden, targets))
+    return loss, count
+
+
+def as_model_state(template: nnx.State, params: dict) -> nnx.State:
+    """The float32 master weights cast to their storage dtypes, as an `nnx.State` to merge."""
+    state = jax.tree.map(lambda x: x, template)
+    dtypes = nnx.to_pure_dict(template)
+    nnx.replace_by_pure_dict(state, jax.tree.map(lambda p, t: p.astype(t.dtype), params, dtypes))
+    return state
+
+
+def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State, config: TrainConfig, attention: str) -> Callable:
+    """`loss_fn(params, frozen, batch, dropout_key) -> (summed loss, scored tokens)` for one micro-batch
+    of right-padded rows; `dropout_key=None` turns LoRA dropout off."""
+
+    def loss_fn(params, frozen, batch, dropout_key):
+        model = nnx.merge(graphdef, as_model_state(template, params), frozen)
+        hidden = model.hidden_states(
+            batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], batch.get("landmarks"),
+            remat=config.remat, attention=attention, dropout_key=dropout_key,
+        )
+        return token_cross_entropy(model.logits, hidden, batch["labels"])
+
+    return loss_fn
+
+
+def make_train_step(
+    graphdef: nnx.GraphDef,
+    trainable_template: nnx.State,
+    optimizer: optax.GradientTransformation,
+    config: TrainConfig,
+    attention: str,
+) -> Callable[[dict, nnx.State, dict], tuple[dict, dict]]:
+    """`step(state, frozen, batch) -> (state, metrics)`, to be jitted by the caller.
+
+    `batch` holds `[accum, batch, ...]` arrays (input_ids, labels, attention_mask, pixel_values,
+    landmarks); the gradient is that of the mean loss over every scored token of all micro-batches,
+    exactly as if they were one batch.
+    """
+
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, trainable_template, config, attention), has_aux=True)
+
+    def step(state: dict, frozen: nnx.State, batch: dict) -> tuple[dict, dict]:
+        params = state["params"]
+        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+        accum = batch["input_ids"].shape[0]
+
+        def micro_step(carry, xs):
+            grads, loss, count = carry
+            micro, index = xs
+            (micro_loss, micro_count), micro_grads = grad_fn(params, frozen, micro, jax.random.fold_in(key, index))
+            grads = jax.tree.map(jnp.add, grads, micro_grads)
+            return (grads, loss + micro_loss, count + micro_count), None
+
+        zeros = jax.tree.map(jnp.zeros_like, params)
+        (grads, loss, count), _ = jax.lax.scan(
+            micro_step, (zeros, jnp.float32(0), jnp.int32(0)), (batch, jnp.arange(accum))
+        )
+        denominator = jnp.maximum(count, 1).astype(jnp.float32)
+        loss = loss / denominator
+        grads = jax.tree.map(lambda g: g / denominator, grads)
+        grad_norm = optax.global_norm(grads)
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
+        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        new_params = optax.apply_updates(params, updates)
+        keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
+        new_state = {
+            "step": state["step"] + 1,
+            "params": keep(new_params, params),
+            "opt_state": keep(opt_state, state["opt_state"]),
+            "rng": state["rng"],
+            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
+        }
+        metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite,
+                   "input_tokens": jnp.sum(batch["attention_mask"]), "skipped": new_state["skipped"]}
+        return new_state, metrics
+
+    return step
+
+
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> dict[str, Any]:
+    return {
+        "step": jnp.int32(0),
+        "params": params,
+        "opt_state": optimizer.init(params),
+        "rng": jax.random.key_data(jax.random.key(seed)),
+        "skipped": jnp.int32(0),
+    }

@@ -1,0 +1,290 @@
+"""Training: the loss and LoRA gradients match transformers + PEFT; meshes, processes and resumes
+change nothing; faults are caught before they reach a checkpoint."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from flax import nnx
+from jax.sharding import AbstractMesh
+from peft import LoraConfig as PeftLoraConfig
+from peft import get_peft_model
+
+import configs
+import run
+from converters import convert
+from emola_jax.checkpoint import load_config, save_pretrained
+from emola_jax.config import LoRAConfig
+from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
+from emola_jax.models import EmolaForConditionalGeneration
+from emola_jax.sharding import MeshConfig, logical_axes, make_mesh, partition_spec
+from emola_jax.train import step as train_step
+from emola_jax.train.checkpoints import TrainCheckpoints
+from emola_jax.train.config import Experiment, TrainConfig
+from emola_jax.train.init import training_config
+from emola_jax.train.loop import Trainer, next_batch, train
+from tests import reference as ref
+
+ROOT = Path(__file__).resolve().parents[1]
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def _tiny(steps: int = 3, **train_changes) -> Experiment:
+    experiment = configs.load("tiny")
+    return dataclasses.replace(
+        experiment,
+        train=dataclasses.replace(experiment.train, steps=steps, **train_changes),
+        data=SyntheticData(batch_size=8, seq_length=48),
+    )
+
+
+# --- the loss and its gradients against transformers + PEFT -----------------------------------
+
+
+@pytest.fixture(scope="module")
+def llava_base(tmp_path_factory):
+    """A tiny transformers LLaVA, saved and converted: the frozen base of a run."""
+    directory = tmp_path_factory.mktemp("llava")
+    config = ref.llava_config()
+    model = ref.build_llava(config)
+    model.save_pretrained(directory / "hf")
+    convert(directory / "hf", directory / "base")
+    return config, directory / "base"
+
+
+@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+def test_loss_and_lora_gradients_match_peft(llava_base, attention):
+    config, base = llava_base
+    llava = ref.build_llava(config)  # the same weights as the converted base, unwrapped
+    experiment = Experiment(
+        model=load_config(base).replace(lora=LoRAConfig(rank=4, alpha=8.0), prior_position="off"),
+        train=TrainConfig(base=str(base), steps=1, attention=attention, remat="full",
+                          trainable=((r"language_model/.*/lora_[ab]", 1e-3),)),
+    )
+    trainer = Trainer(experiment, make_mesh(MeshConfig(data=1)))
+    rng = np.random.default_rng(0)
+    # B is zero at init (as PEFT's); make it random so that A's gradient is not trivially zero
+    params = jax.tree_util.tree_map_with_path(
+        lambda p, x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1 if p[-1].key == "lora_b" else x,
+        trainer.state["params"],
+    )
+    ids, pixels, mask = ref.inputs(llava.config, batch=3, pad=[0, 2, 4], side="right", suffix=9)
+    labels = np.where(mask == 1, ids, train_step.IGNORE_INDEX)
+    labels[:, : 3 + ref.image_seq_length(llava.config)] = train_step.IGNORE_INDEX  # score the text after the image
+    batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
+             "attention_mask": mask.astype(np.int32), "pixel_values": pixels}
+    loss_fn = train_step.make_loss_fn(trainer.graphdef, trainer.template, experiment.train, trainer.attention)
+    (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, trainer.frozen, batch, None)
+
+    peft = get_peft_model(llava, PeftLoraConfig(
+        r=4, lora_alpha=8, lora_dropout=0.0,
+        target_modules=rf".*language_model.*\.({'|'.join(LORA_TARGETS)})",
+    ))
+    layers = params["language_model"]["layers"]
+    for name, module in peft.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            layer, group, proj = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-2], name.split(".")[-1]
+            ours = layers[group][proj]
+            with torch.no_grad():
+                module.lora_A["default"].weight.copy_(torch.tensor(np.asarray(ours["lora_a"][layer]).T))
+                module.lora_B["default"].weight.copy_(torch.tensor(np.asarray(ours["lora_b"][layer]).T))
+    out = peft(input_ids=torch.tensor(ids), pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2),
+               attention_mask=torch.tensor(mask), labels=torch.tensor(labels, dtype=torch.long))
+    out.loss.backward()
+
+    assert int(count) == int((labels[:, 1:] != train_step.IGNORE_INDEX).sum())
+    np.testing.assert_allclose(float(loss_sum / count), out.loss.item(), rtol=1e-5)
+    checked = 0
+    for name, module in peft.named_modules():
+        if hasattr(module, "lora_A") and "default" in getattr(module, "lora_A", {}):
+            layer, group, proj = int(name.split(".layers.")[1].split(".")[0]), name.split(".")[-2], name.split(".")[-1]
+            ours = grads["language_model"]["layers"][group][proj]
+            for factor, theirs in (("lora_a", module.lora_A["default"]), ("lora_b", module.lora_B["default"])):
+                mine = np.asarray(ours[factor][layer]) / float(count)
+                np.testing.assert_allclose(mine, theirs.weight.grad.numpy().T, rtol=2e-4, atol=1e-6,
+                                           err_msg=f"{name} {factor}")
+                checked += 1
+    assert checked == 2 * len(LORA_TARGETS) * llava.config.text_config.num_hidden_layers
+
+
+# --- configuration: what trains, at which rate, where it lives -------------------------------
+
+
+def test_trainable_groups_schedules_and_optimizer_state_cover_only_the_trainable_tree():
+    experiment = _tiny(steps=100, warmup_ratio=0.1)
+    model = EmolaForConditionalGeneration(experiment.model, rngs=nnx.Rngs(0))
+    _, template, params, frozen = train_step.split_trainable(model, experiment.train)
+    names = {"/".join(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
+    assert all(n.startswith(("language_model/layers/", "prior_projector/", "multi_modal_projector/")) for n in names)
+    assert any(n.endswith("lora_a") for n in names) and "prior_projector/linear_1/kernel" in names
+    frozen_names = {"/".join(map(str, p)) for p, _ in nnx.to_flat_state(frozen)}
+    assert not any("lora" in n or n.startswith("prior_projector") for n in frozen_names)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(params))
+
+    optimizer, schedules = train_step.make_optimizer(experiment.train, params)
+    assert sorted(schedules) == ["lr=0.0001", "lr=2e-05"]
+    opt_leaves = [x for x in jax.tree.leaves(optimizer.init(params)) if np.ndim(x) > 0]
+    assert sum(x.size for x in opt_leaves) == 2 * sum(x.size for x in jax.tree.leaves(params))  # Adam's mu and nu only
+    lr = schedules["lr=0.0001"]
+    assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1e-4)  # 10 warmup steps (ratio 0.1 of 100)
+    assert float(lr(55)) == pytest.approx(0.5e-4, rel=1e-5)  # cosine half-way through the decay
+    assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_logical_axes_place_the_7b_weights():
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    q = ("language_model", "layers", "self_attn", "q_proj", "kernel")
+    assert partition_spec(logical_axes(q, 3, True), (32, 4096, 4096), mesh) == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor")
+    down_b = ("language_model", "layers", "mlp", "down_proj", "lora_b")
+    assert tuple(partition_spec(logical_axes(down_b, 3, True), (32, 128, 4096), mesh)) == (None, None, "fsdp")
+    embed = ("language_model", "embed_tokens", "embedding")
+    assert tuple(partition_spec(logical_axes(embed, 2, False), (32000, 4096), mesh)) == ("tensor", "fsdp")
+    # a size the mesh axis does not divide stays whole; the vision tower is replicated
+    assert tuple(partition_spec(logical_axes(embed, 2, False), (32001, 4096), mesh)) == (None, "fsdp")
+    fc1 = ("vision_tower", "encoder", "layers", "mlp", "fc1", "kernel")
+    assert tuple(partition_spec(logical_axes(fc1, 3, True), (24, 1024, 4096), mesh)) == (None, None, None)
+    assert MeshConfig.parse("data=2,tensor=2").shape(8) == (2, 1, 2)
+    assert MeshConfig.parse("data=-1,fsdp=4").shape(8) == (2, 4, 1)
+    with pytest.raises(ValueError, match="needs 16 devices"):
+        MeshConfig(data=4, fsdp=4).shape(8)
+
+
+# --- meshes and processes agree ---------------------------------------------------------------
+
+
+def _steps_on_meshes(out: str) -> None:
+    """Runs in a process with 8 CPU devices: 3 steps of the same batches on three meshes."""
+    results = {}
+    for name, mesh in {"data=1": MeshConfig(data=1), "data=8": MeshConfig(data=8),
+                       "data=2,fsdp=2,tensor=2": MeshConfig(data=2, fsdp=2, tensor=2)}.items():
+        experiment = _tiny(mesh=mesh)
+        trainer = Trainer(experiment)
+        loader = SyntheticLoader(experiment.data, trainer.config)
+        losses = [float(trainer.step(next_batch(loader, 1))["loss"]) for _ in range(3)]
+        params = {"/".join(k.key for k in p): np.asarray(x).tolist()
+                  for p, x in jax.tree_util.tree_flatten_with_path(trainer.state["params"])[0]}
+        results[name] = {"losses": losses, "params": params}
+    Path(out).write_text(json.dumps(results))
+
+
+def test_meshes_agree_after_three_steps(tmp_path):
+    out = tmp_path / "meshes.json"
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
+    script = f"from tests.test_train import _steps_on_meshes; _steps_on_meshes({str(out)!r})"
+    subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, check=True)
+    results = json.loads(out.read_text())
+    reference = results.pop("data=1")
+    for name, result in results.items():
+        np.testing.assert_allclose(result["losses"], reference["losses"], atol=1e-5, err_msg=name)
+        for key, value in reference["params"].items():
+            np.testing.assert_allclose(result["params"][key], value, atol=1e-5, err_msg=f"{name} {key}")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _losses(workdir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_two_processes_agree_with_one(tmp_path):
+    common = ["run.py", "train", "--config", "tiny", "--steps", "3", "--set", "train.checkpoint_every=3"]
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    procs = [
+        subprocess.Popen([sys.executable, *common, "--workdir", str(tmp_path / "two"),
+                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for i in range(2)
+    ]
+    outputs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    subprocess.run([sys.executable, *common, "--workdir", str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
+    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), atol=1e-5)
+    # the finished multi-process run's model is written by the same command run as one process
+    assert not (tmp_path / "two" / "model").exists()
+    subprocess.run([sys.executable, *common, "--workdir", str(tmp_path / "two")], cwd=ROOT, env=env, check=True)
+    assert (tmp_path / "two" / "model" / "config.json").is_file()
+
+
+# --- checkpoints, resume, faults --------------------------------------------------------------
+
+
+def test_resume_after_a_stop_repeats_the_straight_run_bit_for_bit(tmp_path):
+    common = ["train", "--config", "tiny", "--steps", "6", "--set", "train.checkpoint_every=3"]
+    assert run.main([*common, "--workdir", str(tmp_path / "straight")]) == 0
+    assert run.main([*common, "--workdir", str(tmp_path / "resumed"), "--until", "3"]) == 0
+    assert len(_losses(tmp_path / "resumed")) == 3 and not (tmp_path / "resumed" / "model").exists()
+    assert run.main([*common, "--workdir", str(tmp_path / "resumed")]) == 0
+    assert _losses(tmp_path / "resumed") == _losses(tmp_path / "straight")  # to the last bit
+    records = [json.loads(line) for line in (tmp_path / "straight" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3, 4, 5, 6]
+    assert {"loss", "learning_rate", "tokens_per_second"} <= set(records[0])
+    assert any((tmp_path / "straight" / "tensorboard").iterdir())
+    assert sorted(p.name for p in (tmp_path / "straight" / "checkpoints").iterdir()) == ["3", "6"]
+
+
+class _PoisonedLoader(SyntheticLoader):
+    """Synthetic batches whose second batch has a NaN image."""
+
+    def __next__(self):
+        batch = super().__next__()
+        if self.index == 2:
+            batch["pixel_values"] = np.full_like(batch["pixel_values"], np.nan)
+        return batch
+
+
+def test_a_non_finite_step_is_skipped_or_stops_the_run(tmp_path):
+    experiment = _tiny(steps=3, on_nonfinite="skip", checkpoint_every=1)
+    trainer = Trainer(experiment)
+    loader = _PoisonedLoader(experiment.data, trainer.config)
+    trainer.step(next_batch(loader, 1))
+    before = jax.tree.map(np.asarray, trainer.state["params"])
+    metrics = trainer.step(next_batch(loader, 1))
+    assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.state["params"]), before)
+    assert bool(trainer.step(next_batch(loader, 1))["finite"])
+
+    stopping = dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, on_nonfinite="stop"))
+    with pytest.raises(FloatingPointError, match="step 2: loss nan"):
+        train(stopping, tmp_path, progress=False, loader=_PoisonedLoader(experiment.data, trainer.config))
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # nothing after the fault
+
+
+def test_a_missing_or_mismatched_base_is_an_error_before_any_compile(tmp_path):
+    tiny = configs.load("tiny")
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        training_config(dataclasses.replace(tiny, train=TrainConfig(base=str(tmp_path / "nothing"))))
+    other = tiny.model.replace(text=dataclasses.replace(tiny.model.text, hidden_size=64), lora=None)
+    save_pretrained(EmolaForConditionalGeneration(other, rngs=nnx.Rngs(0)), tmp_path / "base")
+    with pytest.raises(ValueError, match="text.hidden_size: 64 there, 128 here"):
+        training_config(dataclasses.replace(tiny, train=TrainConfig(base=str(tmp_path / "base"))))
+
+
+def test_restoring_over_another_base_is_refused(tmp_path):
+    state = {"step": jnp.int32(1), "params": {"w": jnp.ones(3)}}
+    saver = TrainCheckpoints(tmp_path, keep=2, base="a", fingerprint="aaaa")
+    saver.save(1, state, {"index": 1})
+    saver.wait()
+    saver.close()
+    restorer = TrainCheckpoints(tmp_path, keep=2, base="b", fingerprint="bbbb")
+    with pytest.raises(ValueError, match="fingerprint aaaa"):
+        restorer.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    same = TrainCheckpoints(tmp_path, keep=2, base="a", fingerprint="aaaa")
+    restored, data_state = same.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
+    assert data_state == {"index": 1} and np.asarray(restored["params"]["w"]).tolist() == [1, 1, 1]
