@@ -91,6 +91,8 @@ def _precompute_landmarks(args: argparse.Namespace) -> None:
     from emola_jax.data import precompute
 
     if args.import_npy is not None:
+        if args.onnx is not None:
+            raise ValueError("give --onnx (run a model) or --import-npy (convert .npy files), not both")
         summary = precompute.import_npy(args.annotations, args.import_npy, args.out, progress=not args.no_progress)
     else:
         if args.onnx is None or args.images_root is None:

@@ -4,7 +4,8 @@ Both sides run the same ONNX graph (a small conv net with 2d106det's signature, 
 image, free batch axis) over the same generated JPEGs (face-crop sizes, 260-620 px) with the
 official recipe. The official loop is EmoLA's: per image `cv2.imread`, resize, `session.run` at
 batch 1, `np.save`. Ours decodes in a thread pool and runs batches into one ArrayRecord file. The
-features are checked equal, then the last line is `landmarks_speedup: <ours/official>`.
+features are checked equal; the per-image cost of each part is printed with the speedup that all
+cores could give at most; the last line is `landmarks_speedup: <ours/official>`.
 
     python benchmarks/landmarks_throughput.py [--images 500] [--batch-size 32]
 """
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -85,6 +87,29 @@ def official_loop(records: list[dict], root: Path, graph: Path, out: Path) -> No
         np.save(out / f"{record['id']}.npy", feature)
 
 
+def components(records: list[dict], root: Path, graph: Path) -> tuple[float, float, float]:
+    """Milliseconds per image: decode + resize (one thread), inference at batch 1 with onnxruntime's
+    default threads (as the official loop), inference at batch 32 on one thread."""
+    import onnxruntime
+
+    from emola_jax.data import landmarks
+
+    start = time.perf_counter()
+    batch = np.stack([landmarks.official_array(landmarks.read_bgr(root / r["image"])) for r in records])
+    decode = (time.perf_counter() - start) / len(records) * 1e3
+    timings = []
+    for threads, size in ((0, 1), (1, 32)):
+        options = onnxruntime.SessionOptions()
+        options.intra_op_num_threads = threads
+        session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
+        session.run(None, {"data": batch[:size]})
+        start = time.perf_counter()
+        for i in range(0, len(batch), size):
+            session.run(None, {"data": batch[i:i + size]})
+        timings.append((time.perf_counter() - start) / len(batch) * 1e3)
+    return decode, timings[0], timings[1]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=500)
@@ -110,6 +135,7 @@ def main() -> None:
         ours_s = time.perf_counter() - start
         assert summary.written == len(records) and summary.failed == 0
 
+        parts = components(records[:96], root, graph)
         features = landmark_store.read_landmarks(root / "features.array_record")
         worst = max(float(np.abs(features[r["id"]] - np.load(root / "official" / f"{r['id']}.npy")).max())
                     for r in records)
@@ -121,6 +147,11 @@ def main() -> None:
     print(f"precompute-landmarks (batch {args.batch_size}, thread-pool decode, ArrayRecord): {ours_s:.2f} s  "
           f"{ours_rate:.1f} img/s")
     print(f"max |difference| between the two: {worst:.2e}")
+    decode, batch1, batch32 = parts
+    cores = os.cpu_count() or 1
+    ceiling = (decode + batch1) / ((decode + batch32) / cores)
+    print(f"per image: decode+resize {decode:.2f} ms, inference at batch 1 {batch1:.2f} ms (default threads), "
+          f"at batch 32 {batch32:.2f} ms of one core; ceiling with all {cores} cores busy: {ceiling:.2f}x")
     print(f"landmarks_speedup: {ours_rate / official_rate:.2f}")
 
 

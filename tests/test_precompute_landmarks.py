@@ -62,8 +62,9 @@ def make_images(directory: Path, count: int, seed: int = 1) -> list[dict]:
         pixels = cv2.resize(small, (w, h), interpolation=cv2.INTER_CUBIC)
         name = f"img_{i}.{'png' if i % 3 == 0 else 'jpg'}"
         cv2.imwrite(str(directory / name), pixels)
+        turns = [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]
         records.append({"id": f"r{i}", "image": f"images/{name}", "landmark": f"landmarks/r{i}.npy",
-                        "conversations": [{"from": "human", "value": "<image>\nWhat?"}, {"from": "gpt", "value": "A."}]})
+                        "conversations": turns})
     return records
 
 

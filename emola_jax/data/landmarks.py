@@ -27,13 +27,16 @@ INPUT_SIZE = 192
 RECIPES = ("official", "insightface")
 
 
-def open_session(onnx_path: str | Path, threads: int | None = None):
-    """An onnxruntime CPU session, checked for 2d106det's input signature."""
+def open_session(onnx_path: str | Path, threads: int | None = None, spinning: bool = True):
+    """An onnxruntime CPU session, checked for 2d106det's input signature. `spinning=False` stops
+    idle onnxruntime threads from busy-waiting, which would take cores from image decoding."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
     if threads:
         options.intra_op_num_threads = threads
+    if not spinning:
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     try:
         session = onnxruntime.InferenceSession(str(onnx_path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types

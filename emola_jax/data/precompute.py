@@ -69,8 +69,11 @@ def read_jobs(annotations: Iterable[str | Path], root: str | Path, key: str = "i
                 rid = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
                 raise ValueError(f"{annotation}: record {rid} has no {key!r} path")
             bbox = record.get("bbox")
-            if bbox is not None and (not isinstance(bbox, list) or len(bbox) != 4):
-                raise ValueError(f"{annotation}: record {record['id']}: bbox must be [x1, y1, x2, y2]")
+            if bbox is not None and not (isinstance(bbox, list) and len(bbox) == 4
+                                         and all(isinstance(v, (int, float)) for v in bbox)
+                                         and bbox[2] > bbox[0] and bbox[3] > bbox[1]):
+                raise ValueError(f"{annotation}: record {record['id']}: bbox must be [x1, y1, x2, y2] with x2 > x1, "
+                                 f"y2 > y1")
             job = Job(str(record["id"]), Path(root) / record[key], tuple(map(float, bbox)) if bbox else None)
             seen = jobs.setdefault(job.id, job)
             if seen != job:
@@ -174,14 +177,17 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
 
 
 def _prepare(recipe: str, normalisation: tuple[float, float] | None, job: Job):
+    """The model input of one image, or the reason it has none (a string)."""
+    import cv2
+
     try:
         bgr = landmarks.read_bgr(job.path)
-    except ValueError as err:
+        if recipe == "official":
+            return landmarks.official_array(bgr), None
+        prepared = landmarks.insightface_array(bgr, *normalisation, bbox=job.bbox)
+        return prepared.blob, prepared.inverse
+    except (ValueError, cv2.error) as err:
         return str(err)
-    if recipe == "official":
-        return landmarks.official_array(bgr), None
-    prepared = landmarks.insightface_array(bgr, *normalisation, bbox=job.bbox)
-    return prepared.blob, prepared.inverse
 
 
 def precompute_landmarks(
@@ -196,7 +202,7 @@ def precompute_landmarks(
         raise ValueError("batch size must be at least 1")
     annotations = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
     jobs = read_jobs(annotations, images_root)
-    session = landmarks.open_session(onnx)
+    session = landmarks.open_session(onnx, spinning=False)  # the decoding threads need the cores
     normalisation = landmarks.graph_normalisation(onnx) if recipe == "insightface" else None
     threads = threads or min(8, os.cpu_count() or 1)
 

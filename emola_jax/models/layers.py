@@ -46,6 +46,8 @@ class Linear(nnx.Module):
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         """With `dropout_key`, PEFT's LoRA dropout is applied to the adapter's input (training)."""
+        if x.ndim > 2:  # as one [tokens, in] matrix: the weight gradients are then plain GEMMs
+            return self(x.reshape(-1, x.shape[-1]), dropout_key).reshape(*x.shape[:-1], -1)
         y = x @ self.kernel[...]
         if self.bias is not None:
             y = y + self.bias[...]

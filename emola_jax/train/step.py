@@ -23,7 +23,7 @@ from flax import nnx
 from emola_jax.train.config import TrainConfig
 
 IGNORE_INDEX = -100
-LOSS_CHUNK = 512  # sequence positions whose logits exist at once in the loss
+LOSS_CHUNK_BYTES = 512 << 20  # float32 logits that may exist at once in the loss
 
 
 def learning_rate_for(path: str, trainable: tuple[tuple[str, float | None], ...]) -> float | None:
@@ -93,17 +93,19 @@ def make_optimizer(config: TrainConfig, params: dict) -> tuple[optax.GradientTra
 
 
 def token_cross_entropy(
-    logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array
+    logits_fn: Callable[[jax.Array], jax.Array], hidden: jax.Array, labels: jax.Array, *, recompute: bool = True
 ) -> tuple[jax.Array, jax.Array]:
     """Summed next-token cross-entropy and the number of scored tokens.
 
     hidden `[batch, seq, embed]`, labels `[batch, seq]` aligned with the inputs (position t is
-    scored on predicting labels[t+1]). Logits are made `LOSS_CHUNK` positions at a time and
-    recomputed in the backward pass, so `[batch, seq, vocab]` never exists in memory at once.
+    scored on predicting labels[t+1]). Logits are made a chunk of positions at a time (at most
+    `LOSS_CHUNK_BYTES` of them) and, with `recompute`, made again in the backward pass, so a
+    7B batch's `[batch, seq, vocab]` float32 logits never exist at once.
     """
     targets = jnp.concatenate([labels[:, 1:], jnp.full_like(labels[:, :1], IGNORE_INDEX)], axis=1)
     batch, seq, _ = hidden.shape
-    chunk = min(LOSS_CHUNK, seq)
+    vocab = jax.eval_shape(logits_fn, hidden[:1, :1]).shape[-1]
+    chunk = min(seq, max(16, 1 << int(LOSS_CHUNK_BYTES // (4 * batch * vocab)).bit_length() - 1))
     pad = -seq % chunk
     if pad:
         hidden = jnp.pad(hidden, ((0, 0), (0, pad), (0, 0)))
@@ -111,13 +113,15 @@ def token_cross_entropy(
     hidden = hidden.reshape(batch, -1, chunk, hidden.shape[-1]).swapaxes(0, 1)  # [chunks, batch, chunk, embed]
     targets = targets.reshape(batch, -1, chunk).swapaxes(0, 1)
 
-    @jax.checkpoint
     def chunk_loss(h, t):
         logits = logits_fn(h).astype(jnp.float32)  # [batch, chunk, vocab]
         valid = t != IGNORE_INDEX
         picked = jnp.take_along_axis(logits, jnp.where(valid, t, 0)[..., None], axis=-1)[..., 0]
         losses = jax.nn.logsumexp(logits, axis=-1) - picked
         return jnp.sum(jnp.where(valid, losses, 0.0)), jnp.sum(valid)
+
+    if recompute:
+        chunk_loss = jax.checkpoint(chunk_loss)
 
     def body(totals, xs):
         loss, count = chunk_loss(*xs)
@@ -145,7 +149,7 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State, config: TrainConfi
             batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], batch.get("landmarks"),
             remat=config.remat, attention=attention, dropout_key=dropout_key,
         )
-        return token_cross_entropy(model.logits, hidden, batch["labels"])
+        return token_cross_entropy(model.logits, hidden, batch["labels"], recompute=config.remat != "none")
 
     return loss_fn
 
