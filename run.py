@@ -60,7 +60,7 @@ def _evaluate(args: argparse.Namespace) -> None:
         metrics = evaluate.evaluate_model(
             args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
             protocol=args.protocol, dtype=args.dtype, generation=_generation_config(args, tokenizer),
-            official_prompt=not args.record_prompts,
+            official_prompt=not args.record_prompts, landmarks=args.landmarks,
         )
     print(f"S_re {metrics['s_re']:.2f}  S_ge {metrics['s_ge']:.2f}  S_rege {metrics['s_rege']:.2f}  "
           f"({args.out / 'report.md'})")
@@ -181,12 +181,15 @@ def build_parser() -> argparse.ArgumentParser:
 
     demo = commands.add_parser(
         "demo",
-        help="run the embedded end-to-end example (no download)",
-        description="Convert a tiny random transformers LLaVA, check its logits against PyTorch, and run a tiny "
-        "EmoLA with its facial prior token.",
+        help="run the embedded end-to-end example (no download, a few minutes on a laptop CPU)",
+        description="Build a tiny EmoLA base (a random transformers LLaVA with a tokenizer trained on the spot, "
+        "converted and checked against PyTorch), draw faces whose expressions follow FABA-style emotion and AU "
+        "annotations, precompute their landmark features with a small ONNX graph, train LoRA + the prior projector, "
+        "evaluate REGE on held-out faces, export to transformers and PEFT and check the reloaded logits.",
     )
     demo.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where the demo writes its files")
-    demo.add_argument("--config", default="tiny", help="config name in configs/ or a path (default: tiny)")
+    demo.add_argument("--config", default="tiny", help="config name in configs/ or a path (default: tiny); its "
+                      "model and train sections are used, the base and data are the demo's own")
     demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                       help="override a config field, e.g. --set model.text.num_hidden_layers=4 (repeatable)")
     demo.add_argument("--seed", type=int, default=0, help="random seed")
@@ -204,6 +207,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json)")
     evaluate.add_argument("--images-root", type=Path,
                           help="folder the records' image and landmark paths are relative to (default: --data's)")
+    evaluate.add_argument("--landmarks", type=Path, metavar="FEATURES.array_record",
+                          help="prior features by record id (precompute-landmarks); default: each record's .npy")
     evaluate.add_argument("--record-prompts", action="store_true",
                           help="ask each record's own question instead of the official per-task prompt")
     evaluate.add_argument("--batch-size", type=int, default=8,

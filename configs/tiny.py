@@ -17,8 +17,12 @@ def get_config() -> Experiment:
                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512),
         image_token_id=511,
         prior_position="after",
-        lora=LoRAConfig(rank=8, alpha=16.0),
+        lora=LoRAConfig(rank=16, alpha=32.0),
         dtype="float32",
     )
-    train = TrainConfig(steps=20, checkpoint_every=10, remat="none", log_every=1)
+    # rates for a random tiny base learning drawn faces in a few hundred steps (the demo)
+    trainable = ((r"language_model/.*/lora_[ab]", 2e-3), (r"prior_projector/.*", 2e-3),
+                 (r"multi_modal_projector/.*", 2e-3))
+    train = TrainConfig(steps=300, checkpoint_every=100, remat="none", log_every=1, trainable=trainable,
+                        warmup_ratio=0.05)
     return Experiment(model=model, train=train, data=SyntheticData(batch_size=8, seq_length=64))

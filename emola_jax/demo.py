@@ -1,113 +1,183 @@
-"""`python run.py demo`: the import, generation and evaluation paths on tiny models, no download.
+"""`python run.py demo`: the whole system on a tiny EmoLA, on a laptop CPU, with no download.
 
-1. A tiny `LlavaForConditionalGeneration` with random weights is written the way transformers
-   saves it, converted into an emola-jax checkpoint, loaded, and checked against PyTorch's logits.
-2. A tiny EmoLA (configs/tiny.py) with a tokenizer trained on the spot is saved, and evaluated on a
-   handful of drawn faces with FABA-style annotations: KV-cache generation, predictions.jsonl,
-   REGE metrics and the report. Its weights are untrained, so the scores are at chance level.
+1. A tokenizer is trained on the spot; a tiny random LLaVA-1.5 is saved as transformers saves it,
+   converted, and its logits checked against PyTorch's. It is the frozen base of the run.
+2. Faces are drawn whose brows, eyes and mouth follow FABA-style emotion and AU annotations
+   (training and held-out sets); their prior features come from a small ONNX graph with
+   2d106det's signature, precomputed into an ArrayRecord file.
+3. LoRA, the prior projector and the multi-modal projector are trained on the training faces
+   (`run.py train`'s loop, fed by the grain pipeline).
+4. The trained model is evaluated on the held-out faces with REGE (emotion and AU).
+5. It is exported to transformers and to PEFT, reloaded there, and the logits compared.
+The same steps with real weights are in the README.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import shutil
 import time
 from pathlib import Path
 
-import jax
 import numpy as np
-from flax import nnx
 
-from emola_jax.checkpoint import load_pretrained
 from emola_jax.config import EmolaConfig
-from emola_jax.models import EmolaForConditionalGeneration
 
 
-def _tiny_llava_hf(directory: Path, seed: int):
+def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
+    """A random transformers LLaVA with the shapes of `config`, saved with the tokenizer beside it."""
     import torch
     from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
 
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=3,
-                                       num_attention_heads=4, image_size=56, patch_size=14),
-        text_config=LlamaConfig(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                                num_key_value_heads=2, vocab_size=512, initializer_range=0.1),
-        image_token_index=511,
+    v, t = config.vision, config.text
+    hf_config = LlavaConfig(
+        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
+                                       num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
+                                       image_size=v.image_size, patch_size=v.patch_size),
+        text_config=LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
+                                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
+                                num_key_value_heads=t.num_key_value_heads, vocab_size=t.vocab_size,
+                                max_position_embeddings=t.max_position_embeddings, initializer_range=0.1),
+        image_token_index=config.image_token_id, vision_feature_layer=config.vision_feature_layer,
     )
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(config).eval()
+    model = LlavaForConditionalGeneration(hf_config).eval()
     model.save_pretrained(directory)
+    for file in tokenizer_dir.iterdir():
+        shutil.copy2(file, directory / file.name)
     return model
 
 
-def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
+def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> float:
     import torch
+    from flax import nnx
 
-    model_config: EmolaConfig = experiment.model
+    from emola_jax.checkpoint import load_pretrained
 
-    from converters import convert
-
-    workdir = Path(workdir)
-    workdir.mkdir(parents=True, exist_ok=True)
-    summary = {}
-
-    start = time.perf_counter()
-    reference = _tiny_llava_hf(workdir / "llava-hf", seed)
-    checkpoint = convert(workdir / "llava-hf", workdir / "checkpoint", overwrite=True, progress=False)
     model, config = load_pretrained(checkpoint)
-    rng = np.random.default_rng(seed)
     ids = np.concatenate([[1, 7, 9], np.full(config.image_seq_length, config.image_token_id), rng.integers(3, 500, 8)])
     ids = ids[None].astype(np.int32)
-    pixels = rng.standard_normal((1, 56, 56, 3)).astype(np.float32)
+    size = config.vision.image_size
+    pixels = rng.standard_normal((1, size, size, 3)).astype(np.float32)
     ours = np.asarray(nnx.jit(lambda m, i, p: m(i, p))(model, ids, pixels))
     with torch.no_grad():
         theirs = reference(input_ids=torch.tensor(ids, dtype=torch.long),
                            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2)).logits.numpy()
-    summary["converted_checkpoint"] = str(checkpoint)
-    summary["max_abs_logit_diff_vs_transformers"] = float(np.abs(ours - theirs).max())
-    summary["import_and_check_seconds"] = round(time.perf_counter() - start, 2)
+    return float(np.abs(ours - theirs).max())
 
-    emola = EmolaForConditionalGeneration(model_config, rngs=nnx.Rngs(seed))
-    n_image = model_config.image_seq_length
-    ids = np.concatenate([[1, 5], np.full(n_image, model_config.image_token_id), [6, 7, 8]])[None].astype(np.int32)
-    size = model_config.vision.image_size
-    pixels = rng.standard_normal((1, size, size, 3)).astype(np.float32)
-    landmarks = rng.random((1, model_config.prior_dim)).astype(np.float32)
-    forward = nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))
-    logits = forward(emola, ids, pixels, landmarks)
-    summary["emola_logits_shape"] = tuple(logits.shape)
-    summary["emola_image_side_tokens"] = (
-        f"{model_config.num_visual_tokens} visual + prior token {model_config.prior_position}"
-    )
-    summary["lora_parameters"] = int(sum(x.size for x in jax.tree.leaves(nnx.state(emola, nnx.LoRAParam))))
 
-    from emola_jax.checkpoint import save_pretrained
+def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path, eval_file: Path,
+                   features: Path) -> tuple[float, float]:
+    """Largest logit difference of the transformers export and of PEFT over the unmerged base,
+    against this project's model, on a held-out face with its prior token."""
+    import torch
+    from flax import nnx
+    from peft import PeftModel
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+
+    from converters.prior_token import logits_with_prior
+    from emola_jax.checkpoint import load_pretrained
+    from emola_jax.data import conversation, image
+    from emola_jax.data.drawn_faces import EMOTION_PROMPT
+    from emola_jax.data.landmark_store import read_landmarks
+
+    model, config = load_pretrained(model_dir)
+    record = json.loads(eval_file.read_text())[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_PROMPT),
+                                           config.image_token_id, config.image_seq_length)[None]
+    pixels = image.clip_preprocess(image.load_image(eval_file.parent / record["image"]), config.vision.image_size)[None]
+    landmarks = read_landmarks(features)[record["id"]][None]
+    mask = np.ones_like(ids)
+    ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids, pixels, landmarks))
+    torch_ids = ids.astype(np.int64)
+    hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    merged = logits_with_prior(hf, hf_dir / "prior_projector.safetensors", torch_ids, pixels, landmarks, mask)
+    with torch.no_grad():
+        peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
+    adapted = logits_with_prior(peft.eval(), hf_dir / "prior_projector.safetensors", torch_ids, pixels, landmarks,
+                                mask)
+    return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
+
+
+def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
+    """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary."""
+    from converters import convert, export
+    from emola_jax.data import drawn_faces, landmarks
+    from emola_jax.data.pipeline import PipelineConfig
+    from emola_jax.data.precompute import precompute_landmarks
     from emola_jax.eval.evaluate import evaluate_model
     from emola_jax.generate import GenerationConfig
+    from emola_jax.train.loop import train
 
-    tokenizer = _train_tokenizer(workdir / "tokenizer", vocab_size=model_config.text.vocab_size - 1)
-    checkpoint = save_pretrained(emola, workdir / "emola-tiny", overwrite=True,
-                                 tokenizer_files=sorted((workdir / "tokenizer").iterdir()))
-    annotations = _draw_faces(workdir / "faces", size=model_config.vision.image_size, rng=rng)
-    shutil.rmtree(workdir / "evaluation", ignore_errors=True)  # the demo's own output: start afresh
-    metrics = evaluate_model(
-        checkpoint, annotations, "emotion", workdir / "evaluation", batch_size=4, progress=False,
-        generation=GenerationConfig(max_new_tokens=24, eos_token_id=tokenizer.eos_token_id,
-                                    pad_token_id=tokenizer.pad_token_id),
-    )
-    summary["untrained_emotion_rege"] = (
-        f"S_re {metrics['s_re']:.1f}  S_ge {metrics['s_ge']:.1f}  S_rege {metrics['s_rege']:.1f} (chance level)"
-    )
-    summary["evaluation_report"] = str(workdir / "evaluation" / "report.md")
+    workdir = Path(workdir).absolute()
+    for stale in ("run", "evaluation", "export"):
+        shutil.rmtree(workdir / stale, ignore_errors=True)
+    workdir.mkdir(parents=True, exist_ok=True)
+    config: EmolaConfig = experiment.model
+    rng = np.random.default_rng(seed)
+    summary: dict = {}
+    clock = time.perf_counter()
+
+    def lap(name: str) -> None:
+        nonlocal clock
+        now = time.perf_counter()
+        summary[f"seconds_{name}"] = round(now - clock, 1)
+        clock = now
+
+    # 1. tokenizer, base model, import check
+    tokenizer = _train_tokenizer(workdir / "tokenizer", vocab_size=config.text.vocab_size - 1)
+    reference = _tiny_llava_hf(workdir / "llava-hf", config, workdir / "tokenizer", seed)
+    base = convert(workdir / "llava-hf", workdir / "base", overwrite=True, progress=False)
+    summary["base_checkpoint"] = str(base)
+    summary["max_abs_logit_diff_vs_transformers"] = _check_import(reference, base, rng)
+    lap("import")
+
+    # 2. faces and their prior features
+    files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=40, eval_per_emotion=4, seed=seed,
+                                      size=4 * config.vision.image_size)
+    graph = landmarks.toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
+    features = workdir / "faces" / "landmarks.array_record"
+    features.unlink(missing_ok=True)
+    precompute_landmarks(list(files.values()), workdir / "faces", graph, features, progress=False)
+    summary["faces"] = f"{workdir / 'faces'} ({len(json.loads(files['train_emotion'].read_text()))} training, " \
+                       f"{len(json.loads(files['eval_emotion'].read_text()))} held-out)"
+    lap("data")
+
+    # 3. training
+    data = PipelineConfig(annotations=(str(files["train_emotion"]), str(files["train_au"])),
+                          images_root=str(workdir / "faces"), landmarks=str(features), max_length=256,
+                          length_buckets=(128, 192, 256), batch_size=16, seed=seed, worker_count=0)
+    experiment = dataclasses.replace(experiment, data=data,
+                                     train=dataclasses.replace(experiment.train, base=str(base)))
+    result = train(experiment, workdir / "run", progress=False)
+    summary["train_loss"] = f"{result['first_loss']:.3f} (step 1) -> {result['last_loss']:.3f} (step {result['steps']})"
+    summary["trained_model"] = result["model"]
+    lap("train")
+
+    # 4. evaluation on the held-out faces
+    generation = GenerationConfig(max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
+                                  pad_token_id=tokenizer.pad_token_id)
+    for task in ("emotion", "au"):
+        metrics = evaluate_model(result["model"], files[f"eval_{task}"], task, workdir / "evaluation" / task,
+                                 batch_size=14, progress=False, generation=generation, landmarks=features)
+        recognition = f"accuracy {metrics['accuracy']:.1f}%" if task == "emotion" else f"mean F1 {metrics['s_re']:.1f}"
+        summary[f"rege_{task}"] = (f"S_re {metrics['s_re']:.1f}  S_ge {metrics['s_ge']:.1f}  "
+                                   f"S_rege {metrics['s_rege']:.1f}  ({recognition})")
+    summary["evaluation_reports"] = str(workdir / "evaluation" / "{emotion,au}" / "report.md")
+    lap("evaluate")
+
+    # 5. export to PyTorch and reload
+    hf_dir = export(result["model"], workdir / "export" / "hf", fmt="hf", progress=False)
+    base_dir = export(result["model"], workdir / "export" / "hf-base", fmt="hf", merge=False, progress=False)
+    peft_dir = export(result["model"], workdir / "export" / "peft", fmt="peft", progress=False)
+    merged_diff, peft_diff = _check_exports(Path(result["model"]), hf_dir, base_dir, peft_dir,
+                                            files["eval_emotion"], features)
+    summary["export_transformers"] = f"{hf_dir} (max |logit diff| {merged_diff:.1e})"
+    summary["export_peft"] = f"{peft_dir} over {base_dir} (max |logit diff| {peft_diff:.1e})"
+    lap("export")
     return summary
-
-
-EMOTIONS = ("happiness", "sadness", "surprise", "anger", "neutral", "disgust", "fear")
-DESCRIPTIONS = {
-    0: "The person looks happy, with a broad smile and relaxed eyes.",
-    1: "The person looks sad, with the mouth corners pulled down.",
-    2: "The person looks surprised, with raised brows and an open mouth.",
-    3: "The person looks angry, with lowered brows and a tight mouth.",
-}
 
 
 def _train_tokenizer(directory: Path, vocab_size: int):
@@ -115,9 +185,13 @@ def _train_tokenizer(directory: Path, vocab_size: int):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
+    from emola_jax.data import drawn_faces
     from emola_jax.data.conversation import SYSTEM
+    from emola_jax.eval.faba import EMOTIONS
 
-    corpus = [SYSTEM, "USER: ASSISTANT:", "What emotions are conveyed by this face?", *DESCRIPTIONS.values()]
+    answers = [drawn_faces.describe_emotion(e) for e in EMOTIONS]
+    answers += [drawn_faces.describe_aus(e) for e in EMOTIONS if drawn_faces.EMOTION_AUS[e]]
+    corpus = [SYSTEM, "USER: ASSISTANT:", drawn_faces.EMOTION_PROMPT, drawn_faces.AU_PROMPT, *answers]
     tok = Tokenizer(models.BPE(unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -131,41 +205,3 @@ def _train_tokenizer(directory: Path, vocab_size: int):
     return fast
 
 
-def _draw_faces(directory: Path, size: int, rng: np.random.Generator) -> Path:
-    """Simple faces whose mouth and brows follow the emotion, with FABA-style annotations."""
-    import json
-
-    from PIL import Image, ImageDraw
-
-    directory.mkdir(parents=True, exist_ok=True)
-    records = []
-    for i in range(8):
-        label = i % len(DESCRIPTIONS)
-        image = Image.new("RGB", (4 * size, 4 * size), (235, 225, 210))
-        draw = ImageDraw.Draw(image)
-        s = 4 * size
-        draw.ellipse((0.15 * s, 0.1 * s, 0.85 * s, 0.9 * s), fill=(240, 200, 170), outline=(90, 60, 40), width=3)
-        for x in (0.35, 0.65):
-            draw.ellipse(((x - 0.05) * s, 0.38 * s, (x + 0.05) * s, 0.46 * s), fill=(40, 30, 30))
-            tilt = {0: 0.0, 1: 0.03, 2: -0.04, 3: -0.03}[label] * (1 if x < 0.5 else -1)
-            draw.line(((x - 0.08) * s, (0.3 + tilt) * s, (x + 0.08) * s, (0.3 - tilt) * s), fill=(60, 40, 30), width=4)
-        mouth = (0.35 * s, 0.6 * s, 0.65 * s, 0.75 * s)
-        if label == 0:
-            draw.arc(mouth, 20, 160, fill=(150, 40, 40), width=5)
-        elif label == 1:
-            frown = (mouth[0], mouth[1] + 0.08 * s, mouth[2], mouth[3] + 0.08 * s)
-            draw.arc(frown, 200, 340, fill=(150, 40, 40), width=5)
-        elif label == 2:
-            draw.ellipse((0.44 * s, 0.6 * s, 0.56 * s, 0.76 * s), fill=(120, 30, 30))
-        else:
-            draw.line((0.38 * s, 0.68 * s, 0.62 * s, 0.68 * s), fill=(150, 40, 40), width=5)
-        image.save(directory / f"face_{i}.png")
-        np.save(directory / f"face_{i}.npy", rng.random(212).astype(np.float32))
-        records.append({
-            "id": f"face_{i}", "image": f"face_{i}.png", "landmark": f"face_{i}.npy", "label": label,
-            "conversations": [{"from": "human", "value": "<image>\nWhat emotions are conveyed by this face?"},
-                              {"from": "gpt", "value": DESCRIPTIONS[label]}],
-            "gpt4": DESCRIPTIONS[label],
-        })
-    (directory / "eval_emotion_anno.json").write_text(json.dumps(records, indent=1))
-    return directory / "eval_emotion_anno.json"

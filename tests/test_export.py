@@ -13,6 +13,7 @@ from transformers import LlavaForConditionalGeneration
 
 import emola_jax
 from converters import convert, export, exporter, formats
+from converters.prior_token import logits_with_prior
 from converters.readers import TensorStore, weight_files
 from emola_jax.checkpoint import save_pretrained
 from emola_jax.config import LoRAConfig
@@ -59,25 +60,6 @@ def _emola_inputs(config):
     ids = np.where(ids == ref.IMAGE_TOKEN, -200, ids)  # LLaVA's own placeholder id
     landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
     return ids, pixels, mask, landmarks
-
-
-def _logits_with_prior(model, prior_file, ids, pixels, landmarks, mask) -> np.ndarray:
-    """The README's recipe: prior token from the landmarks, spliced after the visual tokens, fed as inputs_embeds."""
-    prior = load_file(prior_file)
-    input_ids, mask = torch.tensor(ids), torch.tensor(mask)
-    with torch.no_grad():
-        h = torch.nn.functional.gelu(torch.nn.functional.linear(
-            torch.tensor(landmarks), prior["linear_1.weight"], prior["linear_1.bias"]))
-        prior_token = torch.nn.functional.linear(h, prior["linear_2.weight"], prior["linear_2.bias"])[:, None]
-        llava = model.get_base_model() if isinstance(model, PeftModel) else model
-        visual = torch.stack(llava.model.get_image_features(
-            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2), return_dict=True).pooler_output)
-        image_side = torch.cat([visual, prior_token], dim=1)
-        is_image = input_ids == llava.config.image_token_id
-        embeds = model.get_input_embeddings()(torch.where(is_image, 0, input_ids))
-        embeds[is_image] = image_side.reshape(-1, image_side.shape[-1]).to(embeds.dtype)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits.float().numpy()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -221,13 +203,13 @@ def test_emola_to_hf_with_prior_token_and_peft_match_the_model(emola_run, emola_
     out = export(emola_ckpt, tmp_path / "hf", progress=False)
     prior_file = out / exporter.PRIOR_PROJECTOR_FILE
     assert sorted(load_file(prior_file)) == ["linear_1.bias", "linear_1.weight", "linear_2.bias", "linear_2.weight"]
-    got = _logits_with_prior(_load_hf(out), prior_file, ids, pixels, landmarks, mask)
+    got = logits_with_prior(_load_hf(out), prior_file, ids, pixels, landmarks, mask)
     np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
 
     base = export(emola_ckpt, tmp_path / "base", merge=False, progress=False)
     adapter = export(emola_ckpt, tmp_path / "peft", fmt="peft", progress=False)
     peft = PeftModel.from_pretrained(_load_hf(base), adapter).eval()
-    got = _logits_with_prior(peft, base / exporter.PRIOR_PROJECTOR_FILE, ids, pixels, landmarks, mask)
+    got = logits_with_prior(peft, base / exporter.PRIOR_PROJECTOR_FILE, ids, pixels, landmarks, mask)
     np.testing.assert_allclose(got[valid], expected[valid], atol=TOL, rtol=0)
 
 

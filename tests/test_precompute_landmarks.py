@@ -8,47 +8,13 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-import onnx
 import onnxruntime
 import pytest
-from onnx import TensorProto, helper
 
 from emola_jax.data import landmark_store, landmarks, precompute
+from emola_jax.data.landmarks import toy_landmark_graph
 
 ROOT = Path(__file__).resolve().parent.parent
-
-
-def landmark_graph(path: Path, batch: int | str = 1, normalises_inside: bool = False) -> Path:
-    """`[batch, 3, 192, 192] -> [batch, 212]`: 16x16 average pooling, a dense layer, tanh.
-    Unlike a global mean, the output depends on where things are, so crop and resize matter.
-    `normalises_inside` puts `_minus`/`_mul` nodes first, as mxnet-converted 2d106det graphs have."""
-    rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((432, 212)) * 0.05).astype(np.float32)
-    bias = (rng.standard_normal(212) * 0.1).astype(np.float32)
-    nodes, first = [], "data"
-    inits = [helper.make_tensor("w", TensorProto.FLOAT, [432, 212], weight.ravel()),
-             helper.make_tensor("b", TensorProto.FLOAT, [212], bias),
-             helper.make_tensor("shape", TensorProto.INT64, [2], [0, -1])]
-    if normalises_inside:
-        inits += [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
-                  helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
-        nodes += [helper.make_node("Sub", ["data", "half"], ["centred"], name="_minus0"),
-                  helper.make_node("Mul", ["centred", "two"], ["scaled"], name="_mul0")]
-        first = "scaled"
-    nodes += [
-        helper.make_node("AveragePool", [first], ["pooled"], kernel_shape=[16, 16], strides=[16, 16], name="pool"),
-        helper.make_node("Reshape", ["pooled", "shape"], ["flat"], name="flatten"),
-        helper.make_node("MatMul", ["flat", "w"], ["projected"], name="fc"),
-        helper.make_node("Add", ["projected", "b"], ["biased"], name="fc_bias"),
-        helper.make_node("Tanh", ["biased"], ["fc1"], name="squash"),
-    ]
-    graph = helper.make_graph(
-        nodes, "landmark_106",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3, 192, 192])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [batch, 212])], inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), path)
-    return path
 
 
 def make_images(directory: Path, count: int, seed: int = 1) -> list[dict]:
@@ -106,7 +72,7 @@ def dataset(tmp_path):
 @pytest.mark.parametrize("batch", [1, "N"])
 def test_official_recipe_matches_batch_one_loop(dataset, batch):
     root, records = dataset
-    graph = landmark_graph(root / f"g_{batch}.onnx", batch)
+    graph = toy_landmark_graph(root / f"g_{batch}.onnx", batch)
     out = root / "features.array_record"
     summary = precompute.precompute_landmarks(root / "anno.json", root, graph, out, batch_size=4, progress=False)
     assert (summary.written, summary.skipped, summary.failed) == (10, 0, 0)
@@ -123,7 +89,7 @@ def test_insightface_recipe_by_hand(dataset, normalises_inside):
     root, records = dataset
     records[1]["bbox"] = [10, 20, 70, 100]  # a face box; the others use the whole image
     (root / "anno.json").write_text(json.dumps(records))
-    graph = landmark_graph(root / "g.onnx", "N", normalises_inside)
+    graph = toy_landmark_graph(root / "g.onnx", "N", normalises_inside)
     mean, std = (0.0, 1.0) if normalises_inside else (127.5, 128.0)
     assert landmarks.graph_normalisation(graph) == (mean, std)
     out = root / "features.array_record"
@@ -143,7 +109,7 @@ def test_insightface_recipe_matches_the_library(dataset):
 
     root, records = dataset
     for normalises_inside in (False, True):
-        graph = landmark_graph(root / f"g{normalises_inside}.onnx", 1, normalises_inside)
+        graph = toy_landmark_graph(root / f"g{normalises_inside}.onnx", 1, normalises_inside)
         out = root / f"f{normalises_inside}.array_record"
         precompute.precompute_landmarks(root / "anno.json", root, graph, out, recipe="insightface", progress=False)
         got = landmark_store.read_landmarks(out)
@@ -169,8 +135,8 @@ def test_bad_images_are_listed_and_skipped(dataset):
     records += [{"id": key, "image": f"images/{name}"} for key, name in bad.items()]
     (root / "anno.json").write_text(json.dumps(records))
     out = root / "features.array_record"
-    summary = precompute.precompute_landmarks(root / "anno.json", root, landmark_graph(root / "g.onnx", "N"), out,
-                                              batch_size=4, progress=False)
+    graph = toy_landmark_graph(root / "g.onnx", "N")
+    summary = precompute.precompute_landmarks(root / "anno.json", root, graph, out, batch_size=4, progress=False)
     assert (summary.written, summary.skipped, summary.failed) == (10, 0, 5)
     assert set(landmark_store.read_landmarks(out)) == {f"r{i}" for i in range(10)}
     errors = [json.loads(line) for line in summary.errors.read_text().splitlines()]
@@ -185,7 +151,7 @@ def test_bad_images_are_listed_and_skipped(dataset):
 
 def test_killed_run_resumes_without_loss(dataset, monkeypatch):
     root, records = dataset
-    graph = landmark_graph(root / "g.onnx", "N")
+    graph = toy_landmark_graph(root / "g.onnx", "N")
     out = root / "features.array_record"
     calls = []
     real = landmarks.run_session

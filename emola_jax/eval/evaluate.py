@@ -22,6 +22,7 @@ from tqdm import tqdm
 
 from emola_jax.checkpoint import TOKENIZER_DIR, load_pretrained
 from emola_jax.data import conversation, faba, image
+from emola_jax.data.landmark_store import LandmarkTable
 from emola_jax.eval import report
 from emola_jax.eval.faba import Sample
 from emola_jax.generate import GenerationConfig, generate
@@ -81,7 +82,11 @@ def left_pad(rows: list[np.ndarray], pad_id: int, length: int) -> tuple[np.ndarr
 class Evaluator:
     """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
 
-    def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None):
+    def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None,
+                 landmarks: str | Path | None = None):
+        """`landmarks`: an ArrayRecord file of prior features by record id (`precompute-landmarks`);
+        without it, each record's own `.npy` file (the official layout) is read."""
+        self.landmarks = LandmarkTable.open(landmarks) if landmarks is not None else None
         # devices grouped by process, so that process p's rows are the p-th slice of the batch
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.asarray(devices), ("data",))
@@ -104,7 +109,9 @@ class Evaluator:
         ids, mask = left_pad([self.tokens(r.question) for r in records], self.generation.pad_token_id, length)
         pixels = np.stack([image.clip_preprocess(image.load_image(r.image), size) for r in records])
         landmarks = (
-            np.stack([faba.load_landmarks(r) for r in records]) if self.config.prior_position != "off" else None
+            np.stack([self.landmarks.get(r.id) if self.landmarks is not None else faba.load_landmarks(r)
+                      for r in records])
+            if self.config.prior_position != "off" else None
         )
         return ids, pixels, mask, landmarks
 
@@ -152,7 +159,7 @@ def evaluate_model(
     checkpoint: str | Path, annotations: str | Path, task: str, out: str | Path, *,
     images_root: str | Path | None = None, batch_size: int = 8, protocol: str = "official",
     dtype: str = "float32", generation: GenerationConfig | None = None, progress: bool = True,
-    official_prompt: bool = True,
+    official_prompt: bool = True, landmarks: str | Path | None = None,
 ) -> dict:
     """Predictions for every record of `annotations` (resuming), then metrics and report.
 
@@ -171,7 +178,7 @@ def evaluate_model(
     if jax.process_count() > 1:
         done_count = int(multihost_utils.broadcast_one_to_all(np.int32(done_count)))
     todo = records[done_count:]
-    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation) if todo else None
+    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, landmarks=landmarks) if todo else None
     if evaluator is not None:
         # every process takes the same number of rows; the global batch is a multiple of the devices
         global_batch = -(-batch_size // jax.device_count()) * jax.device_count()

@@ -49,7 +49,7 @@ def make_loader(experiment: Experiment, config: EmolaConfig):
     if experiment.train.base is None:
         raise ValueError("training on records needs train.base: its tokenizer turns the conversations into ids")
     tokenizer = load_tokenizer(experiment.train.base)
-    return pipeline.make_train_loader(data, tokenizer, config, index, count)
+    return iter(pipeline.make_train_loader(data, tokenizer, config, index, count))
 
 
 def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
