@@ -10,6 +10,7 @@ Paths are relative to the working directory; point them elsewhere with --set.
 import dataclasses
 
 from emola_jax.config import EmolaConfig, LoRAConfig, TextConfig, VisionConfig
+from emola_jax.data.pipeline import PipelineConfig
 from emola_jax.train.config import Experiment, TrainConfig
 
 FABA = "data/FABA-Instruct"
@@ -30,7 +31,12 @@ def get_config() -> Experiment:
         base="checkpoints/llava-1.5-7b",  # python run.py convert llava-hf/llava-1.5-7b-hf checkpoints/llava-1.5-7b
         steps=552, remat="full", checkpoint_every=100, keep_checkpoints=3,
     )
-    return Experiment(model=model, train=train, data=None)
+    data = PipelineConfig(
+        annotations=(f"{FABA}/train/train_emotion_anno.json", f"{FABA}/train/train_au_anno.json"),
+        images_root=FABA, landmarks="data/faba_landmarks.array_record",  # python run.py precompute-landmarks ...
+        max_length=2048, batch_size=64, pad_to_square=True, seed=0,
+    )
+    return Experiment(model=model, train=train, data=data)
 
 
 def without_prior(experiment: Experiment) -> Experiment:

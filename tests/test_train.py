@@ -31,7 +31,7 @@ from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.sharding import MeshConfig, logical_axes, make_mesh, partition_spec
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints
-from emola_jax.train.config import Experiment, TrainConfig
+from emola_jax.train.config import EMOLA_TRAINABLE, Experiment, TrainConfig
 from emola_jax.train.init import training_config
 from emola_jax.train.loop import Trainer, next_batch, train
 from tests import reference as ref
@@ -122,7 +122,7 @@ def test_loss_and_lora_gradients_match_peft(llava_base, attention):
 
 
 def test_trainable_groups_schedules_and_optimizer_state_cover_only_the_trainable_tree():
-    experiment = _tiny(steps=100, warmup_ratio=0.1)
+    experiment = _tiny(steps=100, warmup_ratio=0.1, trainable=EMOLA_TRAINABLE)
     model = EmolaForConditionalGeneration(experiment.model, rngs=nnx.Rngs(0))
     _, template, params, frozen = train_step.split_trainable(model, experiment.train)
     names = {"/".join(k.key for k in p) for p, _ in jax.tree_util.tree_flatten_with_path(params)[0]}
@@ -169,7 +169,7 @@ def _steps_on_meshes(out: str) -> None:
     results = {}
     for name, mesh in {"data=1": MeshConfig(data=1), "data=8": MeshConfig(data=8),
                        "data=2,fsdp=2,tensor=2": MeshConfig(data=2, fsdp=2, tensor=2)}.items():
-        experiment = _tiny(mesh=mesh)
+        experiment = _tiny(mesh=mesh, trainable=EMOLA_TRAINABLE)  # EmoLA's learning rates
         trainer = Trainer(experiment)
         loader = SyntheticLoader(experiment.data, trainer.config)
         losses = [float(trainer.step(next_batch(loader, 1))["loss"]) for _ in range(3)]

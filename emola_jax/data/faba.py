@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emola_jax.config import LANDMARK_DIM
+from emola_jax.data.landmark_store import read_npy
 
 
 @dataclasses.dataclass(frozen=True)
@@ -60,11 +60,4 @@ def load_landmarks(record: EvalRecord) -> np.ndarray:
     """The 212-d prior feature of a record, from its official `.npy` file."""
     if record.landmark is None:
         raise ValueError(f"record {record.id} has no landmark file")
-    try:
-        feature = np.load(record.landmark).astype(np.float32).reshape(-1)
-    except (OSError, ValueError) as err:
-        raise ValueError(f"record {record.id}: landmark file {record.landmark} could not be read: {err}") from err
-    if feature.shape != (LANDMARK_DIM,):
-        raise ValueError(f"record {record.id}: landmark file {record.landmark} holds {feature.size} values, "
-                         f"not {LANDMARK_DIM}")
-    return feature
+    return read_npy(record.landmark, record.id)

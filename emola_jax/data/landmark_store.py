@@ -151,3 +151,14 @@ class LandmarkTable:
         if record_id not in self.index:
             raise KeyError(f"record {record_id} has no landmark feature in {self.source}")
         return self.array[self.index[record_id]]
+
+
+def read_npy(path: str | Path, record_id: str, error: type[Exception] = ValueError) -> np.ndarray:
+    """One official `.npy` prior feature (212 values), or `error` naming the record and the file."""
+    try:
+        feature = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
+    except (OSError, ValueError, EOFError) as err:
+        raise error(f"record {record_id}: landmark file {path} could not be read: {err}") from None
+    if feature.shape != (LANDMARK_DIM,):
+        raise error(f"record {record_id}: landmark file {path} holds {feature.size} values, not {LANDMARK_DIM}")
+    return feature

@@ -33,7 +33,7 @@ import numpy as np
 from emola_jax.config import LANDMARK_DIM, EmolaConfig
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
-from emola_jax.data.landmark_store import LandmarkTable
+from emola_jax.data.landmark_store import LandmarkTable, read_npy
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "landmarks")
@@ -227,14 +227,7 @@ def _landmark(rid: str, record: dict, root: Path, table: LandmarkTable | None) -
         return table.get(rid)
     if not isinstance(record.get("landmark"), str):
         raise BadRecord(f"record {rid} has no landmark path (and no landmark ArrayRecord file was given)")
-    path = root / record["landmark"]
-    try:
-        feature = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
-    except (OSError, ValueError, EOFError) as err:
-        raise BadRecord(f"record {rid}: landmark file {path} could not be read: {err}") from None
-    if feature.shape != (LANDMARK_DIM,):
-        raise BadRecord(f"record {rid}: landmark file {path} holds {feature.size} values, not {LANDMARK_DIM}")
-    return feature
+    return read_npy(root / record["landmark"], rid, BadRecord)
 
 
 def _check_length(rid: str, ids: np.ndarray, model_config: EmolaConfig, config: PipelineConfig) -> None:

@@ -32,7 +32,7 @@ import tensorflow_datasets as tfds
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import instructions
 from emola_jax.data.conversation import BadRecord, conversation_turns
-from emola_jax.data.landmark_store import LandmarkTable
+from emola_jax.data.landmark_store import LandmarkTable, read_npy
 from emola_jax.data.landmarks import check_complete
 
 log = logging.getLogger(__name__)
@@ -122,14 +122,7 @@ class InstructionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                 raise BadRecord(f"record {rid} has no landmark feature in {self._table.source}")
             return self._table.get(rid), True
         if isinstance(record.get("landmark"), str):
-            path = root / record["landmark"]
-            try:
-                feature = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
-            except (OSError, ValueError, EOFError) as err:
-                raise BadRecord(f"record {rid}: landmark file {path} could not be read: {err}") from None
-            if feature.shape != (LANDMARK_DIM,):
-                raise BadRecord(f"record {rid}: landmark file {path} holds {feature.size} values")
-            return feature, True
+            return read_npy(root / record["landmark"], rid, BadRecord), True
         return np.zeros(LANDMARK_DIM, np.float32), False
 
 
