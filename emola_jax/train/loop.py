@@ -28,7 +28,7 @@ from emola_jax.sharding import global_batch, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fingerprint
 from emola_jax.train.config import Experiment
-from emola_jax.train.init import build_model
+from emola_jax.train.init import build_model, training_config
 from emola_jax.train.metrics import MetricsWriter
 
 FINAL_MODEL = "model"
@@ -121,6 +121,7 @@ def train(
     checkpoint in `workdir`. Returns a summary (first and last loss, steps, where things are).
     `loader` replaces the config's data (any iterator with `get_state`/`set_state`)."""
     cfg = experiment.train
+    training_config(experiment)  # a missing or mismatched base: an error before anything else
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     fingerprint = base_fingerprint(cfg.base) if cfg.base is not None else None
