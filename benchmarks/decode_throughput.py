@@ -29,26 +29,21 @@ def main() -> None:
     args = parser.parse_args()
 
     import jax
+    import midsize
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     import emola_jax
     from converters import convert
     from emola_jax.generate import GenerationConfig, generate
 
     torch.manual_seed(0)
-    config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                       num_attention_heads=4, image_size=224, patch_size=14),
-        text_config=LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                                num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
-        image_token_index=31999,
-    )
+    config = midsize.llava_config()
     reference = LlavaForConditionalGeneration(config).eval()
     image_tokens = 256
     rng = np.random.default_rng(0)
     text = rng.integers(3, 31000, (args.batch, 512 - image_tokens))
-    ids = np.concatenate([text[:, :8], np.full((args.batch, image_tokens), 31999), text[:, 8:]], axis=1)
+    ids = np.concatenate([text[:, :8], np.full((args.batch, image_tokens), midsize.IMAGE_TOKEN), text[:, 8:]], axis=1)
     mask = np.ones_like(ids)
     pixels = rng.standard_normal((args.batch, 224, 224, 3)).astype(np.float32)
 

@@ -68,9 +68,10 @@ def _time_jax(experiment, steps: int) -> tuple[float, float]:
 
 
 def cpu(args) -> None:
+    import midsize
     import torch
     from peft import LoraConfig, get_peft_model
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from converters import convert
     from emola_jax.checkpoint import load_config
@@ -79,13 +80,7 @@ def cpu(args) -> None:
 
     torch.manual_seed(0)
     torch.set_num_threads(args.threads)
-    hf_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=256, intermediate_size=1024, num_hidden_layers=4,
-                                       num_attention_heads=4, image_size=224, patch_size=14),
-        text_config=LlamaConfig(hidden_size=1024, intermediate_size=2816, num_hidden_layers=8, num_attention_heads=16,
-                                num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048),
-        image_token_index=31999,
-    )
+    hf_config = midsize.llava_config()
     reference = LlavaForConditionalGeneration(hf_config)
     with tempfile.TemporaryDirectory() as tmp:
         reference.save_pretrained(Path(tmp) / "hf")

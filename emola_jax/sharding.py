@@ -17,6 +17,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emola_jax.checkpoint import is_stacked
+
 MESH_AXES = ("data", "fsdp", "tensor")
 
 # logical axis -> mesh axes (None: replicated)
@@ -123,8 +125,6 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh)
 
 
 def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
-    from emola_jax.checkpoint import is_stacked
-
     path = tuple(str(p) for p in path)
     return NamedSharding(mesh, partition_spec(logical_axes(path, len(shape), is_stacked(path)), shape, mesh))
 
