@@ -33,7 +33,8 @@ def make_batch(config: SyntheticData, model: EmolaConfig, index: int) -> dict[st
     ids = rng.integers(2, vocab, size=(batch, seq), dtype=np.int32)
     ids[:, 0] = 1
     ids[:, 1:1 + image_tokens] = model.image_token_id
-    lengths = rng.integers(seq * 3 // 4, seq + 1, size=batch)  # right padding of up to a quarter
+    # right padding of up to a quarter, never into the image's placeholders
+    lengths = rng.integers(max(seq * 3 // 4, image_tokens + 2), seq + 1, size=batch)
     mask = (np.arange(seq)[None, :] < lengths[:, None]).astype(np.int32)
     labels = np.where(mask.astype(bool), ids, IGNORE_INDEX).astype(np.int32)
     answer_start = (lengths * (1 - config.answer_fraction)).astype(int)
