@@ -118,6 +118,49 @@ def test_loss_and_lora_gradients_match_peft(llava_base, attention):
     assert checked == 2 * len(LORA_TARGETS) * llava.config.text_config.num_hidden_layers
 
 
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_loss_skips_unscored_chunks_and_equals_the_full_logits_loss(monkeypatch, head_trains):
+    monkeypatch.setattr(train_step, "LOSS_CHUNK_POSITIONS", 16)
+    batch, seq, embed, vocab = 3, 70, 8, 50
+    rng = np.random.default_rng(0)
+    hidden = jnp.asarray(rng.standard_normal((batch, seq, embed)), jnp.float32)
+    head = jnp.asarray(rng.standard_normal((embed, vocab)), jnp.float32)
+    labels = np.full((batch, seq), train_step.IGNORE_INDEX, np.int32)
+    labels[0, 40:47] = rng.integers(0, vocab, 7)  # one answer
+    labels[1, 10:13] = rng.integers(0, vocab, 3)  # two turns
+    labels[1, 60:70] = rng.integers(0, vocab, 10)
+    labels = jnp.asarray(labels)  # row 2 scores nothing
+
+    def expected(hidden, head):
+        logits = hidden[:, :-1] @ head
+        targets = labels[:, 1:]
+        valid = targets != train_step.IGNORE_INDEX
+        picked = jnp.take_along_axis(logits, jnp.where(valid, targets, 0)[..., None], axis=-1)[..., 0]
+        return jnp.sum(jnp.where(valid, jax.nn.logsumexp(logits, axis=-1) - picked, 0.0)), jnp.sum(valid)
+
+    calls = []
+
+    def ours(hidden, head):
+        return train_step.token_cross_entropy(lambda h: calls.append(h.shape) or h @ head, hidden, labels)
+
+    (loss, count), (want, want_count) = ours(hidden, head), expected(hidden, head)
+    assert int(count) == int(want_count) == 20 and calls[-1] == (batch, 16, embed)  # chunks of 16 positions
+    np.testing.assert_allclose(float(loss), float(want), rtol=1e-6)
+    argnums = (0, 1) if head_trains else 0
+    grads = jax.jit(jax.grad(lambda h, w: ours(h, w)[0], argnums=argnums))(hidden, head)
+    want_grads = jax.grad(lambda h, w: expected(h, w)[0], argnums=argnums)(hidden, head)
+    for got, ref_grad in zip(*(jax.tree.leaves(g) for g in (grads, want_grads)), strict=True):
+        np.testing.assert_allclose(np.asarray(got), np.asarray(ref_grad), rtol=1e-5, atol=1e-6)
+    assert not np.asarray(jax.tree.leaves(grads)[0])[2].any()  # the unscored row gets no gradient
+
+    # 13 scored positions at most in a row: only the first of the five chunks is ever computed
+    computed = []
+    jax.jit(jax.grad(lambda h: train_step.token_cross_entropy(
+        lambda x: jax.debug.callback(lambda: computed.append(1)) or x @ head, h, labels)[0]
+    ))(hidden).block_until_ready()
+    assert len(computed) == 1
+
+
 # --- configuration: what trains, at which rate, where it lives -------------------------------
 
 
