@@ -15,7 +15,8 @@ multi-modal projector trained, sequence 2048) on one accelerator, one line per c
     python benchmarks/train_throughput.py --gpu-7b --cases 8:full:cudnn,8:full:xla,16:dots:cudnn
 
 Model FLOPs of a LoRA step, per token (no rematerialisation counted): the frozen decoder costs
-2N forward and 2N backward (activation gradients only; frozen weights get none), the LoRA factors
+2N forward and 2N backward (activation gradients only; frozen weights get none; the lm_head only on
+the scored quarter of the synthetic rows, as the loss skips the rest), the LoRA factors
 6 N_lora, attention 12 L S d (forward + backward, causal half), the vision tower 2 N_vision per
 image token forward. MFU divides by the chip's dense bf16 peak (989 TFLOP/s for H100/H200 SXM).
 """
@@ -127,25 +128,27 @@ def cpu(args) -> None:
     print(f"train_speedup_vs_torch: {jax_tps / torch_tps:.2f}")
 
 
-def lora_step_flops(config, seq: int) -> tuple[float, float]:
-    """(model FLOPs per token of a LoRA step, 6N-convention FLOPs per token) for `config`."""
+def lora_step_flops(config, seq: int, scored_fraction: float) -> tuple[float, float]:
+    """(model FLOPs per token of a LoRA step, 6N-convention FLOPs per token) for `config`; the step
+    makes logits only on scored positions, so its count has the head on `scored_fraction` of them."""
     t, v = config.text, config.vision
     d, f, layers, hd = t.hidden_size, t.intermediate_size, t.num_hidden_layers, t.resolved_head_dim
     q_out, kv_out = t.num_attention_heads * hd, t.num_key_value_heads * hd
     per_layer = d * q_out + 2 * d * kv_out + q_out * d + 3 * d * f
-    decoder = layers * per_layer + d * t.vocab_size
+    decoder, head = layers * per_layer, d * t.vocab_size
     r = config.lora.rank
     lora = layers * r * ((d + q_out) + 2 * (d + kv_out) + (q_out + d) + 3 * (d + f))
     attention = 12 * layers * seq * q_out / 2
     vision_params = v.num_hidden_layers * (4 * v.hidden_size**2 + 2 * v.hidden_size * v.intermediate_size)
     vision = 2 * vision_params * config.num_visual_tokens / seq  # spread over the row's tokens
-    return 4 * decoder + 6 * lora + attention + vision, 6 * decoder + attention
+    return 4 * (decoder + scored_fraction * head) + 6 * lora + attention + vision, 6 * (decoder + head) + attention
 
 
 def gpu_7b(args) -> None:
     import jax
 
     import configs
+    from emola_jax.data.synthetic import SyntheticData
 
     device = jax.devices()[0]
     name = next((k for k in PEAK_BF16 if k in device.device_kind), None)
@@ -153,7 +156,7 @@ def gpu_7b(args) -> None:
     print(f"device: {device.device_kind}  (peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)",
           flush=True)
     model = configs.load(args.config).model
-    model_flops, six_n = lora_step_flops(model, args.seq)
+    model_flops, six_n = lora_step_flops(model, args.seq, SyntheticData().answer_fraction)
     for case in args.cases.split(","):
         batch, remat, attention = case.split(":")
         experiment = _experiment(model, base=None, steps=args.steps + 2, batch=int(batch), seq=args.seq,
