@@ -275,34 +275,17 @@ def _rope_parameters(text: TextConfig) -> dict[str, Any]:
 
 def _llama_fields(text: TextConfig) -> dict[str, Any]:
     return dict(
-        vocab_size=text.vocab_size,
-        hidden_size=text.hidden_size,
-        intermediate_size=text.intermediate_size,
-        num_hidden_layers=text.num_hidden_layers,
-        num_attention_heads=text.num_attention_heads,
+        **{name: getattr(text, name) for name in formats.LLAMA_FIELDS},
         num_key_value_heads=text.num_key_value_heads,
         head_dim=text.resolved_head_dim,
-        max_position_embeddings=text.max_position_embeddings,
-        rms_norm_eps=text.rms_norm_eps,
         tie_word_embeddings=text.tie_word_embeddings,
         attention_bias=text.attention_bias,
         mlp_bias=text.mlp_bias,
-        hidden_act=text.hidden_act,
     )
 
 
 def _clip_vision_fields(vision: VisionConfig) -> dict[str, Any]:
-    return dict(
-        hidden_size=vision.hidden_size,
-        intermediate_size=vision.intermediate_size,
-        num_hidden_layers=vision.num_hidden_layers,
-        num_attention_heads=vision.num_attention_heads,
-        image_size=vision.image_size,
-        patch_size=vision.patch_size,
-        num_channels=vision.num_channels,
-        layer_norm_eps=vision.layer_norm_eps,
-        hidden_act=vision.hidden_act,
-    )
+    return {name: getattr(vision, name) for name in formats.CLIP_VISION_FIELDS}
 
 
 def hf_config(config: EmolaConfig, dtype: str):

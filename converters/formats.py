@@ -60,21 +60,14 @@ def text_config_from_hf(data: dict[str, Any]) -> TextConfig:
     allowed = {f.name for f in dataclasses.fields(RopeScaling)}
     scaling = RopeScaling(**{k: v for k, v in rope.items() if k in allowed and v is not None})
     return TextConfig(
-        vocab_size=hf.vocab_size,
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
+        **{name: getattr(hf, name) for name in LLAMA_FIELDS},
         num_key_value_heads=hf.num_key_value_heads or hf.num_attention_heads,
         head_dim=getattr(hf, "head_dim", None),
-        max_position_embeddings=hf.max_position_embeddings,
-        rms_norm_eps=hf.rms_norm_eps,
         rope_theta=float(rope_theta),
         rope_scaling=scaling,
         tie_word_embeddings=bool(hf.tie_word_embeddings),
         attention_bias=bool(hf.attention_bias),
         mlp_bias=bool(getattr(hf, "mlp_bias", False)),
-        hidden_act=hf.hidden_act,
     )
 
 
@@ -84,17 +77,7 @@ def vision_config_from_hf(data: dict[str, Any]) -> VisionConfig:
     if "vision_config" in data:  # a full CLIPConfig (openai/clip-vit-large-patch14-336)
         data = data["vision_config"]
     hf = CLIPVisionConfig(**{k: v for k, v in data.items() if k != "model_type"})
-    return VisionConfig(
-        hidden_size=hf.hidden_size,
-        intermediate_size=hf.intermediate_size,
-        num_hidden_layers=hf.num_hidden_layers,
-        num_attention_heads=hf.num_attention_heads,
-        image_size=hf.image_size,
-        patch_size=hf.patch_size,
-        num_channels=hf.num_channels,
-        layer_norm_eps=hf.layer_norm_eps,
-        hidden_act=hf.hidden_act,
-    )
+    return VisionConfig(**{name: getattr(hf, name) for name in CLIP_VISION_FIELDS})
 
 
 def _feature_layer(value: Any, where: Path) -> int:
@@ -122,6 +105,11 @@ def llava_hf_config(src: Path, dtype: str) -> EmolaConfig:
 
 
 SELECT_FEATURE = {"patch": "default", "cls_patch": "full"}
+# fields that keep their name and value between our configs and transformers' (import and export)
+LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                "max_position_embeddings", "rms_norm_eps", "hidden_act")
+CLIP_VISION_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "image_size",
+                      "patch_size", "num_channels", "layer_norm_eps", "hidden_act")
 
 
 def llava_original_config(config_file: Path, vision: VisionConfig, dtype: str) -> EmolaConfig:

@@ -21,6 +21,18 @@ class EvalRecord:
     label: int | str
 
 
+def read_annotation_list(path: str | Path) -> list:
+    """The records of an annotation JSON file; a file that cannot be read, is not JSON or is not a
+    list is an error naming it."""
+    try:
+        records = json.loads(Path(path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise ValueError(f"annotation file {path} could not be read: {err}") from None
+    if not isinstance(records, list):
+        raise ValueError(f"{path} must hold a list of records")
+    return records
+
+
 def read_eval_records(
     annotations: str | Path, images_root: str | Path | None = None, prompt: str | None = None
 ) -> list[EvalRecord]:
@@ -29,12 +41,7 @@ def read_eval_records(
     own question. A malformed record is an error naming its id."""
     annotations = Path(annotations)
     root = Path(images_root) if images_root is not None else annotations.parent
-    try:
-        raw = json.loads(annotations.read_text())
-    except json.JSONDecodeError as err:
-        raise ValueError(f"{annotations} is not valid JSON: {err}") from err
-    if not isinstance(raw, list):
-        raise ValueError(f"{annotations} must hold a list of records")
+    raw = read_annotation_list(annotations)
     records, seen = [], set()
     for index, item in enumerate(raw):
         rid = str(item.get("id", f"#{index}")) if isinstance(item, dict) else f"#{index}"

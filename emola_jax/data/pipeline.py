@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import io
-import json
 import logging
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,6 +32,7 @@ import numpy as np
 from emola_jax.config import LANDMARK_DIM, EmolaConfig
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
+from emola_jax.data.faba import read_annotation_list
 from emola_jax.data.landmark_store import LandmarkTable, read_npy
 
 log = logging.getLogger(__name__)
@@ -197,14 +197,8 @@ class AnnotationSource:
 
 
 def _read_annotation(path: str) -> list[tuple[str, dict]]:
-    try:
-        records = json.loads(Path(path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"annotation file {path} could not be read: {err}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{path} must hold a list of records")
     out = []
-    for index, record in enumerate(records):
+    for index, record in enumerate(read_annotation_list(path)):
         if not isinstance(record, dict):
             record = {"_not_a_record": record}
         out.append((str(record.get("id", f"{path}#{index}")), record))

@@ -24,6 +24,7 @@ from tqdm import tqdm
 
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import landmark_store, landmarks
+from emola_jax.data.faba import read_annotation_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,13 +59,7 @@ def read_jobs(annotations: Iterable[str | Path], root: str | Path, key: str = "i
     A record without an id or path, or one id naming two different files, is an error."""
     jobs: dict[str, Job] = {}
     for annotation in annotations:
-        try:
-            records = json.loads(Path(annotation).read_text())
-        except (OSError, json.JSONDecodeError) as err:
-            raise ValueError(f"annotation file {annotation} could not be read: {err}") from None
-        if not isinstance(records, list):
-            raise ValueError(f"{annotation} must hold a list of records")
-        for index, record in enumerate(records):
+        for index, record in enumerate(read_annotation_list(annotation)):
             if not isinstance(record, dict) or "id" not in record or not isinstance(record.get(key), str):
                 rid = record.get("id", f"#{index}") if isinstance(record, dict) else f"#{index}"
                 raise ValueError(f"{annotation}: record {rid} has no {key!r} path")

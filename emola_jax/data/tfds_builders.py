@@ -21,7 +21,6 @@ see `instructions.fold_splits`); GFT the splits of its `splits.json`.
 
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,6 +31,7 @@ import tensorflow_datasets as tfds
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import instructions
 from emola_jax.data.conversation import BadRecord, conversation_turns
+from emola_jax.data.faba import read_annotation_list
 from emola_jax.data.landmark_store import LandmarkTable, read_npy
 from emola_jax.data.landmarks import check_complete
 
@@ -127,13 +127,8 @@ class InstructionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
 
 
 def read_faba(annotation: Path) -> list[dict]:
-    try:
-        records = json.loads(annotation.read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise ValueError(f"FABA annotation file {annotation} could not be read: {err}") from None
-    if not isinstance(records, list):
-        raise ValueError(f"{annotation} must hold a list of records")
-    return [r if isinstance(r, dict) else {"id": f"{annotation}#{i}"} for i, r in enumerate(records)]
+    return [r if isinstance(r, dict) else {"id": f"{annotation}#{i}"}
+            for i, r in enumerate(read_annotation_list(annotation))]
 
 
 class FabaInstruct(InstructionBuilder):
