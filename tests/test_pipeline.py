@@ -211,19 +211,22 @@ def test_batch_format_and_contents(tmp_path, tokenizers, pad):
     config = PipelineConfig(annotations=str(anno), landmarks=str(tmp_path / "landmarks.array_record"),
                             batch_size=8, length_buckets=(64, 96, 128), max_length=256, pad_to_square=pad,
                             worker_count=0)
-    batches = collect(pipeline.make_eval_loader(config, tok, MODEL, process_index=1, process_count=2))
-    assert [len(b["input_ids"]) for b in batches] == [4, 1]  # 5 of the 10 records, 4 rows per process
     records = json.loads(anno.read_text())
+    # each process reads its block of 4 rows of every global batch of 8, in record order
+    first = collect(pipeline.make_eval_loader(config, tok, MODEL, process_index=0, process_count=2))
+    batches = collect(pipeline.make_eval_loader(config, tok, MODEL, process_index=1, process_count=2))
+    assert [b["ids"].tolist() for b in first] == [[r["id"] for r in records[:4]], [r["id"] for r in records[8:]]]
+    assert [b["ids"].tolist() for b in batches] == [[r["id"] for r in records[4:8]]]
     for batch in batches:
-        assert list(batch) == list(pipeline.BATCH_KEYS)
-        assert {k: v.dtype for k, v in batch.items()} == {"input_ids": np.int32, "labels": np.int32,
-                                                          "attention_mask": np.int32, "pixel_values": np.float32,
-                                                          "landmarks": np.float32}
+        assert list(batch) == [*pipeline.BATCH_KEYS, "ids"]
+        assert {k: v.dtype for k, v in batch.items() if k != "ids"} == {
+            "input_ids": np.int32, "labels": np.int32, "attention_mask": np.int32, "pixel_values": np.float32,
+            "landmarks": np.float32}
         assert batch["pixel_values"].shape[1:] == (56, 56, 3) and batch["landmarks"].shape[1:] == (212,)
         lengths = batch["attention_mask"].sum(1)
         assert batch["input_ids"].shape[1] == min(b for b in (64, 96, 128, 256) if b >= lengths.max())
     rows = rows_by_landmark(batches)
-    assert len(rows) == 5
+    assert len(rows) == 4
     for record in records:
         row = rows.get(features[record["id"]].tobytes())
         if row is None:
@@ -248,9 +251,14 @@ def test_shards_order_and_resume(tmp_path, tokenizers):
     anno, features = fake_records(tmp_path, 12)
     config = PipelineConfig(annotations=str(anno), landmarks=str(tmp_path / "landmarks.array_record"), batch_size=4,
                             length_buckets=(128,), max_length=256, worker_count=0, num_epochs=1, seed=3)
-    shards = [rows_by_landmark(collect(pipeline.make_train_loader(config, tok, MODEL, p, 2))) for p in (0, 1)]
+    per_process = [collect(pipeline.make_train_loader(config, tok, MODEL, p, 2)) for p in (0, 1)]
+    shards = [rows_by_landmark(batches) for batches in per_process]
     assert not shards[0].keys() & shards[1].keys()
     assert shards[0].keys() | shards[1].keys() == {f.tobytes() for f in features.values()}
+    # the global batches, process 0's rows then process 1's, are the one-process run's batches
+    alone = [b["ids"].tolist() for b in collect(pipeline.make_train_loader(config, tok, MODEL))]
+    together = [a["ids"].tolist() + b["ids"].tolist() for a, b in zip(*per_process, strict=True)]
+    assert together == alone and len(alone) == 3 and sorted(sum(alone, [])) == sorted(features)
 
     endless = PipelineConfig(**{**config.__dict__, "num_epochs": None})
     first = collect(pipeline.make_train_loader(endless, tok, MODEL), 5)

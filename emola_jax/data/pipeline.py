@@ -7,13 +7,14 @@ Batches are dicts of numpy arrays (`B = batch_size // process_count` rows per pr
     attention_mask  int32   [B, L]  1 real, 0 padding (right padding)
     pixel_values    float32 [B, S, S, 3]  CLIP-normalised, channels-last, S = vision.image_size
     landmarks       float32 [B, 212]
+    ids             str     [B]     the records' ids (kept on the host: which examples made a step)
 
 L is the smallest length bucket that holds the longest row of the batch (`max_length` is always
 the last bucket). Two sources: an annotation JSON + images + landmark ArrayRecord (tokenised and
 checked up front, so bad records are counted before training starts), or the ArrayRecord shards
-of a built tfds dataset (checked as they are read). Each process reads only its shard of the
-index space; the order follows from the seed; `iter(loader).get_state()` / `set_state()` resume
-at the same example.
+of a built tfds dataset (checked as they are read). The global order follows from the seed alone
+and each process reads its own rows of every global batch (`ProcessRows`), so any process count
+sees the same batches; `iter(loader).get_state()` / `set_state()` resume at the same example.
 """
 
 from __future__ import annotations
@@ -343,7 +344,8 @@ class _Collate:
             input_ids[i, :n], labels[i, :n], mask[i, :n] = example["input_ids"], example["labels"], 1
         return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
                 "pixel_values": np.stack([e["pixel_values"] for e in examples]).astype(np.float32),
-                "landmarks": np.stack([e["landmarks"] for e in examples]).astype(np.float32)}
+                "landmarks": np.stack([e["landmarks"] for e in examples]).astype(np.float32),
+                "ids": np.asarray([e["id"] for e in examples], dtype=str)}
 
 
 # --- loaders --------------------------------------------------------------------------------------
@@ -364,36 +366,67 @@ def _pad_id(tokenizer) -> int:
     return 0
 
 
+class ProcessRows(grain.MapDataset):
+    """Process `index`'s rows of every global batch of `parent`, in order.
+
+    Global batch `g` is positions `[g * rows * count, (g + 1) * rows * count)` of the parent
+    stream; process `index` takes the `index`-th block of `rows` in each. So the global order of
+    examples, and with it every loss, is the same for any process count. `drop_remainder` drops
+    a last, incomplete global batch; otherwise each process takes what it can of it.
+    """
+
+    def __init__(self, parent: grain.MapDataset, rows: int, index: int, count: int, *, drop_remainder: bool):
+        super().__init__(parent)
+        self._rows, self._index, self._count = rows, index, count
+        full, rest = divmod(len(parent), rows * count)
+        self._length = full * rows + (0 if drop_remainder else min(max(rest - index * rows, 0), rows))
+
+    def __len__(self) -> int:
+        return self._length
+
+    def __getitem__(self, position):
+        if isinstance(position, slice):
+            return self.slice(position)
+        block, offset = divmod(position, self._rows)
+        return self._parent[(block * self._count + self._index) * self._rows + offset]
+
+    def __str__(self) -> str:
+        return f"ProcessRows(rows={self._rows}, process={self._index} of {self._count})"
+
+
 def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
-                process_count: int = 1, *, training: bool = True, source=None):
-    """A `grain.DataLoader` over this process's shard. `training=False`: one pass in file order,
-    the last (partial) batch kept."""
+                process_count: int = 1, *, training: bool = True, source=None) -> grain.IterDataset:
+    """This process's batches as a grain `IterDataset`; `iter()` of it has `get_state()` /
+    `set_state()` (this process's position: save one per process).
+
+    The global stream is the records shuffled per epoch (`seed`, `seed + 1`, ... as grain's
+    `shuffle().repeat()` does), cut into global batches of `batch_size`; each process reads its
+    own block of every batch (`ProcessRows`), so the global order does not depend on the process
+    count. Examples are made by `worker_count` worker processes and batched here, in order.
+    `training=False`: one pass in record order, the last (partial) batch kept."""
     if config.batch_size % process_count:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {process_count} processes")
     if not 0 <= process_index < process_count:
         raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
     source = source if source is not None else make_source(config, tokenizer, model_config)
+    rows = config.batch_size // process_count
+    table = LandmarkTable.open(config.landmarks) if config.landmarks and config.tfds_dir else None
+    stream = grain.MapDataset.source(source)
+    if training and config.shuffle:
+        stream = stream.shuffle(seed=config.seed)
+    stream = stream.repeat(config.num_epochs if training else 1)
+    examples = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(
+        _GrainMap(_MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table))
+    ).to_iter_dataset()
     if config.worker_count:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app none are parsed
             flags.FLAGS.mark_as_parsed()
-    table = LandmarkTable.open(config.landmarks) if config.landmarks and config.tfds_dir else None
-    sampler = grain.samplers.IndexSampler(
-        num_records=len(source),
-        shard_options=grain.sharding.ShardOptions(process_index, process_count, drop_remainder=training),
-        shuffle=config.shuffle and training,
-        num_epochs=config.num_epochs if training else 1,
-        seed=config.seed,
-    )
-    operations = [
-        _GrainMap(_MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table)),
-        _GrainFilter(),
-        grain.transforms.Batch(config.batch_size // process_count, drop_remainder=training,
-                               batch_fn=_Collate(config.buckets, _pad_id(tokenizer))),
-    ]
-    return grain.DataLoader(data_source=source, sampler=sampler, operations=operations,
-                            worker_count=config.worker_count, worker_buffer_size=config.worker_buffer_size)
+        examples = examples.mp_prefetch(grain.MultiprocessingOptions(
+            num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
+    return examples.filter(_GrainFilter()).batch(
+        rows, drop_remainder=training, batch_fn=_Collate(config.buckets, _pad_id(tokenizer)))
 
 
 def make_train_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
