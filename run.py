@@ -49,26 +49,36 @@ def _evaluate(args: argparse.Namespace) -> None:
     if (args.predictions is None) == (args.ckpt is None):
         raise ValueError("give either --predictions FILE.jsonl (score a file) or --ckpt CKPT --data SPLIT.json")
     if args.predictions is not None:
+        if args.coordinator is not None or args.distributed:
+            raise ValueError("scoring --predictions runs in one process; the distributed flags go with --ckpt")
         metrics = report.score(report.read_predictions(args.predictions), args.task, args.protocol)
         report.write_report(args.out, metrics)
     else:
         if args.data is None:
             raise ValueError("--ckpt needs --data, the annotation file of the split to evaluate")
+        import jax
+
+        from emola_jax.distributed import initialize_distributed
         from emola_jax.eval import evaluate
 
+        initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
         tokenizer = evaluate.load_tokenizer(args.ckpt)
         metrics = evaluate.evaluate_model(
             args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
             protocol=args.protocol, dtype=args.dtype, generation=_generation_config(args, tokenizer),
             official_prompt=not args.record_prompts, landmarks=args.landmarks,
         )
+        if jax.process_index() != 0:  # process 0 reports for every process
+            return
     print(f"S_re {metrics['s_re']:.2f}  S_ge {metrics['s_ge']:.2f}  S_rege {metrics['s_rege']:.2f}  "
           f"({args.out / 'report.md'})")
 
 
 def _generate(args: argparse.Namespace) -> None:
+    import jax
     import numpy as np
 
+    from emola_jax.distributed import initialize_distributed
     from emola_jax.eval import evaluate
 
     if args.landmarks is not None and args.onnx is not None:
@@ -82,9 +92,12 @@ def _generate(args: argparse.Namespace) -> None:
         from emola_jax.data import landmarks as lm
 
         landmarks = lm.official_features(lm.open_session(args.onnx), [args.image])[0]
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
     tokenizer = evaluate.load_tokenizer(args.ckpt)
     evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
-    print(evaluator.answer(args.image, args.prompt, landmarks))
+    answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
+    if jax.process_index() == 0:
+        print(answer)
 
 
 def _precompute_landmarks(args: argparse.Namespace) -> None:
@@ -107,7 +120,7 @@ def _precompute_landmarks(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import configs
     from emola_jax.config import override
-    from emola_jax.train import initialize_distributed
+    from emola_jax.distributed import initialize_distributed
     from emola_jax.train.loop import train
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
@@ -132,6 +145,14 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
                         help="0 decodes greedily (default); the official evaluation samples at 0.01 with top-p 0.5")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
     parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+
+
+def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
+    parser.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
+    parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
+    parser.add_argument("--distributed", action="store_true",
+                        help="multi-process run on a TPU pod or cluster that jax detects by itself")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -198,8 +219,9 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "evaluate",
         help="score predictions on FABA-Bench (REGE) or a traditional dataset",
-        description="Generate answers for a split with a checkpoint, sharded over every device, into "
-        "OUT/predictions.jsonl (a rerun continues where a killed one stopped), or score an existing predictions "
+        description="Generate answers for a split with a checkpoint, sharded over every device of every process "
+        "(each runs the same command with its --process-id), into OUT/predictions.jsonl (a rerun continues where "
+        "a killed one stopped), or score an existing predictions "
         "file (JSON lines with prediction, reference, label); then write OUT/metrics.json and OUT/report.md.",
     )
     evaluate.add_argument("--predictions", type=Path, help="JSON-lines file with prediction, reference and label")
@@ -220,6 +242,7 @@ def build_parser() -> argparse.ArgumentParser:
                           help="official: the EmoLA evaluation to the digit; rouge-score: Google's ROUGE-L and a "
                           "whole-word negation test")
     evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md")
+    _add_distributed_flags(evaluate)
     evaluate.set_defaults(func=_evaluate)
 
     precompute = commands.add_parser(
@@ -263,15 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest)")
     train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config field, e.g. --set train.remat=dots (repeatable)")
-    train.add_argument("--coordinator", metavar="HOST:PORT", help="multi-process run: process 0's address")
-    train.add_argument("--num-processes", type=int, help="multi-process run: how many processes")
-    train.add_argument("--process-id", type=int, help="multi-process run: this process's index")
-    train.add_argument("--distributed", action="store_true",
-                       help="multi-process run on a TPU pod or cluster that jax detects by itself")
+    _add_distributed_flags(train)
     train.set_defaults(func=_train)
 
     generate = commands.add_parser("generate", help="answer one prompt about one image",
-                                   description="Print the model's answer about IMAGE.")
+                                   description="Print the model's answer about IMAGE (on several processes, "
+                                   "every one computes it and process 0 prints it).")
     generate.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
     generate.add_argument("--image", type=Path, required=True, help="the face image")
     generate.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?"')
@@ -279,6 +299,7 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the prior feature "
                           "on the fly with the official recipe")
     _add_decoding_flags(generate)
+    _add_distributed_flags(generate)
     generate.set_defaults(func=_generate)
     return parser
 

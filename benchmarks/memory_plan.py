@@ -36,19 +36,22 @@ def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, rema
 
     import configs
     from emola_jax.checkpoint import abstract_model
-    from emola_jax.sharding import MeshConfig, batch_sharding, make_mesh, state_shardings
+    from emola_jax.sharding import MeshConfig, batch_sharding, logical_axes_table, make_mesh, state_shardings
     from emola_jax.train import step as train_step
+    from emola_jax.train.config import planned_model
 
     experiment = configs.load(config_name)
     cfg = dataclasses.replace(experiment.train, remat=remat, attention=attention, mesh=MeshConfig.parse(mesh_text))
     mesh = make_mesh(cfg.mesh)
-    model_config = experiment.model
-    graphdef, template, params, frozen = train_step.split_trainable(abstract_model(model_config), cfg)
+    model_config = planned_model(experiment.model)
+    model = abstract_model(model_config)
+    axes = logical_axes_table(model)
+    graphdef, template, params, frozen = train_step.split_trainable(model, cfg)
     optimizer, _ = train_step.make_optimizer(cfg, params)
     init = functools.partial(train_step.init_state, optimizer=optimizer, seed=0)
     state = jax.eval_shape(init, params)
     with_sharding = lambda tree: jax.tree.map(  # noqa: E731
-        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, state_shardings(tree, mesh))
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), tree, state_shardings(tree, mesh, axes))
     state, frozen = with_sharding(state), with_sharding(frozen)
 
     rows = batch_per_device * mesh.shape["data"] * mesh.shape["fsdp"]

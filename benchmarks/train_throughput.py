@@ -149,13 +149,14 @@ def gpu_7b(args) -> None:
 
     import configs
     from emola_jax.data.synthetic import SyntheticData
+    from emola_jax.train.config import planned_model
 
     device = jax.devices()[0]
     name = next((k for k in PEAK_BF16 if k in device.device_kind), None)
     peak = PEAK_BF16.get(name)
     print(f"device: {device.device_kind}  (peak bf16 {peak / 1e12 if peak else float('nan'):.0f} TFLOP/s)",
           flush=True)
-    model = configs.load(args.config).model
+    model = planned_model(configs.load(args.config).model)
     model_flops, six_n = lora_step_flops(model, args.seq, SyntheticData().answer_fraction)
     for case in args.cases.split(","):
         batch, remat, attention = case.split(":")

@@ -9,24 +9,17 @@ Paths are relative to the working directory; point them elsewhere with --set.
 
 import dataclasses
 
-from emola_jax.config import EmolaConfig, LoRAConfig, TextConfig, VisionConfig
+from emola_jax.config import LoRAConfig
 from emola_jax.data.pipeline import PipelineConfig
-from emola_jax.train.config import Experiment, TrainConfig
+from emola_jax.train.config import Experiment, FromBase, TrainConfig
 
 FABA = "data/FABA-Instruct"
 
 
 def get_config() -> Experiment:
-    model = EmolaConfig(
-        vision=VisionConfig(),  # ViT-L/14 at 336 px: 576 patch tokens of width 1024
-        text=TextConfig(),  # Vicuna-7B v1.5: 32 layers, width 4096, vocab 32000
-        vision_feature_layer=-2,
-        vision_feature_select_strategy="default",
-        image_token_id=-200,  # LLaVA's placeholder id; 576 visual + 1 prior placeholders per image
-        prior_position="after",
-        lora=LoRAConfig(rank=128, alpha=256.0, dropout=0.05),
-        dtype="bfloat16",
-    )
+    # The towers (CLIP ViT-L/14-336, Vicuna-7B v1.5), vocabulary and image token id are the base's;
+    # the run adds LoRA and the prior token (576 visual + 1 prior placeholders per image).
+    model = FromBase(prior_position="after", lora=LoRAConfig(rank=128, alpha=256.0, dropout=0.05), dtype="bfloat16")
     train = TrainConfig(
         base="checkpoints/llava-1.5-7b",  # python run.py convert llava-hf/llava-1.5-7b-hf checkpoints/llava-1.5-7b
         steps=552, remat="full", checkpoint_every=100, keep_checkpoints=3,
@@ -44,6 +37,6 @@ def without_prior(experiment: Experiment) -> Experiment:
     trainable = tuple(rule for rule in experiment.train.trainable if not rule[0].startswith("prior_projector"))
     return dataclasses.replace(
         experiment,
-        model=experiment.model.replace(prior_position="off"),
+        model=dataclasses.replace(experiment.model, prior_position="off"),
         train=dataclasses.replace(experiment.train, trainable=trainable),
     )

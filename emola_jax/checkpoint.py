@@ -10,7 +10,9 @@ Layout of a checkpoint directory:
     tokenizer/       tokenizer and processor files, when the source carried them
 
 The writer stages everything in a sibling temporary folder and renames it into place last, so
-a failure never leaves a folder that looks like a finished checkpoint.
+a failure never leaves a folder that looks like a finished checkpoint. In a multi-process run
+every process calls the writer with its shards of the same global arrays (orbax writes each
+shard from the process that holds it); process 0 alone creates, renames and writes the small files.
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 from emola_jax.config import EmolaConfig
@@ -95,12 +98,26 @@ def _writer_context() -> ocp.Context:
     return context
 
 
+def _shared_token() -> str:
+    """A random hex token, the same on every process of the run (process 0's)."""
+    token = np.frombuffer(uuid.uuid4().bytes[:4], np.uint8)
+    if jax.process_count() > 1:
+        token = np.asarray(multihost_utils.broadcast_one_to_all(token), np.uint8)
+    return token.tobytes().hex()
+
+
+def _all_processes_reach(name: str) -> None:
+    if jax.process_count() > 1:
+        multihost_utils.sync_global_devices(name)
+
+
 class StagedDirectory:
     """A folder built in a hidden sibling (`.NAME.tmp-XXXX`) and renamed into place by `publish()`.
 
     Use as a context manager: an exception inside the block removes the staging folder and leaves
     `out` untouched, so a failure never leaves a folder that looks finished. A non-empty `out` is
     refused unless `overwrite`; the previous folder is then swapped out only at `publish()`.
+    Every process of a multi-process run enters it; process 0 creates, renames and removes.
     """
 
     def __init__(self, out: str | Path, *, overwrite: bool = False):
@@ -109,11 +126,14 @@ class StagedDirectory:
             raise FileExistsError(f"{self.out} exists and is not a directory")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
-        self.staging = self.out.parent / f".{self.out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        self.staging = self.out.parent / f".{self.out.name}.tmp-{_shared_token()}"
+        self.lead = jax.process_index() == 0
 
     def __enter__(self) -> Self:
-        self.out.parent.mkdir(parents=True, exist_ok=True)
-        self.staging.mkdir()
+        if self.lead:
+            self.out.parent.mkdir(parents=True, exist_ok=True)
+            self.staging.mkdir()
+        _all_processes_reach(f"emola_jax staging {self.staging.name} created")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -121,13 +141,22 @@ class StagedDirectory:
             try:
                 self._abort()
             finally:
-                shutil.rmtree(self.staging, ignore_errors=True)
+                if self.lead:
+                    shutil.rmtree(self.staging, ignore_errors=True)
 
     def _abort(self) -> None:
         """Stops background work that still writes into the staging folder (before it is removed)."""
 
     def publish(self) -> Path:
-        """Renames the staging folder to `out` (swapping out a previous `out` last); returns `out`."""
+        """Renames the staging folder to `out` (swapping out a previous `out` last); returns `out`
+        once every process sees it there."""
+        _all_processes_reach(f"emola_jax staging {self.staging.name} written")
+        if self.lead:
+            self._rename()
+        _all_processes_reach(f"emola_jax staging {self.staging.name} published")
+        return self.out
+
+    def _rename(self) -> None:
         if self.out.exists():
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.out, trash)
@@ -139,7 +168,6 @@ class StagedDirectory:
             shutil.rmtree(trash)
         else:
             os.replace(self.staging, self.out)
-        return self.out
 
 
 class CheckpointWriter(StagedDirectory):
@@ -190,12 +218,13 @@ class CheckpointWriter(StagedDirectory):
             missing, extra = sorted(expected - self._written), sorted(self._written - expected)
             raise ValueError(f"checkpoint incomplete: missing {missing[:5]}, unexpected {extra[:5]}")
         ocp.partial.finalize(self.staging / PARAMS_DIR)
-        config.save(self.staging / CONFIG_FILE)
-        (self.staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, default=str) + "\n")
-        if tokenizer_files:
-            (self.staging / TOKENIZER_DIR).mkdir()
-            for f in tokenizer_files:
-                shutil.copy2(f, self.staging / TOKENIZER_DIR / f.name)
+        if self.lead:
+            config.save(self.staging / CONFIG_FILE)
+            (self.staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, default=str) + "\n")
+            if tokenizer_files:
+                (self.staging / TOKENIZER_DIR).mkdir()
+                for f in tokenizer_files:
+                    shutil.copy2(f, self.staging / TOKENIZER_DIR / f.name)
         return self.publish()
 
 
@@ -234,7 +263,7 @@ def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> d
     """Only the entries named in `specs`, read with orbax's partial load: memory for those alone,
     so an exporter can walk a checkpoint far larger than memory one layer at a time."""
     params_dir = Path(path).absolute() / PARAMS_DIR
-    device = jax.sharding.SingleDeviceSharding(jax.devices("cpu")[0])
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # this process's own
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for k, s in specs.items()}
     context = ocp.Context()
     context.pytree.loading.partial_load = True

@@ -101,22 +101,78 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
 
+@dataclasses.dataclass(frozen=True)
+class DemoInputs:
+    """What the demo trains from, all on disk: a converted base (with its tokenizer), drawn faces
+    with their annotation files, and their precomputed prior features."""
+
+    base: Path
+    faces: Path
+    annotations: dict[str, Path]  # train_emotion, train_au, eval_emotion, eval_au
+    landmarks: Path
+    import_logit_diff: float | None = None  # the converted base against transformers
+
+    @classmethod
+    def in_folder(cls, workdir: str | Path) -> DemoInputs:
+        """The inputs a finished demo left in `workdir` (e.g. `demo_out`)."""
+        workdir = Path(workdir)
+        files = {f"{split}_{task}": workdir / "faces" / f"{split}_{task}_anno.json"
+                 for split in ("train", "eval") for task in ("emotion", "au")}
+        return cls(base=workdir / "base", faces=workdir / "faces", annotations=files,
+                   landmarks=workdir / "faces" / "landmarks.array_record")
+
+    def training_data(self, seed: int = 0, **changes):
+        """The grain pipeline over the training faces, as the demo trains."""
+        from emola_jax.data.pipeline import PipelineConfig
+
+        settings = dict(annotations=(str(self.annotations["train_emotion"]), str(self.annotations["train_au"])),
+                        images_root=str(self.faces), landmarks=str(self.landmarks), max_length=256,
+                        length_buckets=(128, 192, 256), batch_size=16, seed=seed, worker_count=0)
+        return PipelineConfig(**{**settings, **changes})
+
+
+def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_per_emotion: int = 40,
+            eval_per_emotion: int = 4) -> DemoInputs:
+    """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features."""
+    from converters import convert
+    from emola_jax.data import drawn_faces, landmarks
+    from emola_jax.data.precompute import precompute_landmarks
+
+    workdir = Path(workdir).absolute()
+    workdir.mkdir(parents=True, exist_ok=True)
+    _train_tokenizer(workdir / "tokenizer", vocab_size=config.text.vocab_size - 1)
+    reference = _tiny_llava_hf(workdir / "llava-hf", config, workdir / "tokenizer", seed)
+    base = convert(workdir / "llava-hf", workdir / "base", overwrite=True, progress=False)
+    diff = _check_import(reference, base, np.random.default_rng(seed))
+    files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=train_per_emotion,
+                                      eval_per_emotion=eval_per_emotion, seed=seed, size=4 * config.vision.image_size)
+    graph = landmarks.toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
+    features = workdir / "faces" / "landmarks.array_record"
+    features.unlink(missing_ok=True)
+    precompute_landmarks(list(files.values()), workdir / "faces", graph, features, progress=False)
+    return DemoInputs(base=Path(base), faces=workdir / "faces", annotations=files, landmarks=features,
+                      import_logit_diff=diff)
+
+
+def from_base(experiment, inputs: DemoInputs, seed: int = 0):
+    """`experiment` (a whole tiny model) trained from the demo's base on its faces: the model
+    section keeps only what training adds, the rest is the base's."""
+    from emola_jax.train.config import FromBase
+
+    return dataclasses.replace(experiment, model=FromBase.of(experiment.model), data=inputs.training_data(seed),
+                               train=dataclasses.replace(experiment.train, base=str(inputs.base)))
+
+
 def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary."""
-    from converters import convert, export
-    from emola_jax.data import drawn_faces, landmarks
-    from emola_jax.data.pipeline import PipelineConfig
-    from emola_jax.data.precompute import precompute_landmarks
-    from emola_jax.eval.evaluate import evaluate_model
+    from converters import export
+    from emola_jax.eval.evaluate import evaluate_model, load_tokenizer
     from emola_jax.generate import GenerationConfig
     from emola_jax.train.loop import train
 
     workdir = Path(workdir).absolute()
     for stale in ("run", "evaluation", "export"):
         shutil.rmtree(workdir / stale, ignore_errors=True)
-    workdir.mkdir(parents=True, exist_ok=True)
-    config: EmolaConfig = experiment.model
-    rng = np.random.default_rng(seed)
     summary: dict = {}
     clock = time.perf_counter()
 
@@ -126,37 +182,24 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
         summary[f"seconds_{name}"] = round(now - clock, 1)
         clock = now
 
-    # 1. tokenizer, base model, import check
-    tokenizer = _train_tokenizer(workdir / "tokenizer", vocab_size=config.text.vocab_size - 1)
-    reference = _tiny_llava_hf(workdir / "llava-hf", config, workdir / "tokenizer", seed)
-    base = convert(workdir / "llava-hf", workdir / "base", overwrite=True, progress=False)
-    summary["base_checkpoint"] = str(base)
-    summary["max_abs_logit_diff_vs_transformers"] = _check_import(reference, base, rng)
-    lap("import")
-
-    # 2. faces and their prior features
-    files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=40, eval_per_emotion=4, seed=seed,
-                                      size=4 * config.vision.image_size)
-    graph = landmarks.toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
-    features = workdir / "faces" / "landmarks.array_record"
-    features.unlink(missing_ok=True)
-    precompute_landmarks(list(files.values()), workdir / "faces", graph, features, progress=False)
-    summary["faces"] = f"{workdir / 'faces'} ({len(json.loads(files['train_emotion'].read_text()))} training, " \
+    # 1-2. tokenizer, base model and import check; faces and their prior features
+    inputs = prepare(workdir, experiment.model, seed)
+    files, features = inputs.annotations, inputs.landmarks
+    summary["base_checkpoint"] = str(inputs.base)
+    summary["max_abs_logit_diff_vs_transformers"] = inputs.import_logit_diff
+    summary["faces"] = f"{inputs.faces} ({len(json.loads(files['train_emotion'].read_text()))} training, " \
                        f"{len(json.loads(files['eval_emotion'].read_text()))} held-out)"
     lap("data")
 
     # 3. training
-    data = PipelineConfig(annotations=(str(files["train_emotion"]), str(files["train_au"])),
-                          images_root=str(workdir / "faces"), landmarks=str(features), max_length=256,
-                          length_buckets=(128, 192, 256), batch_size=16, seed=seed, worker_count=0)
-    experiment = dataclasses.replace(experiment, data=data,
-                                     train=dataclasses.replace(experiment.train, base=str(base)))
+    experiment = from_base(experiment, inputs, seed)
     result = train(experiment, workdir / "run", progress=False)
     summary["train_loss"] = f"{result['first_loss']:.3f} (step 1) -> {result['last_loss']:.3f} (step {result['steps']})"
     summary["trained_model"] = result["model"]
     lap("train")
 
     # 4. evaluation on the held-out faces
+    tokenizer = load_tokenizer(inputs.base)
     generation = GenerationConfig(max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
     for task in ("emotion", "au"):

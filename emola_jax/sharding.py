@@ -1,6 +1,7 @@
 """Where every array lives: a `(data, fsdp, tensor)` mesh and logical axis rules.
 
-Weights name their axes logically (`("embed", "mlp")`); one rules table maps logical names to
+Each weight declares its logical axes (`("embed", "mlp")`) where the model makes it, as flax's
+`out_sharding` metadata; `logical_axes_table` reads them and one rules table maps logical names to
 mesh axes. Changing the parallelism changes the mesh sizes (or this table), never the model.
 LoRA factors, the optimiser state (same shapes as the trainable weights) and gradients follow
 the weights they belong to; activations follow the batch, split over `data` and `fsdp`.
@@ -10,18 +11,19 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import jax
 import numpy as np
+from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from emola_jax.checkpoint import is_stacked
+from emola_jax.checkpoint import Path_
+from emola_jax.models.layers import Axes
 
 MESH_AXES = ("data", "fsdp", "tensor")
 
-# logical axis -> mesh axes (None: replicated)
+# logical axis -> mesh axes (None: replicated); an axis declared `None` is replicated too
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "batch": ("data", "fsdp"),
     "embed": "fsdp",
@@ -32,27 +34,6 @@ LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
     "rank": None,
     "norm": None,
 }
-
-# (regex over the '/'-joined weight path, logical axes of the unstacked weight). First match wins.
-# The vision tower, both projectors and norms are small and replicated (`None` everywhere).
-PARAM_AXES: tuple[tuple[str, tuple[str | None, ...]], ...] = (
-    (r"language_model/embed_tokens/embedding", ("vocab", "embed")),
-    (r"lm_head/kernel", ("embed", "vocab")),
-    (r".*self_attn/[qkv]_proj/kernel", ("embed", "heads")),
-    (r".*self_attn/[qkv]_proj/bias", ("heads",)),
-    (r".*self_attn/[qkv]_proj/lora_a", ("embed", "rank")),
-    (r".*self_attn/[qkv]_proj/lora_b", ("rank", "heads")),
-    (r"language_model/.*self_attn/o_proj/kernel", ("heads", "embed")),
-    (r"language_model/.*self_attn/o_proj/lora_a", ("heads", "rank")),
-    (r"language_model/.*self_attn/o_proj/lora_b", ("rank", "embed")),
-    (r".*mlp/(gate|up)_proj/kernel", ("embed", "mlp")),
-    (r".*mlp/(gate|up)_proj/lora_a", ("embed", "rank")),
-    (r".*mlp/(gate|up)_proj/lora_b", ("rank", "mlp")),
-    (r".*mlp/down_proj/kernel", ("mlp", "embed")),
-    (r".*mlp/down_proj/lora_a", ("mlp", "rank")),
-    (r".*mlp/down_proj/lora_b", ("rank", "embed")),
-)
-
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
@@ -98,14 +79,21 @@ def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -
     return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
 
 
-def logical_axes(path: Sequence[str], ndim: int, stacked: bool) -> tuple[str | None, ...]:
-    """Logical axes of one weight; scanned layers get a leading `layers` axis."""
-    joined = "/".join(path)
-    listed = next((axes for pattern, axes in PARAM_AXES if re.fullmatch(pattern, joined)), ())
-    axes = (("layers",) if stacked else ()) + tuple(listed)
-    if len(axes) != ndim:  # unlisted weights (vision tower, projectors, norms): replicated
-        axes = (("layers",) if stacked else ()) + ("norm",) * (ndim - stacked)
-    return axes
+def logical_axes_table(model: nnx.Module) -> dict[Path_, Axes]:
+    """`{weight path: logical axes}` as each weight declared them where it was made (works on the
+    abstract model). A weight without declared axes, or with more or fewer than its rank, is an
+    error naming it: nothing is replicated by omission."""
+    _, state = nnx.split(model)
+    table = {}
+    for key, var in nnx.to_flat_state(state):
+        path = tuple(str(p) for p in key)
+        axes, ndim = var.get_metadata("out_sharding", None), len(var.get_value().shape)
+        if axes is None:
+            raise ValueError(f"weight {'/'.join(path)} declares no logical axes (out_sharding) where it is made")
+        if len(axes) != ndim:
+            raise ValueError(f"weight {'/'.join(path)} declares axes {tuple(axes)} for its {ndim} dimensions")
+        table[path] = tuple(axes)
+    return table
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
@@ -113,7 +101,9 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh)
     used: set[str] = set()
     spec = []
     for name, size in zip(axes, shape, strict=True):
-        mesh_axes = LOGICAL_RULES.get(name) if name else None
+        if name is not None and name not in LOGICAL_RULES:
+            raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
+        mesh_axes = LOGICAL_RULES[name] if name else None
         mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
         mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
         if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
@@ -124,26 +114,31 @@ def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh)
     return PartitionSpec(*spec)
 
 
-def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh) -> NamedSharding:
+def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh,
+                   axes: Mapping[Path_, Axes]) -> NamedSharding:
+    """The sharding of the weight at `path` (or of an array shaped like it), from `axes`
+    (`logical_axes_table`)."""
     path = tuple(str(p) for p in path)
-    return NamedSharding(mesh, partition_spec(logical_axes(path, len(shape), is_stacked(path)), shape, mesh))
+    if path not in axes:
+        raise ValueError(f"{'/'.join(path)} is not a weight of the model: no logical axes declared for it")
+    if len(axes[path]) != len(shape):
+        raise ValueError(f"weight {'/'.join(path)} declares axes {axes[path]}; the array has shape {tuple(shape)}")
+    return NamedSharding(mesh, partition_spec(axes[path], shape, mesh))
 
 
-MODEL_ROOTS = ("vision_tower", "multi_modal_projector", "prior_projector", "language_model", "lm_head")
-
-
-def state_shardings(state, mesh: Mesh):
+def state_shardings(state, mesh: Mesh, axes: Mapping[Path_, Axes]):
     """A `NamedSharding` for every leaf of a tree that holds weights: an `nnx.State`, a pure dict,
     or a training state whose optimiser moments nest the weights' paths deeper. A leaf is placed
-    by the part of its path that starts at a model root (`language_model/...`); leaves outside
-    the model (step counters, RNG keys) are replicated."""
+    by the part of its path that starts at a model root (`language_model/...`, the first names in
+    `axes`); leaves outside the model (step counters, RNG keys) are replicated."""
+    roots = {path[0] for path in axes}
 
     def place(path, x):
         names = [_key_name(k) for k in path if not _is_value_attr(k)]
-        start = next((i for i, name in enumerate(names) if name in MODEL_ROOTS), None)
+        start = next((i for i, name in enumerate(names) if name in roots), None)
         if start is None:
             return NamedSharding(mesh, PartitionSpec())
-        return param_sharding(names[start:], x.shape, mesh)
+        return param_sharding(names[start:], x.shape, mesh, axes)
 
     return jax.tree_util.tree_map_with_path(place, state)
 

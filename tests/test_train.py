@@ -4,9 +4,9 @@ change nothing; faults are caught before they reach a checkpoint."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -24,14 +24,21 @@ from peft import get_peft_model
 import configs
 import run
 from converters import convert
-from emola_jax.checkpoint import load_config, save_pretrained
-from emola_jax.config import LoRAConfig
+from emola_jax.checkpoint import abstract_model, load_config, save_pretrained
+from emola_jax.config import EmolaConfig, LoRAConfig
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
-from emola_jax.sharding import MeshConfig, logical_axes, make_mesh, partition_spec
+from emola_jax.sharding import (
+    MeshConfig,
+    logical_axes_table,
+    make_mesh,
+    param_sharding,
+    partition_spec,
+    state_shardings,
+)
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints
-from emola_jax.train.config import EMOLA_TRAINABLE, Experiment, TrainConfig
+from emola_jax.train.config import EMOLA_TRAINABLE, Experiment, FromBase, TrainConfig
 from emola_jax.train.init import training_config
 from emola_jax.train.loop import Trainer, next_batch, train
 from tests import reference as ref
@@ -185,19 +192,101 @@ def test_trainable_groups_schedules_and_optimizer_state_cover_only_the_trainable
     assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
 
 
+def _specs(model, mesh) -> dict[str, tuple]:
+    """Every weight's mesh placement, from the axes the model declares: `{path: spec}`."""
+    axes = logical_axes_table(model)
+    _, state = nnx.split(model)
+    return {"/".join(map(str, p)): tuple(param_sharding(tuple(map(str, p)), v.get_value().shape, mesh, axes).spec)
+            for p, v in nnx.to_flat_state(state)}
+
+
+# The intended placement of the tiny EmoLA (every size divides by 2) on a (2, 2, 2) mesh: the decoder's
+# `embed` over fsdp and `heads`/`mlp`/`vocab` over tensor, LoRA factors like their kernels with the
+# rank whole, the scanned `layers` axis whole; the vision tower and both projectors replicated.
+TINY_DECODER_LAYER = {
+    "input_layernorm/scale": (None,),
+    "post_attention_layernorm/scale": (None,),
+    **{f"self_attn/{n}_proj/{w}": spec for n in "qkv" for w, spec in
+       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}.items()},
+    "self_attn/o_proj/kernel": ("tensor", "fsdp"),
+    "self_attn/o_proj/lora_a": ("tensor", None),
+    "self_attn/o_proj/lora_b": (None, "fsdp"),
+    **{f"mlp/{n}_proj/{w}": spec for n in ("gate", "up") for w, spec in
+       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}.items()},
+    "mlp/down_proj/kernel": ("tensor", "fsdp"),
+    "mlp/down_proj/lora_a": ("tensor", None),
+    "mlp/down_proj/lora_b": (None, "fsdp"),
+}
+TINY_SPECS = {
+    "language_model/embed_tokens/embedding": ("tensor", "fsdp"),
+    "language_model/norm/scale": (None,),
+    "lm_head/kernel": ("fsdp", "tensor"),
+    **{f"language_model/layers/{k}": (None, *v) for k, v in TINY_DECODER_LAYER.items()},
+}
+REPLICATED_ROOTS = ("vision_tower/", "multi_modal_projector/", "prior_projector/")
+
+
+def test_declared_axes_place_the_tiny_model():
+    config = dataclasses.replace(configs.load("tiny").model, lora=LoRAConfig(rank=16, alpha=32.0,
+                                                                             targets=LORA_TARGETS))
+    model = abstract_model(config)
+    mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    specs = _specs(model, mesh)
+    for name, spec in specs.items():
+        print(f"{name:55} {spec}")
+    replicated = {n: s for n, s in specs.items() if n.startswith(REPLICATED_ROOTS)}
+    assert {n for n in replicated if n.startswith("vision_tower/encoder/layers/self_attn/")} >= {
+        f"vision_tower/encoder/layers/self_attn/{n}_proj/kernel" for n in "qkv"}
+    assert all(s == (None,) * len(s) for s in replicated.values())
+    assert {n: s for n, s in specs.items() if n not in replicated} == TINY_SPECS
+
+    # Adam's moments nest the trainable weights' paths under opt_state: they are placed like them.
+    train = dataclasses.replace(configs.load("tiny").train, trainable=EMOLA_TRAINABLE)
+    _, _, params, _ = train_step.split_trainable(model, train)
+    optimizer, _ = train_step.make_optimizer(train, params)
+    state = jax.eval_shape(functools.partial(train_step.init_state, optimizer=optimizer, seed=0), params)
+    shardings = state_shardings(state, mesh, logical_axes_table(model))
+    placed, roots = {}, {name.split("/")[0] for name in specs}
+    for path, sharding in jax.tree_util.tree_flatten_with_path(shardings)[0]:
+        names = [str(getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))) for k in path]
+        placed.setdefault(names[0], []).append((names, tuple(sharding.spec)))
+    moments = [(n, s) for n, s in placed["opt_state"] if "mu" in n or "nu" in n]
+    assert len(moments) == 2 * len(placed["params"])
+    for names, spec in placed["params"] + moments:
+        weight = "/".join(names[next(i for i, n in enumerate(names) if n in roots):])
+        assert spec == specs[weight], weight
+    assert any(s != (None,) * len(s) for _, s in moments)  # the LoRA moments are sharded
+    assert all(s == () for n, s in placed["opt_state"] if "mu" not in n and "nu" not in n)  # counters
+    assert [s for _, s in placed["step"] + placed["rng"]] == [(), ()]
+
+
+def test_a_weight_without_declared_axes_is_an_error():
+    config, mesh = configs.load("tiny").model, AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
+    with pytest.raises(ValueError, match="lm_head/bias is not a weight"):
+        param_sharding(("lm_head", "bias"), (512,), mesh, logical_axes_table(abstract_model(config)))
+    model = abstract_model(config)
+    norm = model.language_model.norm
+    norm.scale = nnx.Param(norm.scale.get_value())  # made without axes
+    with pytest.raises(ValueError, match="language_model/norm/scale declares no logical axes"):
+        logical_axes_table(model)
+    model = abstract_model(config)
+    model.language_model.layers.self_attn.q_proj.kernel.set_metadata(out_sharding=("embed", "heads"))
+    with pytest.raises(ValueError, match="language_model/layers/self_attn/q_proj/kernel declares axes"):
+        logical_axes_table(model)  # stacked: three dimensions, two axes
+
+
 def test_logical_axes_place_the_7b_weights():
     mesh = AbstractMesh((2, 2, 2), ("data", "fsdp", "tensor"))
-    q = ("language_model", "layers", "self_attn", "q_proj", "kernel")
-    assert partition_spec(logical_axes(q, 3, True), (32, 4096, 4096), mesh) == jax.sharding.PartitionSpec(
-        None, "fsdp", "tensor")
-    down_b = ("language_model", "layers", "mlp", "down_proj", "lora_b")
-    assert tuple(partition_spec(logical_axes(down_b, 3, True), (32, 128, 4096), mesh)) == (None, None, "fsdp")
-    embed = ("language_model", "embed_tokens", "embedding")
-    assert tuple(partition_spec(logical_axes(embed, 2, False), (32000, 4096), mesh)) == ("tensor", "fsdp")
+    specs = _specs(abstract_model(EmolaConfig(lora=LoRAConfig())), mesh)  # shapes only: the 7B defaults
+    assert specs["language_model/layers/self_attn/q_proj/kernel"] == (None, "fsdp", "tensor")  # (32, 4096, 4096)
+    assert specs["language_model/layers/mlp/down_proj/lora_b"] == (None, None, "fsdp")  # (32, 128, 4096)
+    assert specs["language_model/embed_tokens/embedding"] == ("tensor", "fsdp")  # (32000, 4096)
     # a size the mesh axis does not divide stays whole; the vision tower is replicated
-    assert tuple(partition_spec(logical_axes(embed, 2, False), (32001, 4096), mesh)) == (None, "fsdp")
-    fc1 = ("vision_tower", "encoder", "layers", "mlp", "fc1", "kernel")
-    assert tuple(partition_spec(logical_axes(fc1, 3, True), (24, 1024, 4096), mesh)) == (None, None, None)
+    axes = logical_axes_table(abstract_model(EmolaConfig()))
+    embed = ("language_model", "embed_tokens", "embedding")
+    assert tuple(partition_spec(axes[embed], (32001, 4096), mesh)) == (None, "fsdp")
+    assert specs["vision_tower/encoder/layers/mlp/fc1/kernel"] == (None, None, None)  # (24, 1024, 4096)
+    assert specs["vision_tower/encoder/layers/self_attn/q_proj/kernel"] == (None, None, None)
     assert MeshConfig.parse("data=2,tensor=2").shape(8) == (2, 1, 2)
     assert MeshConfig.parse("data=-1,fsdp=4").shape(8) == (2, 4, 1)
     with pytest.raises(ValueError, match="needs 16 devices"):
@@ -235,34 +324,8 @@ def test_meshes_agree_after_three_steps(tmp_path):
             np.testing.assert_allclose(result["params"][key], value, atol=1e-5, err_msg=f"{name} {key}")
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _losses(workdir: Path) -> list[float]:
     return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-
-
-def test_two_processes_agree_with_one(tmp_path):
-    common = ["run.py", "train", "--config", "tiny", "--steps", "3", "--set", "train.checkpoint_every=3"]
-    port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    procs = [
-        subprocess.Popen([sys.executable, *common, "--workdir", str(tmp_path / "two"),
-                          "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-        for i in range(2)
-    ]
-    outputs = [p.communicate(timeout=600)[0] for p in procs]
-    assert all(p.returncode == 0 for p in procs), outputs
-    subprocess.run([sys.executable, *common, "--workdir", str(tmp_path / "one")], cwd=ROOT, env=env, check=True)
-    np.testing.assert_allclose(_losses(tmp_path / "two"), _losses(tmp_path / "one"), atol=1e-5)
-    # the finished multi-process run's model is written by the same command run as one process
-    assert not (tmp_path / "two" / "model").exists()
-    subprocess.run([sys.executable, *common, "--workdir", str(tmp_path / "two")], cwd=ROOT, env=env, check=True)
-    assert (tmp_path / "two" / "model" / "config.json").is_file()
 
 
 # --- checkpoints, resume, faults --------------------------------------------------------------
@@ -317,6 +380,31 @@ def test_a_missing_or_mismatched_base_is_an_error_before_any_compile(tmp_path):
     save_pretrained(EmolaForConditionalGeneration(other, rngs=nnx.Rngs(0)), tmp_path / "base")
     with pytest.raises(ValueError, match="text.hidden_size: 64 there, 128 here"):
         training_config(dataclasses.replace(tiny, train=TrainConfig(base=str(tmp_path / "base"))))
+
+
+def test_the_config_and_the_base_agree_or_the_run_refuses(tmp_path, capsys):
+    tiny = configs.load("tiny")
+    base_model = tiny.model.replace(lora=None, prior_position="off")
+    save_pretrained(EmolaForConditionalGeneration(base_model, rngs=nnx.Rngs(0)), tmp_path / "base")
+    with_base = TrainConfig(base=str(tmp_path / "base"))
+    # a whole model config: every field but what training adds must be the base's, each difference listed
+    changed = tiny.model.replace(image_token_id=-200, text=dataclasses.replace(tiny.model.text, rope_theta=5e5))
+    with pytest.raises(ValueError, match=r"text.rope_theta: 10000.0 there, 500000.0 here; image_token_id: 511 there, "
+                                         r"-200 here\)"):
+        training_config(Experiment(model=changed, train=with_base))
+    # what training adds comes from the config, all else from the base
+    config, _ = training_config(Experiment(model=tiny.model.replace(dtype="bfloat16"), train=with_base))
+    assert config == base_model.replace(lora=tiny.model.lora, prior_position="after", dtype="bfloat16")
+    adds = FromBase(lora=LoRAConfig(rank=2, alpha=4.0), prior_position="before")
+    assert training_config(Experiment(model=adds, train=with_base))[0] == adds.apply_to(base_model)
+    with pytest.raises(ValueError, match="set train.base"):
+        training_config(Experiment(model=adds))
+    # an override that could have no effect is refused at the command line
+    assert run.main(["train", "--config", "demo_faces", "--workdir", str(tmp_path / "run"),
+                     "--set", "model.text.rope_theta=500000"]) == 1
+    error = capsys.readouterr().err
+    assert "unknown config key 'model.text.rope_theta'; valid keys here: lora, prior_position" in error
+    assert not (tmp_path / "run").exists()
 
 
 def test_restoring_over_another_base_is_refused(tmp_path):

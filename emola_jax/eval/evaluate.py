@@ -174,15 +174,24 @@ def evaluate_model(
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "annotations": str(Path(annotations).resolve()),
                 "dtype": dtype, "generation": dataclasses.asdict(generation) if generation else None,
                 "official_prompt": official_prompt}
-    done_count = _resume_point(predictions_file, out / RUN_SETTINGS, settings, records, annotations) if lead else 0
-    if jax.process_count() > 1:
+    done_count, refusal = 0, None
+    if lead:
+        try:
+            done_count = _resume_point(predictions_file, out / RUN_SETTINGS, settings, records, annotations)
+        except Exception as err:  # whatever stops process 0 must stop the others
+            done_count, refusal = -1, err
+    if jax.process_count() > 1:  # -1: process 0 refused; the others stop too instead of waiting for it
         done_count = int(multihost_utils.broadcast_one_to_all(np.int32(done_count)))
+    if refusal is not None:
+        raise refusal
+    if done_count < 0:
+        raise ValueError(f"process 0 refused to resume {predictions_file}; its error says why")
     todo = records[done_count:]
     evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, landmarks=landmarks) if todo else None
     if evaluator is not None:
         # every process takes the same number of rows; the global batch is a multiple of the devices
         global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
-        bar = tqdm(total=len(todo), desc="evaluating", unit="record", disable=not progress)
+        bar = tqdm(total=len(todo), desc="evaluating", unit="record", disable=not (progress and lead))  # one bar
         for batch in batches(todo, global_batch):
             padded = batch + [batch[-1]] * (global_batch - len(batch))  # repeat the last: static shapes
             answers = evaluator.predict(padded)[: len(batch)]

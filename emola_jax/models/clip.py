@@ -1,4 +1,8 @@
-"""CLIP vision transformer, names mirroring transformers' `CLIPVisionTransformer`."""
+"""CLIP vision transformer, names mirroring transformers' `CLIPVisionTransformer`.
+
+The frozen tower is small beside the decoder and replicated on every device: each of its weights
+declares all its axes `None`.
+"""
 
 from __future__ import annotations
 
@@ -7,7 +11,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emola_jax.config import VisionConfig
-from emola_jax.models.layers import Linear, scan_layers, stack_layers
+from emola_jax.models.layers import Linear, axes_metadata, scan_layers, stack_layers
+
+REPLICATED = (None, None)  # a kernel's (in, out)
 
 
 def quick_gelu(x: jax.Array) -> jax.Array:
@@ -19,9 +25,10 @@ class CLIPVisionEmbeddings(nnx.Module):
         self.config = config
         p, c, d = config.patch_size, config.num_channels, config.hidden_size
         init = jax.nn.initializers.normal(0.02)
-        self.patch_embedding = nnx.Param(init(rngs.params(), (p, p, c, d), dtype))  # HWIO, no bias
-        self.class_embedding = nnx.Param(init(rngs.params(), (d,), dtype))
-        self.position_embedding = nnx.Embed(config.num_patches + 1, d, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.patch_embedding = nnx.Param(init(rngs.params(), (p, p, c, d), dtype), **axes_metadata((None,) * 4))  # HWIO
+        self.class_embedding = nnx.Param(init(rngs.params(), (d,), dtype), **axes_metadata((None,)))
+        self.position_embedding = nnx.Embed(config.num_patches + 1, d, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                                            embedding_metadata=axes_metadata(REPLICATED))
 
     def __call__(self, pixel_values: jax.Array) -> jax.Array:
         """pixel_values `[batch, height, width, channels]` -> `[batch, 1 + patches, embed]`."""
@@ -45,10 +52,10 @@ class CLIPAttention(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d = config.hidden_size
         self.head_dim = config.head_dim
-        self.q_proj = Linear(d, d, dtype=dtype, rngs=rngs)
-        self.k_proj = Linear(d, d, dtype=dtype, rngs=rngs)
-        self.v_proj = Linear(d, d, dtype=dtype, rngs=rngs)
-        self.out_proj = Linear(d, d, dtype=dtype, rngs=rngs)
+        self.q_proj = Linear(d, d, axes=REPLICATED, dtype=dtype, rngs=rngs)
+        self.k_proj = Linear(d, d, axes=REPLICATED, dtype=dtype, rngs=rngs)
+        self.v_proj = Linear(d, d, axes=REPLICATED, dtype=dtype, rngs=rngs)
+        self.out_proj = Linear(d, d, axes=REPLICATED, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         batch, seq, _ = x.shape
@@ -60,15 +67,17 @@ class CLIPMLP(nnx.Module):
     def __init__(self, config: VisionConfig, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         if config.hidden_act != "quick_gelu":
             raise ValueError(f"vision activation {config.hidden_act!r} is not supported (quick_gelu only)")
-        self.fc1 = Linear(config.hidden_size, config.intermediate_size, dtype=dtype, rngs=rngs)
-        self.fc2 = Linear(config.intermediate_size, config.hidden_size, dtype=dtype, rngs=rngs)
+        self.fc1 = Linear(config.hidden_size, config.intermediate_size, axes=REPLICATED, dtype=dtype, rngs=rngs)
+        self.fc2 = Linear(config.intermediate_size, config.hidden_size, axes=REPLICATED, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.fc2(quick_gelu(self.fc1(x)))
 
 
 def _layer_norm(config: VisionConfig, dtype: jnp.dtype, rngs: nnx.Rngs) -> nnx.LayerNorm:
-    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs)
+    replicated = axes_metadata((None,))
+    return nnx.LayerNorm(config.hidden_size, epsilon=config.layer_norm_eps, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                         scale_metadata=replicated, bias_metadata=replicated)
 
 
 class CLIPEncoderLayer(nnx.Module):

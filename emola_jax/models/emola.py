@@ -56,7 +56,8 @@ class EmolaForConditionalGeneration(nnx.Module):
         self.lm_head = (
             None
             if text.tie_word_embeddings
-            else Linear(text.hidden_size, text.vocab_size, use_bias=False, dtype=dtype, rngs=rngs)
+            else Linear(text.hidden_size, text.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dtype,
+                        rngs=rngs)
         )
 
     def image_features(self, pixel_values: jax.Array) -> jax.Array:

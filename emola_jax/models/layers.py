@@ -1,19 +1,37 @@
-"""Building blocks shared by the towers: dense layers (with an optional LoRA adapter), norms."""
+"""Building blocks shared by the towers: dense layers (with an optional LoRA adapter), norms.
+
+Every weight names its logical axes where it is made (`axes_metadata`); `emola_jax.sharding`
+maps those names to mesh axes. `None` declares an axis replicated.
+"""
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from flax.nnx import spmd
 
 from emola_jax.config import LoRAConfig
+
+Axes = tuple[str | None, ...]
+
+
+def axes_metadata(axes: Axes) -> dict:
+    """Variable metadata declaring a weight's logical axes, one per dimension.
+
+    Flax's own key (`out_sharding`, what `nnx.with_partitioning` sets and `nnx.get_partition_spec`
+    reads). Eager sharding is off: these are logical names, not mesh axes, and the model is built
+    without a mesh; `emola_jax.sharding` places the weights.
+    """
+    return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
 class Linear(nnx.Module):
     """`y = x @ kernel + bias`, plus `scale * (x @ lora_a) @ lora_b` when an adapter is attached.
 
     The adapter factors are `nnx.LoRAParam`s, so `nnx.split(model, nnx.LoRAParam, ...)` separates
-    them from the frozen base; `W + BA` is never formed here.
+    them from the frozen base; `W + BA` is never formed here. `axes` are the kernel's logical axes
+    `(in, out)`; the bias takes `out`, the factors `(in, "rank")` and `("rank", out)`.
     """
 
     def __init__(
@@ -21,6 +39,7 @@ class Linear(nnx.Module):
         in_features: int,
         out_features: int,
         *,
+        axes: tuple[str | None, str | None],
         use_bias: bool = True,
         lora: LoRAConfig | None = None,
         lora_salt: int = 0,
@@ -28,8 +47,10 @@ class Linear(nnx.Module):
         rngs: nnx.Rngs,
     ):
         init = jax.nn.initializers.lecun_normal()
-        self.kernel = nnx.Param(init(rngs.params(), (in_features, out_features), dtype))  # [in, out]
-        self.bias = nnx.Param(jnp.zeros((out_features,), dtype)) if use_bias else None
+        in_axis, out_axis = axes
+        kernel = init(rngs.params(), (in_features, out_features), dtype)
+        self.kernel = nnx.Param(kernel, **axes_metadata(axes))  # [in, out]
+        self.bias = nnx.Param(jnp.zeros((out_features,), dtype), **axes_metadata((out_axis,))) if use_bias else None
         if lora is None:
             self.lora_a = self.lora_b = None
             self.lora_scale = self.lora_dropout = 0.0
@@ -37,9 +58,12 @@ class Linear(nnx.Module):
             # PEFT's default: A ~ kaiming_uniform(a=sqrt(5)) = U(-1/sqrt(in), 1/sqrt(in)), B = 0.
             bound = in_features**-0.5
             self.lora_a = nnx.LoRAParam(
-                jax.random.uniform(rngs.params(), (in_features, lora.rank), jnp.float32, -bound, bound)
+                jax.random.uniform(rngs.params(), (in_features, lora.rank), jnp.float32, -bound, bound),
+                **axes_metadata((in_axis, "rank")),
             )  # [in, rank]
-            self.lora_b = nnx.LoRAParam(jnp.zeros((lora.rank, out_features), jnp.float32))  # [rank, out]
+            self.lora_b = nnx.LoRAParam(
+                jnp.zeros((lora.rank, out_features), jnp.float32), **axes_metadata(("rank", out_axis))
+            )  # [rank, out]
             self.lora_scale = lora.scale
             self.lora_dropout = lora.dropout
         self.lora_salt = lora_salt  # tells this adapter's dropout mask apart from its siblings'
@@ -65,7 +89,7 @@ class RMSNorm(nnx.Module):
     """LLaMA's RMSNorm, normalising in float32 as the reference does, then scaling in `dtype`."""
 
     def __init__(self, size: int, eps: float, *, dtype: jnp.dtype = jnp.float32):
-        self.scale = nnx.Param(jnp.ones((size,), dtype))
+        self.scale = nnx.Param(jnp.ones((size,), dtype), **axes_metadata(("norm",)))
         self.eps = eps
 
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -75,21 +99,25 @@ class RMSNorm(nnx.Module):
 
 
 class MlpProjector(nnx.Module):
-    """LLaVA's `mlp2x_gelu`: Linear -> GELU (exact) -> Linear. Serves both projectors of EmoLA."""
+    """LLaVA's `mlp2x_gelu`: Linear -> GELU (exact) -> Linear. Serves both projectors of EmoLA,
+    which are small and replicated on every device."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
-        self.linear_1 = Linear(in_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.linear_2 = Linear(out_features, out_features, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        replicated = (None, None)
+        self.linear_1 = Linear(in_features, out_features, axes=replicated, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.linear_2 = Linear(out_features, out_features, axes=replicated, use_bias=use_bias, dtype=dtype, rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
 
 
 def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
-    """One layer module whose every parameter has a leading `[num_layers]` axis, for `scan`."""
+    """One layer module whose every parameter has a leading `[num_layers]` axis, for `scan`; its
+    declared axes gain a leading `"layers"`, as `nnx.vmap` with `transform_metadata` adds it."""
     keys = jax.random.split(rngs.params(), num_layers)
     graphdef, _ = nnx.split(nnx.eval_shape(lambda: make_layer(nnx.Rngs(0))))
     states = jax.vmap(lambda key: nnx.split(make_layer(nnx.Rngs(key)))[1])(keys)
+    states = spmd.add_axis(states, 0, {nnx.PARTITION_NAME: "layers"})
     return nnx.merge(graphdef, states)
 
 

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emola_jax.config import LoRAConfig, TextConfig
-from emola_jax.models.layers import Linear, RMSNorm, scan_layers, stack_layers
+from emola_jax.models.layers import Linear, RMSNorm, axes_metadata, scan_layers, stack_layers
 from emola_jax.models.rope import apply_rope, rope_cos_sin
 
 
@@ -23,10 +23,10 @@ def _adapter(lora: LoRAConfig | None, path: str) -> LoRAConfig | None:
     return lora if any(re.fullmatch(t, path) or re.fullmatch(t, name) for t in lora.targets) else None
 
 
-def _projection(config: TextConfig, lora: LoRAConfig | None, path: str, fan_in: int, fan_out: int, bias: bool,
+def _projection(lora: LoRAConfig | None, path: str, fan_in: int, fan_out: int, axes: tuple[str, str], bias: bool,
                 dtype: jnp.dtype, rngs: nnx.Rngs) -> Linear:
-    return Linear(fan_in, fan_out, use_bias=bias, lora=_adapter(lora, path), lora_salt=zlib.crc32(path.encode()),
-                  dtype=dtype, rngs=rngs)
+    return Linear(fan_in, fan_out, axes=axes, use_bias=bias, lora=_adapter(lora, path),
+                  lora_salt=zlib.crc32(path.encode()), dtype=dtype, rngs=rngs)
 
 
 def _key(key: jax.Array | None, i: int) -> jax.Array | None:
@@ -42,13 +42,13 @@ class LlamaAttention(nnx.Module):
         d, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.resolved_head_dim
 
-        def proj(name, fan_in, fan_out):
-            return _projection(config, lora, f"self_attn.{name}", fan_in, fan_out, config.attention_bias, dtype, rngs)
+        def proj(name, fan_in, fan_out, axes):
+            return _projection(lora, f"self_attn.{name}", fan_in, fan_out, axes, config.attention_bias, dtype, rngs)
 
-        self.q_proj = proj("q_proj", d, heads * self.head_dim)
-        self.k_proj = proj("k_proj", d, kv_heads * self.head_dim)
-        self.v_proj = proj("v_proj", d, kv_heads * self.head_dim)
-        self.o_proj = proj("o_proj", heads * self.head_dim, d)
+        self.q_proj = proj("q_proj", d, heads * self.head_dim, ("embed", "heads"))
+        self.k_proj = proj("k_proj", d, kv_heads * self.head_dim, ("embed", "heads"))
+        self.v_proj = proj("v_proj", d, kv_heads * self.head_dim, ("embed", "heads"))
+        self.o_proj = proj("o_proj", heads * self.head_dim, d, ("heads", "embed"))
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | str, cache=None,
                  dropout_key: jax.Array | None = None):
@@ -145,9 +145,9 @@ def causal_blockwise_attention(
 class LlamaMLP(nnx.Module):
     def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         d, f, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
-        self.gate_proj = _projection(config, lora, "mlp.gate_proj", d, f, bias, dtype, rngs)
-        self.up_proj = _projection(config, lora, "mlp.up_proj", d, f, bias, dtype, rngs)
-        self.down_proj = _projection(config, lora, "mlp.down_proj", f, d, bias, dtype, rngs)
+        self.gate_proj = _projection(lora, "mlp.gate_proj", d, f, ("embed", "mlp"), bias, dtype, rngs)
+        self.up_proj = _projection(lora, "mlp.up_proj", d, f, ("embed", "mlp"), bias, dtype, rngs)
+        self.down_proj = _projection(lora, "mlp.down_proj", f, d, ("mlp", "embed"), bias, dtype, rngs)
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
         gate, up = self.gate_proj(x, _key(dropout_key, 0)), self.up_proj(x, _key(dropout_key, 1))
@@ -191,7 +191,8 @@ class LlamaModel(nnx.Module):
 
     def __init__(self, config: TextConfig, lora: LoRAConfig | None = None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
         self.config = config
-        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs)
+        self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
+                                      embedding_metadata=axes_metadata(("vocab", "embed")))
         self.layers = stack_layers(
             lambda r: LlamaDecoderLayer(config, lora, dtype=dtype, rngs=r), config.num_hidden_layers, rngs
         )

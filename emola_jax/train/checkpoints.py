@@ -1,10 +1,11 @@
 """Training checkpoints: the small trainable state, written by orbax asynchronously and atomically.
 
 Only what changes during training is saved (trainable weights, optimiser state, step, RNG,
-skipped-update count) plus, in the step's metadata, the data iterator's state and the base
+skipped-update count), each process's data-iterator state in a file of its own
+(`data/process_{i}-of-{n}.json`, grain's naming), and, in the step's metadata, the base
 checkpoint's path and fingerprint. The frozen base is referenced, never copied; restoring
 against a different base is an error. Orbax writes each step into a temporary folder and renames
-it when complete, so a run killed mid-save resumes from the previous checkpoint.
+it when every process has finished, so a run killed mid-save resumes from the previous checkpoint.
 """
 
 from __future__ import annotations
@@ -17,7 +18,40 @@ from typing import Any
 import jax
 from orbax.checkpoint import v1 as ocp
 
-STATE = "state"
+STATE, DATA = "state", "data"
+
+
+class DataIteratorState:
+    """This process's data-iterator state as an orbax checkpointable: every process writes and
+    reads its own `process_{i}-of-{n}.json` in the checkpoint's `data/` folder, since a grain
+    iterator's position belongs to the rows that process reads."""
+
+    def __init__(self, state: Any = None):
+        self.state = state
+
+    @staticmethod
+    def file_name() -> str:
+        return f"process_{jax.process_index()}-of-{jax.process_count()}.json"
+
+    async def save(self, directory):
+        text = json.dumps(self.state)  # fixed now: the iterator moves on while orbax writes
+
+        async def write() -> None:
+            folder = await directory.await_creation()
+            (Path(folder) / self.file_name()).write_text(text)
+
+        return write()
+
+    async def load(self, directory):
+        async def read() -> None:
+            file = Path(directory) / self.file_name()
+            if not file.is_file():
+                written = sorted(p.name for p in Path(directory).glob("process_*.json"))
+                raise ValueError(f"{file} does not exist (the checkpoint holds {', '.join(written) or 'no'} "
+                                 "data-iterator files): resume with the process count that wrote it")
+            self.state = json.loads(file.read_text())
+
+        return read()
 
 
 def base_fingerprint(path: str | Path) -> str:
@@ -46,12 +80,15 @@ class TrainCheckpoints:
         return None if latest is None else int(latest.step)
 
     def save(self, step: int, state: dict, data_state: Any) -> None:
-        """Starts an asynchronous save; the device arrays are copied before this returns."""
-        metadata = {"data_iterator": _jsonable(data_state), "base": self.base, "base_fingerprint": self.fingerprint}
-        self._checkpointer.save_checkpointables_async(step, {STATE: state}, custom_metadata=metadata, force=True)
+        """Starts an asynchronous save (every process calls it); the device arrays are copied and
+        `data_state` (this process's iterator state, JSON-able) is fixed before this returns."""
+        metadata = {"base": self.base, "base_fingerprint": self.fingerprint}
+        self._checkpointer.save_checkpointables_async(
+            step, {STATE: state, DATA: DataIteratorState(data_state)}, custom_metadata=metadata, force=True)
 
     def restore(self, abstract_state: dict) -> tuple[dict, Any]:
-        """The latest state, laid out as `abstract_state` (shapes, dtypes, shardings), and the data state."""
+        """The latest state, laid out as `abstract_state` (shapes, dtypes, shardings), and this
+        process's data-iterator state."""
         step = self.latest_step()
         metadata = self._checkpointer.metadata(step).custom_metadata or {}
         if self.fingerprint is not None and metadata.get("base_fingerprint") != self.fingerprint:
@@ -61,29 +98,17 @@ class TrainCheckpoints:
                 f"fingerprint {self.fingerprint}; point train.base at the original base or use a new workdir"
             )
         try:
-            restored = self._checkpointer.load_checkpointables(step, {STATE: abstract_state})
+            restored = self._checkpointer.load_checkpointables(
+                step, {STATE: abstract_state, DATA: DataIteratorState()})
         except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
             raise ValueError(f"could not restore the training checkpoint {self.directory / str(step)}: {err}") from err
-        return restored[STATE], _from_jsonable(metadata.get("data_iterator"))
+        return restored[STATE], restored[DATA].state
 
     def wait(self) -> None:
         self._checkpointer.wait()
 
     def close(self) -> None:
         self._checkpointer.close()
-
-
-def _jsonable(state: Any) -> Any:
-    """Grain iterators report their state as bytes (JSON inside); metadata must be JSON."""
-    if isinstance(state, bytes):
-        return {"bytes": state.decode()}
-    return json.loads(json.dumps(state))
-
-
-def _from_jsonable(state: Any) -> Any:
-    if isinstance(state, dict) and set(state) == {"bytes"}:
-        return state["bytes"].encode()
-    return state
 
 
 def abstract_like(tree: Any) -> Any:

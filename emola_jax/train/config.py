@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from emola_jax.config import EmolaConfig
+from emola_jax.config import LANDMARK_DIM, EmolaConfig, LoRAConfig, PriorPosition
 from emola_jax.sharding import MeshConfig
 
 # (path regex, learning rate): the first pattern a weight's '/'-joined path matches decides;
@@ -53,11 +53,40 @@ class TrainConfig:
 
 
 @dataclasses.dataclass(frozen=True)
-class Experiment:
-    """A config file's `get_config()`: `model` (when `train.base` is set, its vision/text towers must
-    match the base checkpoint's; its LoRA and prior settings are what the run adds), `data` (the
-    input pipeline's config) and `train`."""
+class FromBase:
+    """The model section of a run that starts from `train.base`: only what training adds. The
+    towers, vocabulary, token ids and every other architecture field are the base's, so no
+    setting here can be silently overridden by the base."""
 
-    model: EmolaConfig
+    lora: LoRAConfig | None = LoRAConfig()
+    prior_position: PriorPosition = "after"
+    prior_dim: int = LANDMARK_DIM
+    dtype: str = "float32"
+
+    @classmethod
+    def of(cls, model: EmolaConfig) -> FromBase:
+        """The additions a full model config makes (e.g. to train it from a base built from it)."""
+        return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
+
+    def apply_to(self, base: EmolaConfig) -> EmolaConfig:
+        """The model to train: `base` with these additions."""
+        return base.replace(**{f.name: getattr(self, f.name) for f in dataclasses.fields(self)})
+
+
+def planned_model(model: EmolaConfig | FromBase) -> EmolaConfig:
+    """The whole model a config describes, for plans made without its base on disk: a `FromBase`
+    model goes over LLaVA-1.5-7B's architecture (`EmolaConfig`'s defaults)."""
+    return model.apply_to(EmolaConfig()) if isinstance(model, FromBase) else model
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """A config file's `get_config()`: `model`, `data` (the input pipeline's config) and `train`.
+
+    `model` is a whole `EmolaConfig` when the run starts from random weights, or `FromBase` (what
+    training adds) when `train.base` is set; a whole `EmolaConfig` with a base must then agree
+    with the base on every architecture field (`emola_jax.train.init.training_config`)."""
+
+    model: EmolaConfig | FromBase
     train: TrainConfig = TrainConfig()
     data: Any = None

@@ -8,7 +8,9 @@ them (XLA drops the unused rest of the init).
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
+from typing import Any
 
 import jax
 import numpy as np
@@ -26,33 +28,46 @@ from emola_jax.checkpoint import (
 )
 from emola_jax.config import EmolaConfig
 from emola_jax.models import EmolaForConditionalGeneration
-from emola_jax.sharding import param_sharding
-from emola_jax.train.config import Experiment
+from emola_jax.sharding import logical_axes_table, param_sharding
+from emola_jax.train.config import Experiment, FromBase
 
-# What must agree between the base checkpoint and the config's model (the towers' architecture).
-_TEXT_FIELDS = ("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads")
+
+def _differences(ours: Any, theirs: Any, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
+    """`field: theirs there, ours here` for every leaf field of two config dataclasses that differs."""
+    out = []
+    for field in dataclasses.fields(ours):
+        if field.name in skip:
+            continue
+        mine, other = getattr(ours, field.name), getattr(theirs, field.name)
+        if dataclasses.is_dataclass(mine) and dataclasses.is_dataclass(other):
+            out += _differences(mine, other, f"{prefix}{field.name}.")
+        elif mine != other:
+            out.append(f"{prefix}{field.name}: {other} there, {mine} here")
+    return out
 
 
 def training_config(experiment: Experiment) -> tuple[EmolaConfig, EmolaConfig | None]:
-    """`(model config to train, base config)`: the base's towers with the config's LoRA, prior
-    token and dtype. A base whose architecture differs from the config's is an error, before any
-    compile."""
+    """`(model config to train, base config)`, checked before any compile.
+
+    With `train.base`, the model is the base's with what the config adds (`FromBase`); a config
+    that gives a whole `EmolaConfig` must agree with the base on every field but those additions,
+    else the error lists each difference (no field is silently replaced by the base's)."""
     model, base = experiment.model, experiment.train.base
     if base is None:
+        if isinstance(model, FromBase):
+            raise ValueError("the config's model section gives only what training adds (FromBase): set train.base, "
+                             "the converted checkpoint to start from")
         return model, None
     if not Path(base).is_dir():
         raise FileNotFoundError(f"base checkpoint {base} does not exist (train.base); convert one with run.py convert")
     base_config = load_config(base)
-    diffs = [f"vision.{k}: {v} there, {getattr(model.vision, k)} here"
-             for k, v in vars(base_config.vision).items() if getattr(model.vision, k) != v]
-    diffs += [f"text.{k}: {getattr(base_config.text, k)} there, {getattr(model.text, k)} here"
-              for k in _TEXT_FIELDS if getattr(base_config.text, k) != getattr(model.text, k)]
-    if diffs:
-        raise ValueError(f"base checkpoint {base} does not match the config's model ({'; '.join(diffs)})")
-    config = base_config.replace(
-        lora=model.lora, prior_position=model.prior_position, prior_dim=model.prior_dim, dtype=model.dtype
-    )
-    return config, base_config
+    if isinstance(model, EmolaConfig):
+        diffs = _differences(model, base_config, skip=frozenset(f.name for f in dataclasses.fields(FromBase)))
+        if diffs:
+            raise ValueError(f"base checkpoint {base} does not match the config's model ({'; '.join(diffs)}); with "
+                             "train.base the model section may give only what training adds (FromBase)")
+        model = FromBase.of(model)
+    return model.apply_to(base_config), base_config
 
 
 def _join(path) -> str:
@@ -71,8 +86,10 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
             if all(k in stored for k in keys):
                 in_base.add(path)
     fresh = [path for path in shapes if path not in in_base]
-    values = {path: _read_base(experiment.train.base, path, shapes[path], mesh) for path in shapes if path in in_base}
-    values.update(_init_fresh(config, fresh, experiment.train.seed, mesh))
+    axes = logical_axes_table(abstract_model(config))
+    values = {path: _read_base(experiment.train.base, path, shapes[path], mesh, axes)
+              for path in shapes if path in in_base}
+    values.update(_init_fresh(config, fresh, experiment.train.seed, mesh, axes))
 
     graphdef, state = nnx.split(abstract_model(config))
     flat = nnx.to_flat_state(state)
@@ -81,7 +98,7 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
     return nnx.merge(graphdef, nnx.from_flat_state(flat)), [_join(p) for p in fresh]
 
 
-def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh) -> jax.Array:
+def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: dict) -> jax.Array:
     """One weight (all its layers), cast to the run's dtype and placed in its sharding."""
     if is_stacked(path):
         keys = [layer_path(path, i) for i in range(spec.shape[0])]
@@ -91,11 +108,11 @@ def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh) -> jax.A
     else:
         host = np.asarray(read_params(base, {path: spec})[path])
     host = host.astype(spec.dtype)
-    sharding = param_sharding(path, spec.shape, mesh)
+    sharding = param_sharding(path, spec.shape, mesh, axes)
     return jax.make_array_from_callback(spec.shape, sharding, lambda index: host[index])
 
 
-def _init_fresh(config: EmolaConfig, paths: list, seed: int, mesh: Mesh) -> dict:
+def _init_fresh(config: EmolaConfig, paths: list, seed: int, mesh: Mesh, axes: dict) -> dict:
     if not paths:
         return {}
     shapes = param_shapes(config)
@@ -106,6 +123,6 @@ def _init_fresh(config: EmolaConfig, paths: list, seed: int, mesh: Mesh) -> dict
         flat = nnx.to_flat_state(nnx.state(model))
         return {_join(tuple(map(str, k))): v.get_value() for k, v in flat if tuple(map(str, k)) in wanted}
 
-    shardings = {_join(p): param_sharding(p, shapes[p].shape, mesh) for p in paths}
+    shardings = {_join(p): param_sharding(p, shapes[p].shape, mesh, axes) for p in paths}
     values = jax.jit(init, out_shardings=shardings)()
     return {p: values[_join(p)] for p in paths}

@@ -2,6 +2,10 @@
 
     records -> loader (this process's rows) -> global batch (sharded over data x fsdp)
             -> jitted step (trainable tree only) -> metrics.jsonl / TensorBoard / checkpoints
+
+Every process runs this same loop on its own rows; each writes its own data-iterator state into
+each checkpoint and its records' ids to `examples/process_{i}-of-{n}.jsonl`, and all take part in
+writing the final `WORKDIR/model`.
 """
 
 from __future__ import annotations
@@ -24,15 +28,17 @@ from emola_jax.config import EmolaConfig
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.llama import resolve_attention
-from emola_jax.sharding import global_batch, make_mesh, state_shardings
+from emola_jax.sharding import global_batch, logical_axes_table, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fingerprint
 from emola_jax.train.config import Experiment
 from emola_jax.train.init import build_model, training_config
-from emola_jax.train.metrics import MetricsWriter
+from emola_jax.train.metrics import MetricsWriter, StepLog
 
 FINAL_MODEL = "model"
+EXAMPLES_DIR = "examples"  # per process: the record ids of each step's rows
 PAD_VALUES = {"labels": train_step.IGNORE_INDEX}  # others pad with 0
+HOST_KEYS = ("ids",)  # batch entries that stay on the host
 
 
 def make_loader(experiment: Experiment, config: EmolaConfig):
@@ -64,7 +70,8 @@ def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
 
 def next_batch(loader, accum: int) -> dict[str, np.ndarray]:
     """`accum` micro-batches stacked `[accum, rows, ...]`, padded to one length that every
-    process agrees on (length buckets may differ between micro-batches and hosts)."""
+    process agrees on (length buckets may differ between micro-batches and hosts). Record ids,
+    when the loader gives them, stay a host array `ids [accum, rows]`."""
     micro = [next(loader) for _ in range(accum)]
     length = max(m["input_ids"].shape[1] for m in micro)
     if jax.process_count() > 1:
@@ -93,7 +100,8 @@ class Trainer:
         self.graphdef, self.template, params, self.frozen = train_step.split_trainable(model, cfg)
         self.optimizer, self.schedules = train_step.make_optimizer(cfg, params)
         init = functools.partial(train_step.init_state, optimizer=self.optimizer, seed=cfg.seed)
-        shardings = state_shardings(jax.eval_shape(init, params), self.mesh)  # Adam moments as their weights
+        shardings = state_shardings(  # Adam moments as their weights
+            jax.eval_shape(init, params), self.mesh, logical_axes_table(model))
         self.state = jax.jit(init, out_shardings=shardings)(params)
         self.attention = resolve_attention(cfg.attention, jnp.dtype(self.config.dtype))
         self._step = jax.jit(
@@ -104,7 +112,8 @@ class Trainer:
 
     def step(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One update; returns the step's metrics as device arrays (fetching them waits for the step)."""
-        self.state, metrics = self._step(self.state, self.frozen, _stacked_global(local_batch, self.mesh))
+        arrays = {name: value for name, value in local_batch.items() if name not in HOST_KEYS}
+        self.state, metrics = self._step(self.state, self.frozen, _stacked_global(arrays, self.mesh))
         return metrics
 
     def model(self) -> EmolaForConditionalGeneration:
@@ -134,6 +143,8 @@ def train(
         loader.set_state(data_state)
     is_main = jax.process_index() == 0
     writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+    examples = StepLog(workdir / EXAMPLES_DIR / f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl",
+                       resume_step=start)
     last = min(cfg.steps, until) if until is not None else cfg.steps
     bar = tqdm(total=last, initial=start, desc="train", unit="step", disable=not (progress and is_main))
     losses: dict[int, float] = {}
@@ -168,6 +179,8 @@ def train(
         for step in range(start + 1, last + 1):
             local = next_batch(loader, cfg.grad_accum_steps)
             data_state = loader.get_state()
+            if "ids" in local:
+                examples.write({"step": step, "ids": local["ids"].reshape(-1).tolist()})
             metrics = trainer.step(local)
             if pending is not None:  # fetch the previous step's metrics while this one runs
                 report(*pending)
@@ -182,15 +195,13 @@ def train(
     finally:
         bar.close()
         writer.close()
+        examples.close()
         checkpoints.close()
 
     summary: dict[str, Any] = {"workdir": str(workdir), "steps": last, "fresh_weights": len(trainer.fresh)}
     if losses:
         summary.update(first_loss=losses[min(losses)], last_loss=losses[max(losses)])
-    if last == cfg.steps and jax.process_count() > 1:
-        # orbax's writer synchronises every process of a run; the model is written from one
-        summary["model"] = "rerun the same command as a single process to write WORKDIR/model from the last checkpoint"
-    elif last == cfg.steps:
+    if last == cfg.steps:  # every process writes its shards of the model
         tokenizer = Path(cfg.base) / TOKENIZER_DIR if cfg.base else None
         files = sorted(tokenizer.iterdir()) if tokenizer is not None and tokenizer.is_dir() else []
         summary["model"] = str(save_pretrained(

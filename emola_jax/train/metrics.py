@@ -7,17 +7,14 @@ from pathlib import Path
 from typing import Any
 
 
-class MetricsWriter:
-    """Written by process 0 only. On resume, lines of steps after the restored one (logged by
-    a run killed before its next checkpoint) are dropped, so each step appears once."""
+class StepLog:
+    """A JSON-lines file with one object per step (`{"step": ..., ...}`). On resume, lines of
+    steps after the restored one (logged by a run killed before its next checkpoint) are
+    dropped, so each step appears once."""
 
-    def __init__(self, workdir: str | Path, *, resume_step: int, enabled: bool = True):
-        self.enabled = enabled
-        if not enabled:
-            return
-        from tensorboardX import SummaryWriter
-
-        self.path = Path(workdir) / "metrics.jsonl"
+    def __init__(self, path: str | Path, *, resume_step: int):
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
         kept = []
         if self.path.exists():
             for line in self.path.read_text().splitlines():
@@ -25,18 +22,36 @@ class MetricsWriter:
                     kept.append(line)
         self.path.write_text("".join(f"{line}\n" for line in kept))
         self._file = self.path.open("a")
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._file.write(json.dumps(record) + "\n")
+        self._file.flush()
+
+    def close(self) -> None:
+        self._file.close()
+
+
+class MetricsWriter:
+    """`metrics.jsonl` and TensorBoard, written by process 0 only; resumes as `StepLog` does."""
+
+    def __init__(self, workdir: str | Path, *, resume_step: int, enabled: bool = True):
+        self.enabled = enabled
+        if not enabled:
+            return
+        from tensorboardX import SummaryWriter
+
+        self._log = StepLog(Path(workdir) / "metrics.jsonl", resume_step=resume_step)
         self._tensorboard = SummaryWriter(str(Path(workdir) / "tensorboard"), purge_step=resume_step + 1)
 
     def write(self, record: dict[str, Any]) -> None:
         if not self.enabled:
             return
-        self._file.write(json.dumps(record) + "\n")
-        self._file.flush()
+        self._log.write(record)
         for name, value in record.items():
             if name != "step" and isinstance(value, int | float):
                 self._tensorboard.add_scalar(f"train/{name}", value, record["step"])
 
     def close(self) -> None:
         if self.enabled:
-            self._file.close()
+            self._log.close()
             self._tensorboard.close()

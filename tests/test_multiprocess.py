@@ -1,0 +1,163 @@
+"""Training on several processes through `run.py`, on real inputs: the demo's converted base, its
+drawn faces and their precomputed prior features, fed by the grain pipeline.
+
+Two processes x two CPU devices must give the run of one process x four devices: the same
+examples in the same global order, the same losses, the same final model; a stopped or killed
+run resumes from its checkpoints, each process from its own data-iterator state.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import configs
+from emola_jax.checkpoint import load_pretrained
+from emola_jax.demo import DemoInputs, prepare
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "run.py")]
+STEPS = 7  # batches of 8 over 52 training faces: the stream crosses into the second epoch
+TRAIN = ["train", "--config", "demo_faces", "--steps", str(STEPS), "--set", "data.batch_size=8",
+         "--set", "train.checkpoint_every=3"]
+TIMEOUT = 600
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory) -> Path:
+    """A working directory holding `demo_out/` (what `configs/demo_faces.py` reads)."""
+    root = tmp_path_factory.mktemp("multiprocess")
+    prepare(root / "demo_out", configs.load("tiny").model, train_per_emotion=4, eval_per_emotion=1)
+    return root
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _env(devices: int) -> dict:
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+def run_processes(folder: Path, args: list[str], count: int, devices: int, *, timeout: float = TIMEOUT):
+    """Runs `run.py ARGS` as `count` processes of one run; returns their (return code, output)."""
+    port = _free_port()
+    flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),  # noqa: E731
+                       "--process-id", str(i)] if count > 1 else []
+    procs = [subprocess.Popen([*RUN, *args, *flags(i)], cwd=folder, env=_env(devices), stdout=subprocess.PIPE,
+                              stderr=subprocess.STDOUT, text=True) for i in range(count)]
+    try:
+        return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
+    finally:
+        for p in procs:
+            p.kill()
+
+
+def _check_ok(results) -> None:
+    assert all(code == 0 for code, _ in results), "\n".join(out[-3000:] for _, out in results)
+
+
+def losses(workdir: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+
+
+def global_order(workdir: Path, processes: int) -> list[list[str]]:
+    """The record ids of each step's global batch: process 0's rows, then process 1's, ..."""
+    per_process = [[json.loads(line) for line in
+                    (workdir / "examples" / f"process_{i}-of-{processes}.jsonl").read_text().splitlines()]
+                   for i in range(processes)]
+    steps = [[r["step"] for r in records] for records in per_process]
+    assert all(s == list(range(1, len(s) + 1)) for s in steps), steps
+    return [sum((records[k]["ids"] for records in per_process), []) for k in range(len(per_process[0]))]
+
+
+@pytest.fixture(scope="module")
+def straight_runs(folder):
+    """The same training as one process x four devices and as two processes x two devices."""
+    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "one"], count=1, devices=4))
+    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "two"], count=2, devices=2))
+    return folder / "one", folder / "two"
+
+
+def test_two_processes_train_as_one_from_a_converted_base_on_the_pipeline(folder, straight_runs):
+    one, two = straight_runs
+    # the same examples in the same global order, every training face once per epoch
+    order = global_order(two, 2)
+    assert order == global_order(one, 1) and len(order) == STEPS and all(len(b) == 8 for b in order)
+    inputs = DemoInputs.in_folder(folder / "demo_out")
+    records = [r["id"] for name in ("train_emotion", "train_au")
+               for r in json.loads(inputs.annotations[name].read_text())]
+    stream = sum(order, [])
+    assert len(records) == 52 and sorted(stream[:52]) == sorted(records)  # the first epoch: each face once
+    assert len(set(stream[52:])) == len(stream[52:])  # the second epoch has begun, without repeats
+    # the same losses, step for step
+    np.testing.assert_allclose(losses(two), losses(one), rtol=1e-5)
+    assert len(losses(two)) == STEPS
+
+
+def test_the_multi_process_run_writes_the_final_model(folder, straight_runs):
+    one, two = straight_runs
+    model_two, config = load_pretrained(two / "model")
+    model_one, _ = load_pretrained(one / "model")
+    rng = np.random.default_rng(0)
+    ids = np.concatenate([[1, 5, 9], np.full(config.image_seq_length, config.image_token_id), [7, 11, 13]])[None]
+    size = config.vision.image_size
+    pixels = rng.standard_normal((1, size, size, 3)).astype(np.float32)
+    landmarks = rng.random((1, 212)).astype(np.float32)
+    logits = [np.asarray(m(ids.astype(np.int32), pixels, landmarks=landmarks)) for m in (model_two, model_one)]
+    np.testing.assert_allclose(logits[0], logits[1], rtol=1e-4, atol=1e-5)
+    assert json.loads((two / "model" / "source.json").read_text())["steps"] == STEPS
+    assert (two / "model" / "tokenizer").is_dir()
+
+
+def test_a_stopped_two_process_run_resumes_to_the_same_losses(folder, straight_runs):
+    _, two = straight_runs
+    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "resumed", "--until", "3"], count=2, devices=2))
+    data = sorted(p.name for p in (folder / "resumed" / "checkpoints" / "3" / "data").glob("process_*"))
+    assert data == ["process_0-of-2.json", "process_1-of-2.json"]  # each process's own iterator state
+    assert len(losses(folder / "resumed")) == 3 and not (folder / "resumed" / "model").exists()
+    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "resumed"], count=2, devices=2))
+    assert losses(folder / "resumed") == losses(two)  # to the last bit
+    assert global_order(folder / "resumed", 2) == global_order(two, 2)
+
+
+TFDS_CONFIG = '''
+import dataclasses
+
+from configs.demo_faces import get_config as demo_faces
+
+
+def get_config():
+    experiment = demo_faces()
+    data = dataclasses.replace(experiment.data, annotations=(), tfds_dir={tfds_dir!r}, split="train")
+    return dataclasses.replace(experiment, data=data)
+'''
+
+
+def test_two_processes_train_as_one_on_a_built_tfds_dataset(folder):
+    from emola_jax.data import tfds_builders
+
+    faces = folder / "demo_out" / "faces"
+    for split in ("train", "eval"):  # FABA-Instruct's layout, paths relative to the dataset folder
+        (faces / split).mkdir(exist_ok=True)
+        (faces / split / f"{split}_emotion_anno.json").write_text((faces / f"{split}_emotion_anno.json").read_text())
+    builder = tfds_builders.build("faba_instruct", faces, folder / "tfds", config="emotion",
+                                  landmarks=faces / "landmarks.array_record")
+    (folder / "faces_tfds.py").write_text(TFDS_CONFIG.format(tfds_dir=str(builder.data_dir)))
+    args = ["train", "--config", str(folder / "faces_tfds.py"), "--steps", "4", "--set", "data.batch_size=8"]
+    _check_ok(run_processes(folder, [*args, "--workdir", "tfds_one"], count=1, devices=4))
+    _check_ok(run_processes(folder, [*args, "--workdir", "tfds_two"], count=2, devices=2))
+    order = global_order(folder / "tfds_two", 2)
+    assert order == global_order(folder / "tfds_one", 1)
+    assert len(set(sum(order[:3], []))) == 24 and all(i.startswith("train_") for i in sum(order, []))
+    np.testing.assert_allclose(losses(folder / "tfds_two"), losses(folder / "tfds_one"), rtol=1e-5)
