@@ -43,6 +43,14 @@ def _generation_config(args: argparse.Namespace, tokenizer):
                             pad_token_id=pad, temperature=args.temperature, top_p=args.top_p)
 
 
+def _join(args: argparse.Namespace) -> None:
+    """Joins the multi-process run the distributed flags describe (nothing without them)."""
+    from emola_jax.distributed import initialize_distributed
+
+    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
+                           peer_timeout=args.peer_timeout)
+
+
 def _evaluate(args: argparse.Namespace) -> None:
     from emola_jax.eval import report
 
@@ -58,10 +66,9 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--ckpt needs --data, the annotation file of the split to evaluate")
         import jax
 
-        from emola_jax.distributed import initialize_distributed
         from emola_jax.eval import evaluate
 
-        initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+        _join(args)
         tokenizer = evaluate.load_tokenizer(args.ckpt)
         metrics = evaluate.evaluate_model(
             args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
@@ -78,7 +85,6 @@ def _generate(args: argparse.Namespace) -> None:
     import jax
     import numpy as np
 
-    from emola_jax.distributed import initialize_distributed
     from emola_jax.eval import evaluate
 
     if args.landmarks is not None and args.onnx is not None:
@@ -92,7 +98,7 @@ def _generate(args: argparse.Namespace) -> None:
         from emola_jax.data import landmarks as lm
 
         landmarks = lm.official_features(lm.open_session(args.onnx), [args.image])[0]
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    _join(args)
     tokenizer = evaluate.load_tokenizer(args.ckpt)
     evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
     answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
@@ -120,10 +126,9 @@ def _precompute_landmarks(args: argparse.Namespace) -> None:
 def _train(args: argparse.Namespace) -> None:
     import configs
     from emola_jax.config import override
-    from emola_jax.distributed import initialize_distributed
     from emola_jax.train.loop import train
 
-    initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed)
+    _join(args)
     assignments = list(args.set)
     if args.steps is not None:
         assignments.append(f"train.steps={args.steps}")
@@ -153,6 +158,9 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--process-id", type=int, help="multi-process run: this process's index")
     parser.add_argument("--distributed", action="store_true",
                         help="multi-process run on a TPU pod or cluster that jax detects by itself")
+    parser.add_argument("--peer-timeout", type=float, default=60.0, metavar="SECONDS",
+                        help="multi-process run: a process silent this long is lost, and the others stop, naming it "
+                        "(default 60)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -306,13 +314,18 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    from emola_jax import distributed
+
     try:
         args.func(args)
     except Exception as err:  # one clear sentence unless --debug
         if args.debug:
             raise
-        print(f"error: {err}", file=sys.stderr)
+        # a collective that failed because a process was lost: say which one
+        print(f"error: {distributed.lost_peer() or err}", file=sys.stderr, flush=True)
+        distributed.leave_after_error(err)  # on several processes: the others learn why, and this one exits
         return 1
+    distributed.finish()
     return 0
 
 
