@@ -45,7 +45,9 @@ def initialize_distributed(
     if auto:
         jax.distributed.initialize()
     else:
-        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id)
+        # explicit: no cluster detection, which under SLURM would give each process one device
+        jax.distributed.initialize(coordinator, num_processes=num_processes, process_id=process_id,
+                                   cluster_detection_method="deactivate")
     if jax.process_count() > 1:
         _watch = PeerWatch(peer_timeout)
 

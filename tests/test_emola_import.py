@@ -87,6 +87,12 @@ def emola_run(tmp_path_factory):
     return dict(root=root, config=config, llava=llava, mm=mm, prior=prior, run=run)
 
 
+# Adapters of 0.3 * randn at scale 3 add as much as the base weights do, and float32 rounding grows
+# with them: measured 1.5e-4 at logits up to 5.9 (2.5e-5 of the largest) with jax 0.10.2, torch
+# 2.13 and transformers 5.24; the plain-LLaVA parity tests hold 1e-4.
+EMOLA_RUN_TOL = 3e-4
+
+
 def _torch_reference(setup, ids, pixels, landmarks, mask):
     """The EmoLA forward in PyTorch: HF CLIP + retrained projector + prior token, PEFT decoder."""
     llava = setup["llava"]
@@ -117,7 +123,7 @@ def test_emola_run_matches_pytorch(emola_run, tmp_path):
     got = np.asarray(model(ids, pixels, attention_mask=mask, landmarks=landmarks))
     expected = _torch_reference(emola_run, np.where(ids == -200, ref.IMAGE_TOKEN, ids), pixels, landmarks, mask)
     valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=EMOLA_RUN_TOL, rtol=0)
 
 
 def test_lora_factors_stay_separate_from_base(emola_run, tmp_path):

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -20,9 +19,8 @@ from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.data import conversation, image
 from emola_jax.eval import evaluate as ev
 from emola_jax.models import EmolaForConditionalGeneration
+from tests.processes import ROOT, Run
 
-ROOT = Path(__file__).resolve().parent.parent
-RUN = [sys.executable, str(ROOT / "run.py")]
 TIMEOUT = 300  # seconds a command may take before the test fails instead of hanging
 WORDS = ("a chat between curious user and an artificial intelligence assistant the gives helpful detailed polite "
          "answers to s questions what emotions are conveyed by this face person looks happy sad angry calm au1 "
@@ -209,45 +207,14 @@ def test_official_prompt_replaces_the_record_question(setup, tmp_path):
 # --- several processes through `run.py` (2 processes x 2 CPU devices) ------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env() -> dict:
-    return {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2", "JAX_PLATFORMS": "cpu"}
-
-
 def _evaluate_args(root, ckpt, out, batch_size: int) -> list[str]:
     return ["evaluate", "--ckpt", str(ckpt), "--data", str(root / "data" / "eval_emotion_anno.json"),
             "--task", "emotion", "--out", str(out), "--max-new-tokens", "6", "--batch-size", str(batch_size)]
 
 
-def _start_two(args: list[str], logs: Path) -> list[subprocess.Popen]:
-    """Both processes of a 2-process run; each one's output goes to LOGS/process{i}.log."""
-    logs.mkdir(parents=True, exist_ok=True)
-    port = _free_port()
-    procs = []
-    for i in range(2):
-        with open(logs / f"process{i}.log", "w") as log:
-            procs.append(subprocess.Popen(
-                [*RUN, *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2", "--process-id", str(i)],
-                cwd=ROOT, env=_env(), stdout=log, stderr=subprocess.STDOUT))
-    return procs
-
-
-def _wait_all(procs: list[subprocess.Popen], logs: Path, timeout: float = TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    try:
-        for p in procs:
-            p.wait(timeout=max(deadline - time.monotonic(), 0))
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"a process hung for {timeout}s; logs in {logs}")
-    logs_text = [(logs / f"process{i}.log").read_text()[-2000:] for i in range(len(procs))]
-    assert all(p.returncode == 0 for p in procs), logs_text
+def _two(args: list[str], logs: Path) -> Run:
+    """Both processes of a 2-process run, 2 CPU devices each."""
+    return Run(args, count=2, devices=2, cwd=ROOT, logs=logs)
 
 
 @pytest.fixture(scope="module")
@@ -261,12 +228,10 @@ def one_process(setup, tmp_path_factory):
 
 def test_two_processes_write_the_predictions_of_one(setup, one_process, tmp_path):
     root, ckpt = setup
-    procs = _start_two(_evaluate_args(root, ckpt, tmp_path / "two", 2), tmp_path / "logs")
-    _wait_all(procs, tmp_path / "logs")
+    two = _two(_evaluate_args(root, ckpt, tmp_path / "two", 2), tmp_path / "logs").check(TIMEOUT)
     assert _predictions(tmp_path / "two") == one_process
     assert [p["id"] for p in one_process] == [f"img{i}" for i in range(5)]
-    assert "S_re" in (tmp_path / "logs" / "process0.log").read_text()
-    assert "S_re" not in (tmp_path / "logs" / "process1.log").read_text()  # process 0 reports for both
+    assert "S_re" in two.output(0) and "S_re" not in two.output(1)  # process 0 reports for both
 
 
 def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
@@ -274,7 +239,8 @@ def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
     process ends at once (its runtime loses the coordinator), and a rerun finishes the file."""
     root, ckpt = setup
     out, args = tmp_path / "killed", _evaluate_args(root, ckpt, tmp_path / "killed", 2)  # 2 batches of 4
-    procs = _start_two(args, tmp_path / "logs")
+    killed = _two(args, tmp_path / "logs")
+    procs = killed.procs
     deadline = time.monotonic() + TIMEOUT
     while not ((out / ev.PREDICTIONS).exists() and (out / ev.PREDICTIONS).stat().st_size):
         assert time.monotonic() < deadline and procs[0].poll() is None, "no prediction was written"
@@ -283,33 +249,23 @@ def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
     try:
         procs[1].wait(timeout=60)
     except subprocess.TimeoutExpired:
-        procs[1].kill()
         pytest.fail("process 1 still ran 60s after process 0 was killed")
-    procs[0].wait()
+    finally:
+        killed.kill()
     assert procs[1].returncode != 0  # aborted by jax's distributed runtime: the coordinator is gone
     assert 0 < len(ev.read_done(out / ev.PREDICTIONS)) < 5, "the run ended before the kill"
-    _wait_all(_start_two(args, tmp_path / "rerun"), tmp_path / "rerun")
+    _two(args, tmp_path / "rerun").check(TIMEOUT)
     assert _predictions(out) == one_process
 
 
-def test_generate_on_two_processes_prints_the_answer_of_one(setup, capsys):
+def test_generate_on_two_processes_prints_the_answer_of_one(setup, capsys, tmp_path):
     root, ckpt = setup
     args = ["generate", str(ckpt), "--image", str(root / "data" / "images" / "0.png"), "--landmarks",
             str(root / "data" / "landmarks" / "0.npy"), "--prompt", "What emotions are conveyed by this face?",
             "--max-new-tokens", "6"]
     assert run.main(args) == 0
     one = capsys.readouterr().out
-    port = _free_port()
-    procs = [subprocess.Popen([*RUN, *args, "--coordinator", f"127.0.0.1:{port}", "--num-processes", "2",
-                               "--process-id", str(i)], cwd=ROOT, env=_env(), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
-    try:
-        outputs = [p.communicate(timeout=TIMEOUT) for p in procs]
-    except subprocess.TimeoutExpired:
-        for p in procs:
-            p.kill()
-        pytest.fail(f"a generate process hung for {TIMEOUT}s")
-    assert all(p.returncode == 0 for p in procs), [err[-2000:] for _, err in outputs]
-    ours = [[line for line in out.splitlines() if not line.startswith("[Gloo]")] for out, _ in outputs]
+    two = _two(args, tmp_path / "logs").check(TIMEOUT)
+    ours = [[line for line in two.stdout(i).splitlines() if not line.startswith("[Gloo]")] for i in range(2)]
     assert ours == [one.splitlines(), []]  # process 0 prints the answer, process 1 nothing of its own
     assert one.strip()

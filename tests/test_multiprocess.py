@@ -9,11 +9,6 @@ run resumes from its checkpoints, each process from its own data-iterator state.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -23,13 +18,11 @@ import pytest
 import configs
 from emola_jax.checkpoint import load_pretrained
 from emola_jax.demo import DemoInputs, prepare
+from tests.processes import TIMEOUT, Run
 
-ROOT = Path(__file__).resolve().parents[1]
-RUN = [sys.executable, str(ROOT / "run.py")]
 STEPS = 20  # batches of 8 over 52 training faces: three epochs and the start of a fourth
-TRAIN = ["train", "--config", "demo_faces", "--steps", str(STEPS), "--set", "data.batch_size=8",
+TRAIN = ["--config", "demo_faces", "--steps", str(STEPS), "--set", "data.batch_size=8",
          "--set", "train.checkpoint_every=3"]
-TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
@@ -40,33 +33,10 @@ def folder(tmp_path_factory) -> Path:
     return root
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _env(devices: int) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
-    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
-
-
-def run_processes(folder: Path, args: list[str], count: int, devices: int, *, timeout: float = TIMEOUT):
-    """Runs `run.py ARGS` as `count` processes of one run; returns their (return code, output)."""
-    port = _free_port()
-    flags = lambda i: ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),  # noqa: E731
-                       "--process-id", str(i)] if count > 1 else []
-    procs = [subprocess.Popen([*RUN, *args, *flags(i)], cwd=folder, env=_env(devices), stdout=subprocess.PIPE,
-                              stderr=subprocess.STDOUT, text=True) for i in range(count)]
-    try:
-        return [(p.wait(timeout=timeout), p.stdout.read()) for p in procs]
-    finally:
-        for p in procs:
-            p.kill()
-
-
-def _check_ok(results) -> None:
-    assert all(code == 0 for code, _ in results), "\n".join(out[-3000:] for _, out in results)
+def train(folder: Path, args: list[str], *, count: int, devices: int) -> Run:
+    """`run.py train ARGS` to its end as `count` processes x `devices` CPU devices, in `folder`."""
+    workdir = args[args.index("--workdir") + 1]
+    return Run(["train", *args], count=count, devices=devices, cwd=folder, logs=folder / f"{workdir}.logs").check()
 
 
 def losses(workdir: Path) -> list[float]:
@@ -86,8 +56,8 @@ def global_order(workdir: Path, processes: int) -> list[list[str]]:
 @pytest.fixture(scope="module")
 def straight_runs(folder):
     """The same training as one process x four devices and as two processes x two devices."""
-    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "one"], count=1, devices=4))
-    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "two"], count=2, devices=2))
+    train(folder, [*TRAIN, "--workdir", "one"], count=1, devices=4)
+    train(folder, [*TRAIN, "--workdir", "two"], count=2, devices=2)
     return folder / "one", folder / "two"
 
 
@@ -126,11 +96,11 @@ def test_the_multi_process_run_writes_the_final_model(folder, straight_runs):
 
 def test_a_stopped_two_process_run_resumes_to_the_same_losses(folder, straight_runs):
     _, two = straight_runs
-    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "resumed", "--until", "3"], count=2, devices=2))
+    train(folder, [*TRAIN, "--workdir", "resumed", "--until", "3"], count=2, devices=2)
     data = sorted(p.name for p in (folder / "resumed" / "checkpoints" / "3" / "data").glob("process_*"))
     assert data == ["process_0-of-2.json", "process_1-of-2.json"]  # each process's own iterator state
     assert len(losses(folder / "resumed")) == 3 and not (folder / "resumed" / "model").exists()
-    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "resumed"], count=2, devices=2))
+    train(folder, [*TRAIN, "--workdir", "resumed"], count=2, devices=2)
     assert losses(folder / "resumed") == losses(two)  # to the last bit
     assert global_order(folder / "resumed", 2) == global_order(two, 2)
 
@@ -158,9 +128,9 @@ def test_two_processes_train_as_one_on_a_built_tfds_dataset(folder):
     builder = tfds_builders.build("faba_instruct", faces, folder / "tfds", config="emotion",
                                   landmarks=faces / "landmarks.array_record")
     (folder / "faces_tfds.py").write_text(TFDS_CONFIG.format(tfds_dir=str(builder.data_dir)))
-    args = ["train", "--config", str(folder / "faces_tfds.py"), "--steps", "4", "--set", "data.batch_size=8"]
-    _check_ok(run_processes(folder, [*args, "--workdir", "tfds_one"], count=1, devices=4))
-    _check_ok(run_processes(folder, [*args, "--workdir", "tfds_two"], count=2, devices=2))
+    args = ["--config", str(folder / "faces_tfds.py"), "--steps", "4", "--set", "data.batch_size=8"]
+    train(folder, [*args, "--workdir", "tfds_one"], count=1, devices=4)
+    train(folder, [*args, "--workdir", "tfds_two"], count=2, devices=2)
     order = global_order(folder / "tfds_two", 2)
     assert order == global_order(folder / "tfds_one", 1)
     assert len(set(sum(order[:3], []))) == 24 and all(i.startswith("train_") for i in sum(order, []))
@@ -169,31 +139,27 @@ def test_two_processes_train_as_one_on_a_built_tfds_dataset(folder):
 
 def test_a_killed_process_ends_the_others_with_one_sentence_and_the_rerun_resumes(folder, straight_runs):
     _, two = straight_runs
-    port = _free_port()
-    args = [*RUN, *TRAIN, "--workdir", "killed", "--peer-timeout", "10", "--coordinator", f"127.0.0.1:{port}",
-            "--num-processes", "2"]
-    procs = [subprocess.Popen([*args, "--process-id", str(i)], cwd=folder, env=_env(2), stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for i in range(2)]
+    run = Run(["train", *TRAIN, "--workdir", "killed", "--peer-timeout", "10"], count=2, devices=2, cwd=folder,
+              logs=folder / "killed.logs")
     try:
         checkpoint = folder / "killed" / "checkpoints" / "3"  # orbax renames it into place when complete
         deadline = time.monotonic() + TIMEOUT
-        while not checkpoint.is_dir() and time.monotonic() < deadline and procs[1].poll() is None:
+        while not checkpoint.is_dir() and time.monotonic() < deadline and run.procs[1].poll() is None:
             time.sleep(0.05)
-        assert procs[1].poll() is None, "process 1 ended before it could be killed"
-        procs[1].send_signal(signal.SIGKILL)
+        assert run.procs[1].poll() is None, "process 1 ended before it could be killed"
+        run.procs[1].kill()  # SIGKILL
         killed_at = time.monotonic()
-        code = procs[0].wait(timeout=60)
+        code = run.procs[0].wait(timeout=60)
         waited = time.monotonic() - killed_at
-        errors = procs[0].stderr.read()
     finally:
-        for p in procs:
-            p.kill()
+        run.kill()
     assert code == 1 and waited < 25, (code, waited)
-    lines = [line for line in errors.replace("\r", "\n").splitlines() if line.startswith("error:")]
+    output = run.output(0)
+    lines = [line for line in output.replace("\r", "\n").splitlines() if line.startswith("error:")]
     sentence = "error: process 1 of 2 was lost (no sign of life for"
-    assert errors.count("error:") == 1 and len(lines) == 1 and lines[0].startswith(sentence), errors[-2000:]
-    assert "Check failure" not in errors and "Fatal" not in errors
+    assert output.count("error:") == 1 and len(lines) == 1 and lines[0].startswith(sentence), output[-2000:]
+    assert "Check failure" not in output and "Fatal" not in output
     # the rerun resumes from the last complete checkpoint and ends as the straight run did
-    _check_ok(run_processes(folder, [*TRAIN, "--workdir", "killed"], count=2, devices=2))
+    train(folder, [*TRAIN, "--workdir", "killed"], count=2, devices=2)
     assert losses(folder / "killed") == losses(two)
     assert global_order(folder / "killed", 2) == global_order(two, 2)

@@ -1,0 +1,71 @@
+"""`run.py` as the processes of one multi-process run on this machine (127.0.0.1, CPU devices)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN = [sys.executable, str(ROOT / "run.py")]
+TIMEOUT = 600  # seconds a whole run may take before the test fails instead of hanging
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_env(devices: int) -> dict:
+    """The environment of a process with `devices` virtual CPU devices."""
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    return {**env, "XLA_FLAGS": f"--xla_force_host_platform_device_count={devices}", "JAX_PLATFORMS": "cpu"}
+
+
+class Run:
+    """`run.py ARGS` started as `count` processes (one process: no distributed flags), each with
+    `devices` CPU devices; each one's stdout and stderr go to `logs/process{i}.out` and `.err`."""
+
+    def __init__(self, args: list[str], *, count: int, devices: int, cwd: Path, logs: Path):
+        self.logs = Path(logs)
+        self.logs.mkdir(parents=True, exist_ok=True)
+        port = free_port()
+        self.procs = []
+        for i in range(count):
+            flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
+            with open(self.logs / f"process{i}.out", "w") as out, open(self.logs / f"process{i}.err", "w") as err:
+                self.procs.append(subprocess.Popen([*RUN, *args, *(flags if count > 1 else [])], cwd=cwd,
+                                                   env=cpu_env(devices), stdout=out, stderr=err))
+
+    def stdout(self, i: int) -> str:
+        return (self.logs / f"process{i}.out").read_text()
+
+    def output(self, i: int) -> str:
+        """Process `i`'s stdout, then its stderr."""
+        return self.stdout(i) + (self.logs / f"process{i}.err").read_text()
+
+    def wait(self, timeout: float = TIMEOUT) -> list[int]:
+        """Every process's return code; all are killed if the run is not over within `timeout`."""
+        deadline = time.monotonic() + timeout
+        try:
+            for p in self.procs:
+                p.wait(timeout=max(deadline - time.monotonic(), 0))
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"a process still ran after {timeout} s; logs in {self.logs}") from None
+        return [p.returncode for p in self.procs]
+
+    def kill(self) -> None:
+        for p in self.procs:
+            p.kill()
+            p.wait()
+
+    def check(self, timeout: float = TIMEOUT) -> Run:
+        """Waits, and fails with the end of each log unless every process succeeded."""
+        codes = self.wait(timeout)
+        assert codes == [0] * len(codes), [self.output(i)[-3000:] for i in range(len(codes))]
+        return self
