@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import traceback
 from pathlib import Path
 
 
@@ -318,12 +319,14 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         args.func(args)
-    except Exception as err:  # one clear sentence unless --debug
-        if args.debug:
+    except BaseException as err:
+        if distributed.is_multiprocess():  # the others learn why; jax's shutdown would wait for them
+            if args.debug:
+                traceback.print_exc()
+            distributed.leave_after_error(err)
+        if args.debug or not isinstance(err, Exception):
             raise
-        # a collective that failed because a process was lost: say which one
-        print(f"error: {distributed.lost_peer() or err}", file=sys.stderr, flush=True)
-        distributed.leave_after_error(err)  # on several processes: the others learn why, and this one exits
+        print(f"error: {err}", file=sys.stderr)  # one clear sentence unless --debug
         return 1
     distributed.finish()
     return 0

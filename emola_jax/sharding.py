@@ -18,10 +18,20 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from emola_jax.checkpoint import Path_
-from emola_jax.models.layers import Axes
-
 MESH_AXES = ("data", "fsdp", "tensor")
+Path_ = tuple[str, ...]  # a weight's path in the model, e.g. ("language_model", "layers", "mlp", ...)
+Axes = tuple[str | None, ...]
+
+
+def axes_metadata(axes: Axes) -> dict:
+    """Variable metadata declaring a weight's logical axes, one per dimension.
+
+    Flax's own key (`out_sharding`, what `nnx.with_partitioning` sets and `nnx.get_partition_spec`
+    reads). Eager sharding is off: these are logical names, not mesh axes, and the model is built
+    without a mesh; `state_shardings` places the weights once the mesh is known.
+    """
+    return {"out_sharding": tuple(axes), "eager_sharding": False}
+
 
 # logical axis -> mesh axes (None: replicated); an axis declared `None` is replicated too
 LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {

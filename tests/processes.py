@@ -28,9 +28,11 @@ def cpu_env(devices: int) -> dict:
 
 class Run:
     """`run.py ARGS` started as `count` processes (one process: no distributed flags), each with
-    `devices` CPU devices; each one's stdout and stderr go to `logs/process{i}.out` and `.err`."""
+    `devices` CPU devices; each one's stdout and stderr go to `logs/process{i}.out` and `.err`.
+    `extra[i]`: arguments process `i` alone gets."""
 
-    def __init__(self, args: list[str], *, count: int, devices: int, cwd: Path, logs: Path):
+    def __init__(self, args: list[str], *, count: int, devices: int, cwd: Path, logs: Path,
+                 extra: dict[int, list[str]] | None = None):
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -38,8 +40,8 @@ class Run:
         for i in range(count):
             flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
             with open(self.logs / f"process{i}.out", "w") as out, open(self.logs / f"process{i}.err", "w") as err:
-                self.procs.append(subprocess.Popen([*RUN, *args, *(flags if count > 1 else [])], cwd=cwd,
-                                                   env=cpu_env(devices), stdout=out, stderr=err))
+                command = [*RUN, *args, *(extra or {}).get(i, []), *(flags if count > 1 else [])]
+                self.procs.append(subprocess.Popen(command, cwd=cwd, env=cpu_env(devices), stdout=out, stderr=err))
 
     def stdout(self, i: int) -> str:
         return (self.logs / f"process{i}.out").read_text()

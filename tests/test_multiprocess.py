@@ -105,6 +105,17 @@ def test_a_stopped_two_process_run_resumes_to_the_same_losses(folder, straight_r
     assert global_order(folder / "resumed", 2) == global_order(two, 2)
 
 
+
+def test_a_process_that_fails_tells_the_others_why(folder):
+    run = Run(["train", *TRAIN, "--workdir", "failed", "--peer-timeout", "30"], count=2, devices=2, cwd=folder,
+              logs=folder / "failed.logs", extra={1: ["--set", "data.batch_size=7"]})  # wrong on process 1 only
+    assert run.wait(timeout=120) == [1, 1]
+    reason = "batch_size 7 is not a multiple of the 2 processes"
+    errors = [[line for line in run.output(i).splitlines() if line.startswith("error:")] for i in range(2)]
+    assert errors[1] == [f"error: {reason}"]
+    assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: process 1 of 2 stopped ({reason}); process 0 stops")
+    assert not any("Check failure" in run.output(i) for i in range(2))
+
 TFDS_CONFIG = '''
 import dataclasses
 

@@ -186,10 +186,12 @@ def collect(loader, count: int | None = None) -> list[dict]:
 
 
 def rows_by_landmark(batches: list[dict]) -> dict[bytes, dict]:
+    """The real rows of `batches` (padding rows of skipped records left out) by landmark bytes."""
     rows = {}
     for batch in batches:
         for i in range(len(batch["input_ids"])):
-            rows[batch["landmarks"][i].tobytes()] = {k: v[i] for k, v in batch.items()}
+            if batch["attention_mask"][i].any():
+                rows[batch["landmarks"][i].tobytes()] = {k: v[i] for k, v in batch.items()}
     return rows
 
 
@@ -336,9 +338,14 @@ def test_bad_records_error_or_skip(tmp_path, tokenizers):
     skipping = PipelineConfig(**{**base, "on_bad_record": "skip"})
     source = pipeline.make_source(skipping, tok, MODEL)
     assert sorted(rid for rid, _ in source.bad.items) == ["no_landmark", "r1", "r3", "r4"]
-    rows = rows_by_landmark(collect(pipeline.make_eval_loader(skipping, tok, MODEL, source=source)))
+    batches = collect(pipeline.make_eval_loader(skipping, tok, MODEL, source=source))
+    rows = rows_by_landmark(batches)
     features = landmark_store.read_landmarks(landmarks)
     assert rows.keys() == {features[k].tobytes() for k in ("r0", "r6", "r7")}  # r5's image is truncated
+    # r5, found bad while reading, keeps its place as a padding row: nothing of it is seen or scored
+    assert [b["ids"].tolist() for b in batches] == [["r0", "r5"], ["r6", "r7"]]
+    assert not batches[0]["attention_mask"][1].any() and (batches[0]["labels"][1] == -100).all()
+    assert not batches[0]["pixel_values"][1].any()
 
     cut = PipelineConfig(**{**base, "annotations": str(tmp_path / "one.json"), "truncate": True, "max_length": 96,
                             "length_buckets": ()})

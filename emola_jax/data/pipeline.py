@@ -23,6 +23,7 @@ import dataclasses
 import hashlib
 import io
 import logging
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal
@@ -67,6 +68,7 @@ class PipelineConfig:
     num_epochs: int | None = None
     worker_count: int = 2
     worker_buffer_size: int = 2
+    read_threads: int = 1  # threads making examples in each worker (or here, without workers)
     on_bad_record: Literal["error", "skip"] = "error"
 
     def __post_init__(self):
@@ -77,8 +79,8 @@ class PipelineConfig:
             raise ValueError("give either annotations (JSON files) or tfds_dir (a built tfds dataset), not both")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
-        if self.max_length < 1 or any(b < 1 for b in self.length_buckets) or self.batch_size < 1:
-            raise ValueError("max_length, length buckets and batch_size must be positive")
+        if min(self.max_length, self.batch_size, self.read_threads, *self.length_buckets) < 1:
+            raise ValueError("max_length, length buckets, batch_size and read_threads must be positive")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError("num_epochs must be positive, or None for an endless stream")
 
@@ -112,18 +114,21 @@ class MemoTokenizer:
 
     def __init__(self, tokenizer, size: int = 4096):
         self.tokenizer, self.size, self.cache = tokenizer, size, {}
+        self.lock = threading.Lock()  # grain may make examples on several threads
 
     def __call__(self, text: str) -> _Encoding:
-        ids = self.cache.pop(text, None)  # re-inserted below: the dict's order is least recently used first
+        with self.lock:
+            ids = self.cache.pop(text, None)  # re-inserted below: the dict's order is least recently used first
         if ids is None:
             ids = tuple(self.tokenizer(text).input_ids)
-            if len(self.cache) >= self.size:
+        with self.lock:
+            if text not in self.cache and len(self.cache) >= self.size:
                 self.cache.pop(next(iter(self.cache)))
-        self.cache[text] = ids
+            self.cache[text] = ids
         return _Encoding(list(ids))
 
     def __getattr__(self, name: str):
-        if name in ("tokenizer", "size", "cache"):  # not set yet (unpickling)
+        if name in ("tokenizer", "size", "cache", "lock"):  # not set yet (unpickling)
             raise AttributeError(name)
         return getattr(self.tokenizer, name)
 
@@ -131,7 +136,7 @@ class MemoTokenizer:
         return {"tokenizer": self.tokenizer, "size": self.size, "cache": {}}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
+        self.__dict__.update(state, lock=threading.Lock())
 
 
 # --- the annotation-file source ------------------------------------------------------------------
@@ -240,7 +245,7 @@ def _check_length(rid: str, ids: np.ndarray, model_config: EmolaConfig, config: 
 # --- per-example work (runs in the worker processes) ------------------------------------------------
 
 class _MakeExample:
-    """Record -> one example (or a `_bad` marker the filter drops and logs, on_bad_record='skip')."""
+    """Record -> one example (or, on_bad_record='skip', a `_bad` marker that becomes a padding row)."""
 
     def __init__(self, config: PipelineConfig, model_config: EmolaConfig, tokenizer=None,
                  table: LandmarkTable | None = None):
@@ -316,36 +321,36 @@ class _GrainMap(grain.transforms.Map):
         return self.inner.map(element)
 
 
-class _GrainFilter(grain.transforms.Filter):
-    """Drops (and logs) the bad-record markers of on_bad_record='skip'."""
-
-    def filter(self, example: dict) -> bool:
-        if "_bad" in example:
-            log.warning("skipping a bad record: %s", example["_bad"])
-            return False
-        return True
-
-
 class _Collate:
-    """Right-pads a list of examples to the batch's length bucket."""
+    """Right-pads a list of examples to the batch's length bucket.
 
-    def __init__(self, buckets: tuple[int, ...], pad_id: int):
-        self.buckets, self.pad_id = buckets, pad_id
+    A bad record's marker (on_bad_record='skip', found while reading) becomes an all-padding row:
+    nothing of it is seen or scored, and every process keeps the same rows of every global batch."""
+
+    def __init__(self, buckets: tuple[int, ...], pad_id: int, image_size: int):
+        self.buckets, self.pad_id, self.image_size = buckets, pad_id, image_size
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
-        longest = max(len(e["input_ids"]) for e in examples)
+        good = [e for e in examples if "_bad" not in e]
+        for example in examples:
+            if "_bad" in example:
+                log.warning("skipping a bad record: %s", example["_bad"])
+        longest = max((len(e["input_ids"]) for e in good), default=1)
         length = next(b for b in self.buckets if b >= longest)
         rows = len(examples)
         input_ids = np.full((rows, length), self.pad_id, np.int32)
         labels = np.full((rows, length), IGNORE_INDEX, np.int32)
         mask = np.zeros((rows, length), np.int32)
+        pixels = np.zeros((rows, self.image_size, self.image_size, 3), np.float32)
+        landmarks = np.zeros((rows, LANDMARK_DIM), np.float32)
         for i, example in enumerate(examples):
+            if "_bad" in example:
+                continue
             n = len(example["input_ids"])
             input_ids[i, :n], labels[i, :n], mask[i, :n] = example["input_ids"], example["labels"], 1
-        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask,
-                "pixel_values": np.stack([e["pixel_values"] for e in examples]).astype(np.float32),
-                "landmarks": np.stack([e["landmarks"] for e in examples]).astype(np.float32),
-                "ids": np.asarray([e["id"] for e in examples], dtype=str)}
+            pixels[i], landmarks[i] = example["pixel_values"], example["landmarks"]
+        return {"input_ids": input_ids, "labels": labels, "attention_mask": mask, "pixel_values": pixels,
+                "landmarks": landmarks, "ids": np.asarray([e["id"] for e in examples], dtype=str)}
 
 
 # --- loaders --------------------------------------------------------------------------------------
@@ -403,7 +408,8 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
     `shuffle().repeat()` does), cut into global batches of `batch_size`; each process reads its
     own block of every batch (`ProcessRows`), so the global order does not depend on the process
     count. Examples are made by `worker_count` worker processes and batched here, in order.
-    `training=False`: one pass in record order, the last (partial) batch kept."""
+    `training=False`: one pass in record order, the last (partial) batch kept, so processes may
+    get different numbers of batches (every one a full share of its global batch but the last)."""
     if config.batch_size % process_count:
         raise ValueError(f"batch_size {config.batch_size} is not a multiple of the {process_count} processes")
     if not 0 <= process_index < process_count:
@@ -417,7 +423,7 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
     stream = stream.repeat(config.num_epochs if training else 1)
     examples = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(
         _GrainMap(_MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table))
-    ).to_iter_dataset()
+    ).to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * rows))
     if config.worker_count:
         from absl import flags
 
@@ -425,8 +431,8 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
             flags.FLAGS.mark_as_parsed()
         examples = examples.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    return examples.filter(_GrainFilter()).batch(
-        rows, drop_remainder=training, batch_fn=_Collate(config.buckets, _pad_id(tokenizer)))
+    collate = _Collate(config.buckets, _pad_id(tokenizer), model_config.vision.image_size)
+    return examples.batch(rows, drop_remainder=training, batch_fn=collate)
 
 
 def make_train_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,

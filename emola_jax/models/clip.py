@@ -11,7 +11,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emola_jax.config import VisionConfig
-from emola_jax.models.layers import Linear, axes_metadata, scan_layers, stack_layers
+from emola_jax.models.layers import Linear, scan_layers, stack_layers
+from emola_jax.sharding import axes_metadata
 
 REPLICATED = (None, None)  # a kernel's (in, out)
 

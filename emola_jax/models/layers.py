@@ -12,18 +12,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from emola_jax.config import LoRAConfig
-
-Axes = tuple[str | None, ...]
-
-
-def axes_metadata(axes: Axes) -> dict:
-    """Variable metadata declaring a weight's logical axes, one per dimension.
-
-    Flax's own key (`out_sharding`, what `nnx.with_partitioning` sets and `nnx.get_partition_spec`
-    reads). Eager sharding is off: these are logical names, not mesh axes, and the model is built
-    without a mesh; `emola_jax.sharding` places the weights.
-    """
-    return {"out_sharding": tuple(axes), "eager_sharding": False}
+from emola_jax.sharding import axes_metadata
 
 
 class Linear(nnx.Module):

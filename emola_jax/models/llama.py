@@ -10,8 +10,9 @@ import jax.numpy as jnp
 from flax import nnx
 
 from emola_jax.config import LoRAConfig, TextConfig
-from emola_jax.models.layers import Linear, RMSNorm, axes_metadata, scan_layers, stack_layers
+from emola_jax.models.layers import Linear, RMSNorm, scan_layers, stack_layers
 from emola_jax.models.rope import apply_rope, rope_cos_sin
+from emola_jax.sharding import axes_metadata
 
 
 def _adapter(lora: LoRAConfig | None, path: str) -> LoRAConfig | None:

@@ -189,6 +189,7 @@ def train(
                 report(*pending)
                 pending = None
                 checkpoints.save(step, trainer.state, data_state)
+                writer.flush()
         if pending is not None:
             report(*pending)
         checkpoints.wait()

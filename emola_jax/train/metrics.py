@@ -51,6 +51,11 @@ class MetricsWriter:
             if name != "step" and isinstance(value, int | float):
                 self._tensorboard.add_scalar(f"train/{name}", value, record["step"])
 
+    def flush(self) -> None:
+        """TensorBoard's events on disk (at each checkpoint: a process that is lost keeps them)."""
+        if self.enabled:
+            self._tensorboard.flush()
+
     def close(self) -> None:
         if self.enabled:
             self._log.close()
