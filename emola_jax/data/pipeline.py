@@ -68,7 +68,7 @@ class PipelineConfig:
     num_epochs: int | None = None
     worker_count: int = 2
     worker_buffer_size: int = 2
-    read_threads: int = 1  # threads making examples in each worker (or here, without workers)
+    read_threads: int = 1  # threads making batches in each worker (or here, without workers)
     on_bad_record: Literal["error", "skip"] = "error"
 
     def __post_init__(self):
@@ -407,7 +407,8 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
     The global stream is the records shuffled per epoch (`seed`, `seed + 1`, ... as grain's
     `shuffle().repeat()` does), cut into global batches of `batch_size`; each process reads its
     own block of every batch (`ProcessRows`), so the global order does not depend on the process
-    count. Examples are made by `worker_count` worker processes and batched here, in order.
+    count. Batches are made by `worker_count` worker processes (each makes whole batches) and come
+    back in order.
     `training=False`: one pass in record order, the last (partial) batch kept, so processes may
     get different numbers of batches (every one a full share of its global batch but the last)."""
     if config.batch_size % process_count:
@@ -421,18 +422,20 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
     if training and config.shuffle:
         stream = stream.shuffle(seed=config.seed)
     stream = stream.repeat(config.num_epochs if training else 1)
-    examples = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(
-        _GrainMap(_MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table))
-    ).to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2 * rows))
+    collate = _Collate(config.buckets, _pad_id(tokenizer), model_config.vision.image_size)
+    make = _MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table)
+    # batched before the workers: each worker makes whole batches, which come back in order
+    batches = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(
+        _GrainMap(make)).batch(rows, drop_remainder=training, batch_fn=collate)
+    batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2))
     if config.worker_count:
         from absl import flags
 
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app none are parsed
             flags.FLAGS.mark_as_parsed()
-        examples = examples.mp_prefetch(grain.MultiprocessingOptions(
+        batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    collate = _Collate(config.buckets, _pad_id(tokenizer), model_config.vision.image_size)
-    return examples.batch(rows, drop_remainder=training, batch_fn=collate)
+    return batches
 
 
 def make_train_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
