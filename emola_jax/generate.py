@@ -8,6 +8,7 @@ Shapes are static (batch, prompt bucket, max_new_tokens), so each bucket compile
 from __future__ import annotations
 
 import dataclasses
+import math
 from functools import partial
 
 import jax
@@ -19,11 +20,21 @@ from emola_jax.models.emola import EmolaForConditionalGeneration, default_positi
 
 @dataclasses.dataclass(frozen=True)
 class GenerationConfig:
+    """Decoding settings, range-checked when made (before any work)."""
+
     max_new_tokens: int = 512
     eos_token_id: int = 2
     pad_token_id: int = 0
     temperature: float = 0.0  # 0: greedy
     top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be at least 1, not {self.max_new_tokens}")
+        if not (math.isfinite(self.temperature) and self.temperature >= 0):
+            raise ValueError(f"temperature must be a number >= 0 (0 decodes greedily), not {self.temperature}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"top_p must be in (0, 1] (1 keeps every token), not {self.top_p}")
 
 
 def sample_next(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> jax.Array:

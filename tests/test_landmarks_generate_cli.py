@@ -76,3 +76,27 @@ def test_generate_cli(setup, tmp_path):  # noqa: F811
     assert with_onnx.stdout.strip() == evaluator.answer(image, question, features)
     missing = subprocess.run(run, capture_output=True, text=True)
     assert missing.returncode == 1 and "--landmarks" in missing.stderr
+
+
+def test_generate_refuses_bad_numbers_and_arrays(setup, tmp_path, capsys):  # noqa: F811
+    import run
+
+    root, ckpt = setup
+    image = root / "data" / "images" / "2.png"
+    nan = np.load(root / "data" / "landmarks" / "2.npy")
+    nan[[3, 7]] = np.nan
+    np.save(tmp_path / "nan.npy", nan)
+    common = ["generate", str(ckpt), "--image", str(image), "--prompt", "What emotions are conveyed by this face?"]
+    cases = {
+        ("--temperature", "-1"): "temperature must be a number >= 0 (0 decodes greedily), not -1.0",
+        ("--top-p", "0"): "top_p must be in (0, 1] (1 keeps every token), not 0.0",
+        ("--top-p", "5"): "top_p must be in (0, 1] (1 keeps every token), not 5.0",
+        ("--max-new-tokens", "0"): "max_new_tokens must be at least 1, not 0",
+        ("--landmarks", str(tmp_path / "nan.npy")): "the prior feature holds 2 values that are NaN or infinite",
+        ("--max-new-tokens", "5000"): "exceeds the model's context of 4096 positions",
+    }
+    for flags, message in cases.items():
+        landmarks = [] if "--landmarks" in flags else ["--landmarks", str(root / "data" / "landmarks" / "2.npy")]
+        assert run.main([*common, *landmarks, *flags]) == 1, flags
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (flags, err)

@@ -133,7 +133,15 @@ class Evaluator:
         """One answer, for `run.py generate`."""
         if self.config.prior_position != "off" and landmarks is None:
             raise ValueError("this model uses a facial prior token: give --landmarks FILE.npy or --onnx MODEL.onnx")
+        if landmarks is not None and not np.isfinite(landmarks).all():
+            raise ValueError(f"the prior feature holds {int((~np.isfinite(landmarks)).sum())} values that are NaN or "
+                             "infinite; a landmark feature is finite")
         row = self.tokens(question)
+        context = self.config.text.max_position_embeddings
+        if len(row) + self.generation.max_new_tokens > context:
+            raise ValueError(f"the prompt is {len(row)} tokens (with the image's {self.config.image_seq_length}); with "
+                             f"--max-new-tokens {self.generation.max_new_tokens} that exceeds the model's context of "
+                             f"{context} positions")
         ids, mask = left_pad([row], self.generation.pad_token_id, bucket(len(row)))
         pixels = image.clip_preprocess(image.load_image(image_path), self.config.vision.image_size)[None]
         landmarks = None if self.config.prior_position == "off" else np.asarray(landmarks, np.float32).reshape(1, -1)
