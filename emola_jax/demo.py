@@ -115,10 +115,10 @@ class DemoInputs:
     @classmethod
     def in_folder(cls, workdir: str | Path) -> DemoInputs:
         """The inputs a finished demo left in `workdir` (e.g. `demo_out`)."""
+        from emola_jax.data.drawn_faces import annotation_files
+
         workdir = Path(workdir)
-        files = {f"{split}_{task}": workdir / "faces" / f"{split}_{task}_anno.json"
-                 for split in ("train", "eval") for task in ("emotion", "au")}
-        return cls(base=workdir / "base", faces=workdir / "faces", annotations=files,
+        return cls(base=workdir / "base", faces=workdir / "faces", annotations=annotation_files(workdir / "faces"),
                    landmarks=workdir / "faces" / "landmarks.array_record")
 
     def training_data(self, seed: int = 0, **changes):

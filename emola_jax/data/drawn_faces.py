@@ -101,13 +101,19 @@ def draw_face(emotion: str, rng: np.random.Generator, size: int = 112):
     return img
 
 
+def annotation_files(directory: str | Path) -> dict[str, Path]:
+    """The four annotation files of a drawn-faces folder, by name (`train_emotion`, `eval_au`, ...)."""
+    return {f"{split}_{task}": Path(directory) / f"{split}_{task}_anno.json"
+            for split in ("train", "eval") for task in ("emotion", "au")}
+
+
 def write_dataset(directory: str | Path, *, train_per_emotion: int, eval_per_emotion: int, seed: int = 0,
                   size: int = 112) -> dict[str, Path]:
     """Images and the four annotation files; returns their paths by name (`train_emotion`, ...)."""
     directory = Path(directory)
     (directory / "images").mkdir(parents=True, exist_ok=True)
     rng = np.random.default_rng(seed)
-    files = {}
+    files = annotation_files(directory)
     for split, count in (("train", train_per_emotion), ("eval", eval_per_emotion)):
         emotion_records, au_records = [], []
         for i in range(count):
@@ -119,9 +125,7 @@ def write_dataset(directory: str | Path, *, train_per_emotion: int, eval_per_emo
                     au_label = ", ".join(str(a) for a in EMOTION_AUS[emotion])
                     au_records.append(_record(face_id, AU_PROMPT, describe_aus(emotion), au_label, suffix="_au"))
         for task, records in (("emotion", emotion_records), ("au", au_records)):
-            path = directory / f"{split}_{task}_anno.json"
-            path.write_text(json.dumps(records, indent=1))
-            files[f"{split}_{task}"] = path
+            files[f"{split}_{task}"].write_text(json.dumps(records, indent=1))
     return files
 
 
