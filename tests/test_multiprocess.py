@@ -174,3 +174,17 @@ def test_a_killed_process_ends_the_others_with_one_sentence_and_the_rerun_resume
     train(folder, [*TRAIN, "--workdir", "killed"], count=2, devices=2)
     assert losses(folder / "killed") == losses(two)
     assert global_order(folder / "killed", 2) == global_order(two, 2)
+
+
+def test_two_processes_evaluate_the_trained_model_as_one(folder, straight_runs):
+    _, two = straight_runs
+    inputs = DemoInputs.in_folder(folder / "demo_out")
+    args = ["evaluate", "--ckpt", str(two / "model"), "--data", str(inputs.annotations["eval_emotion"]),
+            "--landmarks", str(inputs.landmarks), "--task", "emotion", "--max-new-tokens", "8", "--batch-size", "4"]
+    for name, count, devices in (("eval_one", 1, 4), ("eval_two", 2, 2)):
+        Run([*args, "--out", str(folder / name)], count=count, devices=devices, cwd=folder,
+            logs=folder / f"{name}.logs").check()
+    predictions = [[json.loads(line) for line in (folder / name / "predictions.jsonl").read_text().splitlines()]
+                   for name in ("eval_one", "eval_two")]
+    records = json.loads(inputs.annotations["eval_emotion"].read_text())
+    assert predictions[0] == predictions[1] and [p["id"] for p in predictions[1]] == [r["id"] for r in records]
