@@ -8,6 +8,8 @@ import sys
 import traceback
 from pathlib import Path
 
+from emola_jax.config import DTYPES
+
 
 def _convert(args: argparse.Namespace) -> None:
     from converters import convert
@@ -37,11 +39,11 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _generation_config(args: argparse.Namespace, tokenizer):
+    from emola_jax.data.conversation import pad_token_id
     from emola_jax.generate import GenerationConfig
 
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
     return GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
-                            pad_token_id=pad, temperature=args.temperature, top_p=args.top_p)
+                            pad_token_id=pad_token_id(tokenizer), temperature=args.temperature, top_p=args.top_p)
 
 
 def _join(args: argparse.Namespace) -> None:
@@ -67,10 +69,11 @@ def _evaluate(args: argparse.Namespace) -> None:
             raise ValueError("--ckpt needs --data, the annotation file of the split to evaluate")
         import jax
 
+        from emola_jax.checkpoint import load_tokenizer
         from emola_jax.eval import evaluate
 
         _join(args)
-        tokenizer = evaluate.load_tokenizer(args.ckpt)
+        tokenizer = load_tokenizer(args.ckpt)
         metrics = evaluate.evaluate_model(
             args.ckpt, args.data, args.task, args.out, images_root=args.images_root, batch_size=args.batch_size,
             protocol=args.protocol, dtype=args.dtype, generation=_generation_config(args, tokenizer),
@@ -84,23 +87,16 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 def _generate(args: argparse.Namespace) -> None:
     import jax
-    import numpy as np
 
+    from emola_jax.checkpoint import load_tokenizer
+    from emola_jax.data.prior import image_feature
     from emola_jax.eval import evaluate
 
     if args.landmarks is not None and args.onnx is not None:
         raise ValueError("give --landmarks or --onnx, not both")
-    landmarks = None
-    if args.landmarks is not None:
-        landmarks = np.load(args.landmarks).astype(np.float32).reshape(-1)
-        if landmarks.shape != (212,):
-            raise ValueError(f"{args.landmarks} holds {landmarks.size} values; a prior feature has 212")
-    elif args.onnx is not None:
-        from emola_jax.data import landmarks as lm
-
-        landmarks = lm.official_features(lm.open_session(args.onnx), [args.image])[0]
+    landmarks = image_feature(args.image, npy=args.landmarks, onnx=args.onnx)
     _join(args)
-    tokenizer = evaluate.load_tokenizer(args.ckpt)
+    tokenizer = load_tokenizer(args.ckpt)
     evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
     answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
     if jax.process_index() == 0:
@@ -150,7 +146,7 @@ def _add_decoding_flags(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 decodes greedily (default); the official evaluation samples at 0.01 with top-p 0.5")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (with --temperature > 0)")
-    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -164,29 +160,27 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
                         "(default 60)")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="run.py", description=__doc__)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
-    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
-    convert = commands.add_parser(
+def _convert_command(commands) -> None:
+    parser = commands.add_parser(
         "convert",
         help="PyTorch checkpoint -> emola-jax checkpoint",
         description="Convert a llava-hf directory, an original LLaVA-1.5 directory (with --clip), or an official "
         "EmoLA run directory (with --base and --clip) into an emola-jax checkpoint (orbax + config.json). "
         "The format is detected from SRC.",
     )
-    convert.add_argument("src", type=Path, help="the PyTorch checkpoint directory")
-    convert.add_argument("out", type=Path, help="where the emola-jax checkpoint is written")
-    convert.add_argument("--clip", type=Path, help="CLIP directory (openai/clip-vit-large-patch14-336 layout) for "
-                         "checkpoints that do not carry their vision tower")
-    convert.add_argument("--base", type=Path, help="base LLaVA-1.5 directory of an EmoLA run")
-    convert.add_argument("--dtype", default="float32", choices=["float32", "bfloat16", "float16"],
-                         help="dtype the weights are stored in (LoRA factors stay float32)")
-    convert.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
-    convert.set_defaults(func=_convert)
+    parser.add_argument("src", type=Path, help="the PyTorch checkpoint directory")
+    parser.add_argument("out", type=Path, help="where the emola-jax checkpoint is written")
+    parser.add_argument("--clip", type=Path, help="CLIP directory (openai/clip-vit-large-patch14-336 layout) for "
+                        "checkpoints that do not carry their vision tower")
+    parser.add_argument("--base", type=Path, help="base LLaVA-1.5 directory of an EmoLA run")
+    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+                        help="dtype the weights are stored in (LoRA factors stay float32)")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.set_defaults(func=_convert)
 
-    export = commands.add_parser(
+
+def _export_command(commands) -> None:
+    parser = commands.add_parser(
         "export",
         help="emola-jax checkpoint -> PyTorch (transformers, PEFT or the official EmoLA layout)",
         description="Write an emola-jax checkpoint as hf: a transformers LlavaForConditionalGeneration directory "
@@ -194,22 +188,24 @@ def build_parser() -> argparse.ArgumentParser:
         "that model, or emola: an official EmoLA run (PEFT adapter, non_lora_trainables.bin, "
         "landmark_feature_projector.bin, config.json) to load over its base LLaVA-1.5. Streams one layer at a time.",
     )
-    export.add_argument("ckpt", type=Path, help="the emola-jax checkpoint")
-    export.add_argument("out", type=Path, help="the folder to write")
-    export.add_argument("--format", required=True, choices=["hf", "peft", "emola"], help="what to write")
-    export.add_argument("--dtype", choices=["float32", "bfloat16", "float16"],
+    parser.add_argument("ckpt", type=Path, help="the emola-jax checkpoint")
+    parser.add_argument("out", type=Path, help="the folder to write")
+    parser.add_argument("--format", required=True, choices=["hf", "peft", "emola"], help="what to write")
+    parser.add_argument("--dtype", choices=DTYPES,
                         help="dtype of the written weights (default: the checkpoint's; LoRA factors stay float32)")
-    export.add_argument("--max-shard-size", default="5GB",
+    parser.add_argument("--max-shard-size", default="5GB",
                         help="hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB (default 5GB)")
-    export.add_argument("--no-merge", action="store_true",
+    parser.add_argument("--no-merge", action="store_true",
                         help="hf: write the base weights without the LoRA update (the base of a --format peft export)")
-    export.add_argument("--adapter-format", default="safetensors", choices=["safetensors", "bin"],
+    parser.add_argument("--adapter-format", default="safetensors", choices=["safetensors", "bin"],
                         help="peft/emola: adapter_model.safetensors (default) or adapter_model.bin (as PEFT 0.4, "
                         "which the official EmoLA code pins, saved it)")
-    export.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
-    export.set_defaults(func=_export)
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
+    parser.set_defaults(func=_export)
 
-    demo = commands.add_parser(
+
+def _demo_command(commands) -> None:
+    parser = commands.add_parser(
         "demo",
         help="run the embedded end-to-end example (no download, a few minutes on a laptop CPU)",
         description="Build a tiny EmoLA base (a random transformers LLaVA with a tokenizer trained on the spot, "
@@ -217,15 +213,17 @@ def build_parser() -> argparse.ArgumentParser:
         "annotations, precompute their landmark features with a small ONNX graph, train LoRA + the prior projector, "
         "evaluate REGE on held-out faces, export to transformers and PEFT and check the reloaded logits.",
     )
-    demo.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where the demo writes its files")
-    demo.add_argument("--config", default="tiny", help="config name in configs/ or a path (default: tiny); its "
-                      "model and train sections are used, the base and data are the demo's own")
-    demo.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                      help="override a config field, e.g. --set model.text.num_hidden_layers=4 (repeatable)")
-    demo.add_argument("--seed", type=int, default=0, help="random seed")
-    demo.set_defaults(func=_demo)
+    parser.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where the demo writes its files")
+    parser.add_argument("--config", default="tiny", help="config name in configs/ or a path (default: tiny); its "
+                        "model and train sections are used, the base and data are the demo's own")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set model.text.num_hidden_layers=4 (repeatable)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed")
+    parser.set_defaults(func=_demo)
 
-    evaluate = commands.add_parser(
+
+def _evaluate_command(commands) -> None:
+    parser = commands.add_parser(
         "evaluate",
         help="score predictions on FABA-Bench (REGE) or a traditional dataset",
         description="Generate answers for a split with a checkpoint, sharded over every device of every process "
@@ -233,52 +231,56 @@ def build_parser() -> argparse.ArgumentParser:
         "a killed one stopped), or score an existing predictions "
         "file (JSON lines with prediction, reference, label); then write OUT/metrics.json and OUT/report.md.",
     )
-    evaluate.add_argument("--predictions", type=Path, help="JSON-lines file with prediction, reference and label")
-    evaluate.add_argument("--ckpt", type=Path, help="emola-jax checkpoint to generate the predictions with")
-    evaluate.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json)")
-    evaluate.add_argument("--images-root", type=Path,
-                          help="folder the records' image and landmark paths are relative to (default: --data's)")
-    evaluate.add_argument("--landmarks", type=Path, metavar="FEATURES.array_record",
-                          help="prior features by record id (precompute-landmarks); default: each record's .npy")
-    evaluate.add_argument("--record-prompts", action="store_true",
-                          help="ask each record's own question instead of the official per-task prompt")
-    evaluate.add_argument("--batch-size", type=int, default=8,
-                          help="global batch, rounded up to a multiple of the device count (default 8)")
-    _add_decoding_flags(evaluate)
-    evaluate.add_argument("--task", required=True, choices=["emotion", "au", "rafdb", "bp4d", "disfa", "gft"],
-                          help="emotion/rafdb: 7-class accuracy; au/bp4d/disfa/gft: mean F1 over that AU set")
-    evaluate.add_argument("--protocol", default="official", choices=["official", "rouge-score"],
-                          help="official: the EmoLA evaluation to the digit; rouge-score: Google's ROUGE-L and a "
-                          "whole-word negation test")
-    evaluate.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md")
-    _add_distributed_flags(evaluate)
-    evaluate.set_defaults(func=_evaluate)
+    parser.add_argument("--predictions", type=Path, help="JSON-lines file with prediction, reference and label")
+    parser.add_argument("--ckpt", type=Path, help="emola-jax checkpoint to generate the predictions with")
+    parser.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json)")
+    parser.add_argument("--images-root", type=Path,
+                        help="folder the records' image and landmark paths are relative to (default: --data's)")
+    parser.add_argument("--landmarks", type=Path, metavar="FEATURES.array_record",
+                        help="prior features by record id (precompute-landmarks); default: each record's .npy")
+    parser.add_argument("--record-prompts", action="store_true",
+                        help="ask each record's own question instead of the official per-task prompt")
+    parser.add_argument("--batch-size", type=int, default=8,
+                        help="global batch, rounded up to a multiple of the device count (default 8)")
+    _add_decoding_flags(parser)
+    parser.add_argument("--task", required=True, choices=["emotion", "au", "rafdb", "bp4d", "disfa", "gft"],
+                        help="emotion/rafdb: 7-class accuracy; au/bp4d/disfa/gft: mean F1 over that AU set")
+    parser.add_argument("--protocol", default="official", choices=["official", "rouge-score"],
+                        help="official: the EmoLA evaluation to the digit; rouge-score: Google's ROUGE-L and a "
+                        "whole-word negation test")
+    parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md")
+    _add_distributed_flags(parser)
+    parser.set_defaults(func=_evaluate)
 
-    precompute = commands.add_parser(
+
+def _precompute_landmarks_command(commands) -> None:
+    parser = commands.add_parser(
         "precompute-landmarks",
         help="prior features of every annotated image (ONNX landmark model) -> one ArrayRecord file",
         description="Run a landmark model with 2d106det's signature over every distinct record id of the annotation "
         "files (batched onnxruntime, images decoded by a thread pool) and write the 212-value features, keyed by id, "
         "to OUT. A rerun skips ids already written; unreadable images are listed in OUT's .errors.jsonl and skipped.",
     )
-    precompute.add_argument("--annotations", type=Path, nargs="+", required=True,
-                            help="annotation JSON file(s) (records with id, image, and landmark for --import-npy)")
-    precompute.add_argument("--images-root", type=Path, help="folder the records' image paths are relative to")
-    precompute.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx or any graph with its signature)")
-    precompute.add_argument("--out", type=Path, required=True,
-                            help="the ArrayRecord file to write (FEATURES.array_record)")
-    precompute.add_argument("--recipe", default="official", choices=["official", "insightface"],
-                            help="official: EmoLA's (BGR, whole image at 192x192, /255, raw output; default); "
-                            "insightface: the library's Landmark (RGB crop around the box, points in image pixels)")
-    precompute.add_argument("--batch-size", type=int, default=32, help="images per session call (default 32)")
-    precompute.add_argument("--threads", type=int, help="image decoding threads (default: the core count, at most 8)")
-    precompute.add_argument("--import-npy", type=Path, metavar="LANDMARKS_ROOT",
-                            help="convert an official landmarks/*.npy tree (records' landmark paths) instead of "
-                            "running a model")
-    precompute.add_argument("--no-progress", action="store_true", help="no progress bar")
-    precompute.set_defaults(func=_precompute_landmarks)
+    parser.add_argument("--annotations", type=Path, nargs="+", required=True,
+                        help="annotation JSON file(s) (records with id, image, and landmark for --import-npy)")
+    parser.add_argument("--images-root", type=Path, help="folder the records' image paths are relative to")
+    parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx or any graph with its signature)")
+    parser.add_argument("--out", type=Path, required=True,
+                        help="the ArrayRecord file to write (FEATURES.array_record)")
+    parser.add_argument("--recipe", default="official", choices=["official", "insightface"],
+                        help="official: EmoLA's (BGR, whole image at 192x192, /255, raw output; default); "
+                        "insightface: the library's Landmark (RGB crop around the box, points in image pixels)")
+    parser.add_argument("--batch-size", type=int, default=32, help="images per session call (default 32)")
+    parser.add_argument("--threads", type=int, help="image decoding threads (default: the core count, at most 8)")
+    parser.add_argument("--import-npy", type=Path, metavar="LANDMARKS_ROOT",
+                        help="convert an official landmarks/*.npy tree (records' landmark paths) instead of "
+                        "running a model")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.set_defaults(func=_precompute_landmarks)
 
-    train = commands.add_parser(
+
+def _train_command(commands) -> None:
+    parser = commands.add_parser(
         "train",
         help="train LoRA + prior projector over a frozen base checkpoint (resumes by itself)",
         description="Train what the config's train.trainable patterns name (LoRA factors, the prior projector, the "
@@ -287,29 +289,45 @@ def build_parser() -> argparse.ArgumentParser:
         "TensorBoard logs in WORKDIR/tensorboard, checkpoints in WORKDIR/checkpoints and, at the end, the trained "
         "model in WORKDIR/model.",
     )
-    train.add_argument("--config", required=True, help="config name in configs/ (tiny, emola_7b, llava15_7b) or a path")
-    train.add_argument("--workdir", type=Path, required=True, help="run folder (created; resumed when it holds one)")
-    train.add_argument("--steps", type=int, help="optimiser steps of the whole run (train.steps)")
-    train.add_argument("--until", type=int, metavar="STEP",
-                       help="stop after this step (and its checkpoint), as a preemption would; rerun to go on")
-    train.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest)")
-    train.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config field, e.g. --set train.remat=dots (repeatable)")
-    _add_distributed_flags(train)
-    train.set_defaults(func=_train)
+    parser.add_argument("--config", required=True,
+                        help="config name in configs/ (tiny, emola_7b, llava15_7b) or a path")
+    parser.add_argument("--workdir", type=Path, required=True, help="run folder (created; resumed when it holds one)")
+    parser.add_argument("--steps", type=int, help="optimiser steps of the whole run (train.steps)")
+    parser.add_argument("--until", type=int, metavar="STEP",
+                        help="stop after this step (and its checkpoint), as a preemption would; rerun to go on")
+    parser.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.remat=dots (repeatable)")
+    _add_distributed_flags(parser)
+    parser.set_defaults(func=_train)
 
-    generate = commands.add_parser("generate", help="answer one prompt about one image",
+
+def _generate_command(commands) -> None:
+    parser = commands.add_parser("generate", help="answer one prompt about one image",
                                    description="Print the model's answer about IMAGE (on several processes, "
                                    "every one computes it and process 0 prints it).")
-    generate.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
-    generate.add_argument("--image", type=Path, required=True, help="the face image")
-    generate.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?"')
-    generate.add_argument("--landmarks", type=Path, help="the image's 212-value prior feature (.npy)")
-    generate.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the prior feature "
-                          "on the fly with the official recipe")
-    _add_decoding_flags(generate)
-    _add_distributed_flags(generate)
-    generate.set_defaults(func=_generate)
+    parser.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
+    parser.add_argument("--image", type=Path, required=True, help="the face image")
+    parser.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?"')
+    parser.add_argument("--landmarks", type=Path, help="the image's 212-value prior feature (.npy)")
+    parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the prior feature "
+                        "on the fly with the official recipe")
+    _add_decoding_flags(parser)
+    _add_distributed_flags(parser)
+    parser.set_defaults(func=_generate)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="run.py", description=__doc__)
+    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _convert_command(commands)
+    _export_command(commands)
+    _demo_command(commands)
+    _evaluate_command(commands)
+    _precompute_landmarks_command(commands)
+    _train_command(commands)
+    _generate_command(commands)
     return parser
 
 

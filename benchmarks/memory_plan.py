@@ -45,6 +45,7 @@ def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, rema
     mesh = make_mesh(cfg.mesh)
     model_config = planned_model(experiment.model)
     model = abstract_model(model_config)
+    model.language_model.set_attention(attention)
     axes = logical_axes_table(model)
     graphdef, template, params, frozen = train_step.split_trainable(model, cfg)
     optimizer, _ = train_step.make_optimizer(cfg, params)
@@ -63,7 +64,7 @@ def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, rema
     for name, (shape, dtype) in shapes.items():
         rows_spec = batch_sharding(mesh, len(shape) - 1).spec  # [accum, rows, ...]: rows split
         batch[name] = jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(mesh, PartitionSpec(None, *rows_spec)))
-    step = train_step.make_train_step(graphdef, template, optimizer, cfg, attention)
+    step = train_step.make_train_step(graphdef, template, optimizer, cfg)
     state_out = jax.tree.map(lambda x: x.sharding, state)
     compiled = jax.jit(step, donate_argnums=(0,), out_shardings=(state_out, NamedSharding(mesh, PartitionSpec()))) \
         .lower(state, frozen, batch).compile()

@@ -20,7 +20,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import json
-import re
 import shutil
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -32,10 +31,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm import tqdm
 
-from converters import formats, tables
+from converters import hf_config, tables
 from converters.writers import SafetensorsWriter, nbytes, parse_size, plan_shards, save_torch, shard_names
 from emola_jax.checkpoint import (
     LAYER_AXIS_PARENT,
+    PAD_TO_SQUARE,
     SOURCE_FILE,
     TOKENIZER_DIR,
     Path_,
@@ -45,10 +45,10 @@ from emola_jax.checkpoint import (
     read_params,
     stored_params,
 )
-from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
+from emola_jax.config import DTYPES, EmolaConfig
+from emola_jax.lora import fold, target_regex, to_peft_config
 
 FORMATS = ("hf", "peft", "emola")
-DTYPES = ("float32", "bfloat16", "float16")
 PRIOR_PROJECTOR_FILE = "prior_projector.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_FILE = "non_lora_trainables.bin"
@@ -193,9 +193,8 @@ def _to_file_layout(array: jax.Array, transform: tables.Transform, dtype: np.dty
 @functools.partial(jax.jit, static_argnums=(4, 5))
 def _merged(kernel: jax.Array, lora_a: jax.Array, lora_b: jax.Array, scale: jax.Array,
             transform: tables.Transform, dtype: np.dtype) -> jax.Array:
-    """kernel + scale * A @ B, computed in float32, then in the file's layout and dtype (PEFT's merge_and_unload)."""
-    delta = jnp.matmul(lora_a.astype(jnp.float32), lora_b.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return transform.to_torch(kernel.astype(jnp.float32) + scale * delta).astype(dtype)
+    """The LoRA fold (PEFT's merge_and_unload), in the file's layout and dtype."""
+    return transform.to_torch(fold(kernel, lora_a, lora_b, scale)).astype(dtype)
 
 
 class _Files:
@@ -261,125 +260,6 @@ def _stream(ckpt: Path, items: list[Item], stored: dict[Path_, Any], files: _Fil
 
 
 # ---------------------------------------------------------------------------------------------
-# Config files
-
-
-def _rope_parameters(text: TextConfig) -> dict[str, Any]:
-    """transformers 5's `rope_parameters` for this decoder."""
-    scaling = text.rope_scaling
-    out: dict[str, Any] = {"rope_type": scaling.rope_type, "rope_theta": text.rope_theta}
-    if scaling.rope_type != "default":
-        out.update({k: v for k, v in dataclasses.asdict(scaling).items() if v is not None and k != "rope_type"})
-    return out
-
-
-def _llama_fields(text: TextConfig) -> dict[str, Any]:
-    return dict(
-        **{name: getattr(text, name) for name in formats.LLAMA_FIELDS},
-        num_key_value_heads=text.num_key_value_heads,
-        head_dim=text.resolved_head_dim,
-        tie_word_embeddings=text.tie_word_embeddings,
-        attention_bias=text.attention_bias,
-        mlp_bias=text.mlp_bias,
-    )
-
-
-def _clip_vision_fields(vision: VisionConfig) -> dict[str, Any]:
-    return {name: getattr(vision, name) for name in formats.CLIP_VISION_FIELDS}
-
-
-def hf_config(config: EmolaConfig, dtype: str):
-    """The `LlavaConfig` of an `hf` export, built with transformers' own config classes."""
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig
-
-    text = LlamaConfig(**_llama_fields(config.text), rope_parameters=_rope_parameters(config.text))
-    return LlavaConfig(
-        vision_config=CLIPVisionConfig(**_clip_vision_fields(config.vision)),
-        text_config=text,
-        image_token_index=config.image_token_id,
-        image_seq_length=config.num_visual_tokens,  # what LlavaForConditionalGeneration fills (no prior token)
-        vision_feature_layer=config.vision_feature_layer,
-        vision_feature_select_strategy=config.vision_feature_select_strategy,
-        projector_hidden_act=config.projector_hidden_act,
-        multimodal_projector_bias=config.projector_bias,
-        tie_word_embeddings=config.text.tie_word_embeddings,
-        architectures=["LlavaForConditionalGeneration"],
-        dtype=dtype,
-    )
-
-
-def _clip_name(vision: VisionConfig) -> str:
-    """LLaVA's `mm_vision_tower`: the OpenAI CLIP name for ViT-L/14, else a name ending in the image size."""
-    if (vision.hidden_size, vision.num_hidden_layers, vision.patch_size) == (1024, 24, 14):
-        return "openai/clip-vit-large-patch14" + ("" if vision.image_size == 224 else f"-{vision.image_size}")
-    return f"clip-vit-patch{vision.patch_size}-{vision.image_size}"
-
-
-def emola_run_config(config: EmolaConfig, dtype: str) -> dict[str, Any]:
-    """The run's `config.json` as the official code (transformers 4.31) reads it: LlamaConfig + `mm_*` fields."""
-    text = config.text
-    scaling = text.rope_scaling
-    rope_scaling = None
-    if scaling.rope_type != "default":  # transformers 4.x spelling; 5.x reads it too
-        rope_scaling = {"type": scaling.rope_type, "factor": scaling.factor}
-        rope_scaling.update({k: v for k, v in dataclasses.asdict(scaling).items()
-                             if v is not None and k not in ("rope_type", "factor")})
-    select = {v: k for k, v in formats.SELECT_FEATURE.items()}[config.vision_feature_select_strategy]
-    return {
-        "architectures": ["EmoLlavaLlamaForCausalLM"],
-        "model_type": "emollava",
-        **_llama_fields(text),
-        "rope_theta": text.rope_theta,
-        "rope_scaling": rope_scaling,
-        "pretraining_tp": 1,
-        "use_cache": True,
-        "torch_dtype": dtype,
-        "mm_vision_tower": _clip_name(config.vision),
-        "mm_hidden_size": config.vision.hidden_size,
-        "mm_projector_type": "mlp2x_gelu",
-        "mm_vision_select_layer": config.vision_feature_layer,
-        "mm_vision_select_feature": select,
-        "mm_use_im_start_end": False,
-        "mm_use_im_patch_token": False,
-        "use_mm_proj": True,
-        "landmark_feature_hidden_size": config.prior_dim,
-    }
-
-
-def _alpha(alpha: float) -> int | float:
-    return int(alpha) if float(alpha).is_integer() else alpha
-
-
-def adapter_config(config: EmolaConfig, *, target_modules: list[str] | str, task_type: str | None,
-                   base: str | None) -> dict[str, Any]:
-    """PEFT's `adapter_config.json` (fields PEFT 0.4, which the official code pins, and today's PEFT both read)."""
-    lora = config.lora
-    return {
-        "base_model_name_or_path": base,
-        "bias": "none",
-        "fan_in_fan_out": False,
-        "inference_mode": True,
-        "init_lora_weights": True,
-        "layers_pattern": None,
-        "layers_to_transform": None,
-        "lora_alpha": _alpha(lora.alpha),
-        "lora_dropout": float(getattr(lora, "dropout", 0.0)),
-        "modules_to_save": None,
-        "peft_type": "LORA",
-        "r": lora.rank,
-        "revision": None,
-        "target_modules": target_modules,
-        "task_type": task_type,
-        "use_rslora": lora.use_rslora,
-    }
-
-
-def llava_hf_target_modules(targets: tuple[str, ...]) -> str:
-    """A regex for PEFT: the decoder's projections only (the CLIP tower has q_proj/k_proj/v_proj too)."""
-    return rf"(.*\.)?language_model\.layers\.\d+\.(self_attn|mlp)\.({'|'.join(map(re.escape, targets))})"
-
-
-# ---------------------------------------------------------------------------------------------
 
 
 def _check_paths(ckpt: Path, out: Path) -> None:
@@ -406,7 +286,7 @@ def plan_export(
         raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
     dtype = dtype or config.dtype
     if dtype not in DTYPES:
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if fmt in ("peft", "emola") and config.lora is None:
         raise ValueError(f"{ckpt} has no LoRA adapter (its config's lora is null): export it with --format hf")
     if fmt == "emola":
@@ -472,7 +352,7 @@ def _write_json(path: Path, data: dict[str, Any]) -> None:
 def _write_configs(folder: Path, ckpt: Path, fmt: str, config: EmolaConfig, items: list[Item],
                    source: dict[str, Any]) -> None:
     if fmt == "hf":
-        hf_config(config, config.dtype).to_json_file(folder / "config.json")
+        hf_config.to_transformers(hf_config.llava_to_hf(config, config.dtype)).to_json_file(folder / "config.json")
         shards = sorted({i.file for i in items if i.file != PRIOR_PROJECTOR_FILE})
         if len(shards) > 1:
             weights = [i for i in items if i.file != PRIOR_PROJECTOR_FILE]
@@ -487,9 +367,11 @@ def _write_configs(folder: Path, ckpt: Path, fmt: str, config: EmolaConfig, item
                     shutil.copy2(f, folder / f.name)
     elif fmt == "peft":
         base = source.get("src") if source.get("format") == "llava-hf" else None
-        _write_json(folder / ADAPTER_CONFIG, adapter_config(
-            config, target_modules=llava_hf_target_modules(config.lora.targets), task_type=None, base=base))
+        _write_json(folder / ADAPTER_CONFIG, to_peft_config(
+            config.lora, target_modules=target_regex(config.lora, r"(.*\.)?language_model\.layers"),
+            task_type=None, base=base))
     else:
-        _write_json(folder / ADAPTER_CONFIG, adapter_config(
-            config, target_modules=list(config.lora.targets), task_type="CAUSAL_LM", base=source.get("base")))
-        _write_json(folder / "config.json", emola_run_config(config, config.dtype))
+        _write_json(folder / ADAPTER_CONFIG, to_peft_config(
+            config.lora, target_modules=list(config.lora.targets), task_type="CAUSAL_LM", base=source.get("base")))
+        _write_json(folder / "config.json", hf_config.run_to_hf(
+            config, config.dtype, pad_to_square=source.get(PAD_TO_SQUARE)))

@@ -17,13 +17,13 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from tqdm import tqdm
 
-from converters import formats, tables
+from converters import formats, hf_config, tables
 from converters.readers import TensorStore, weight_files
-from emola_jax.checkpoint import CheckpointWriter, is_stacked, layer_path
-from emola_jax.config import EmolaConfig, VisionConfig
+from emola_jax import weights
+from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter, is_stacked, layer_path
+from emola_jax.config import DTYPES, EmolaConfig, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
 
 _IGNORED = re.compile("|".join(tables.IGNORED_KEY_PATTERNS))
@@ -94,7 +94,7 @@ def _clip_source(clip: Path | None, needed_by: Path) -> tuple[Source, VisionConf
         raise ValueError(f"{needed_by} does not carry the vision tower: pass the CLIP directory with --clip")
     store = TensorStore(weight_files(clip))
     layout = tables.CLIP if "vision_model.embeddings.class_embedding" in store else tables.CLIP_VISION_ONLY
-    vision = formats.vision_config_from_hf(formats.read_json(clip / "config.json"))
+    vision = hf_config.clip_from_hf(formats.read_json(clip / "config.json"))
     return Source(f"CLIP vision tower from {clip}", store, (layout,)), vision
 
 
@@ -160,9 +160,8 @@ def _emola(run: Path, base: Path | None, clip: Path | None, dtype: str) -> tuple
         sources.append(Source(f"EmoLA landmark projector from {run}", landmark, layouts))
     sources.append(Source(f"PEFT LoRA adapter from {run}", TensorStore(_adapter_files(run)), (tables.PEFT_EMOLA,)))
     prior_dim = _prior_dim(sources)
-    config = base_config.replace(
-        prior_position="after", prior_dim=prior_dim, lora=formats.lora_config_from_peft(run / "adapter_config.json")
-    )
+    lora = formats.lora_config_from_peft(run / "adapter_config.json", base_config.text.num_hidden_layers)
+    config = base_config.replace(prior_position="after", prior_dim=prior_dim, lora=lora)
     return config, sources
 
 
@@ -178,8 +177,8 @@ def plan_conversion(
     src: str | Path, *, clip: str | Path | None = None, base: str | Path | None = None, dtype: str = "float32"
 ) -> tuple[EmolaConfig, list[Assignment], dict]:
     src, clip, base = Path(src), clip and Path(clip), base and Path(base)
-    if dtype not in ("float32", "bfloat16", "float16"):
-        raise ValueError(f"dtype must be float32, bfloat16 or float16, not {dtype!r}")
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     kind = formats.detect(src)
     if kind == "emola":
         config, sources = _emola(src, base, clip, dtype)
@@ -194,6 +193,10 @@ def plan_conversion(
         "files": [str(p) for s in sources for p in s.store.paths],
         "layouts": [layout.name for s in sources for layout in s.layouts],
     }
+    # an original LLaVA / EmoLA run says how its training images were preprocessed (llava-hf does not)
+    pad = hf_config.pad_from_hf(formats.read_json(src / "config.json"))
+    if pad is not None:
+        provenance[PAD_TO_SQUARE] = pad
     return config, plan, provenance
 
 
@@ -232,22 +235,17 @@ def _to_model_layout(array: jax.Array, transform: tables.Transform, dtype: jnp.d
 def load_clip_vision(clip: str | Path, dtype: str = "float32") -> tuple[CLIPVisionModel, VisionConfig]:
     """A CLIP vision tower straight from a transformers CLIP directory (small: read in memory)."""
     source, vision = _clip_source(Path(clip), Path(clip))
-    model = nnx.eval_shape(lambda: CLIPVisionModel(vision, dtype=jnp.dtype(dtype), rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(model)
-    flat = nnx.to_flat_state(state)
+    model = weights.abstract(lambda rngs: CLIPVisionModel(vision, dtype=jnp.dtype(dtype), rngs=rngs))
     layout = source.layouts[0]
-    for path, var in flat:
-        path = ("vision_tower",) + tuple(str(p) for p in path)
-        key, transform = tables.canonical_key(path)
+    values = {}
+    for path, spec in weights.flat(model).items():
+        key, transform = tables.canonical_key(("vision_tower",) + path)
         if is_stacked(path):
-            parts = [_read(source, layout.to_file(key.format(i=i)), transform) for i in range(var.shape[0])]
-            value = np.stack(parts)
+            value = np.stack([_read(source, layout.to_file(key.format(i=i)), transform) for i in range(spec.shape[0])])
         else:
             value = _read(source, layout.to_file(key), transform)
-        if value.shape != var.shape:
-            raise ValueError(f"tensor for {'.'.join(path)} in {clip} has shape {value.shape}, expected {var.shape}")
-        var.set_value(jax.device_put(value.astype(jnp.dtype(dtype))))
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), vision
+        values[path] = jax.device_put(value.astype(jnp.dtype(dtype)))
+    return weights.from_flat(model, values, source=f"the CLIP weights in {clip}"), vision
 
 
 def _read(source: Source, key: str, transform: tables.Transform) -> np.ndarray:

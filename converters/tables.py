@@ -14,8 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from emola_jax.checkpoint import Path_, is_stacked, param_shapes
+from emola_jax.checkpoint import is_stacked, param_shapes
 from emola_jax.config import EmolaConfig
+from emola_jax.weights import Path_
 
 
 @dataclasses.dataclass(frozen=True)

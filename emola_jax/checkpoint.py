@@ -6,7 +6,9 @@ Layout of a checkpoint directory:
     params/          orbax checkpoint; scanned layers are stored one entry per layer
                      (`language_model/layers/7/self_attn/q_proj/kernel`), so that a converter can
                      write, and an exporter read, one layer at a time
-    source.json      where the weights came from (format, files, original config)
+    source.json      where the weights came from (format, files, original config), and whether
+                     the images they were trained on were padded to a square (`pad_to_square`,
+                     absent when unknown), which an export to LLaVA's format must repeat
     tokenizer/       tokenizer and processor files, when the source carried them
 
 The writer stages everything in a sibling temporary folder and renames it into place last, so
@@ -28,28 +30,29 @@ from typing import Any, Self
 import jax
 import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
+from emola_jax import weights
+from emola_jax.atomic import staging_path
 from emola_jax.config import EmolaConfig
+from emola_jax.weights import Path_, path_name
 
-Path_ = tuple[str, ...]
 LAYER_AXIS_PARENT = "layers"
 CONFIG_FILE, PARAMS_DIR, SOURCE_FILE, TOKENIZER_DIR = "config.json", "params", "source.json", "tokenizer"
+PAD_TO_SQUARE = "pad_to_square"  # source.json: training images padded to a square (`clip_preprocess(pad=...)`)
 
 
 def abstract_model(config: EmolaConfig):
     """The model with `ShapeDtypeStruct` leaves: no memory, no random init (Tunix-style)."""
     from emola_jax.models import EmolaForConditionalGeneration
 
-    return nnx.eval_shape(lambda: EmolaForConditionalGeneration(config, rngs=nnx.Rngs(0)))
+    return weights.abstract(lambda rngs: EmolaForConditionalGeneration(config, rngs=rngs))
 
 
 def param_shapes(config: EmolaConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
     """Every weight of the model, keyed by its path (stacked layers keep their leading axis)."""
-    _, state = nnx.split(abstract_model(config))
-    return {tuple(str(p) for p in path): var.get_value() for path, var in nnx.to_flat_state(state)}
+    return weights.flat(abstract_model(config))
 
 
 def is_stacked(path: Path_) -> bool:
@@ -126,7 +129,7 @@ class StagedDirectory:
             raise FileExistsError(f"{self.out} exists and is not a directory")
         if self.out.exists() and any(self.out.iterdir()) and not overwrite:
             raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
-        self.staging = self.out.parent / f".{self.out.name}.tmp-{_shared_token()}"
+        self.staging = staging_path(self.out, _shared_token())
         self.lead = jax.process_index() == 0
 
     def __enter__(self) -> Self:
@@ -190,7 +193,7 @@ class CheckpointWriter(StagedDirectory):
 
     def add(self, path: Path_, array: np.ndarray) -> None:
         if path in self._written or path in self._pending:
-            raise ValueError(f"weight {'/'.join(path)} was written twice")
+            raise ValueError(f"weight {path_name(path)} was written twice")
         self._pending[path] = array
         self._pending_bytes += array.nbytes
         if self._pending_bytes >= self.flush_bytes:
@@ -246,7 +249,7 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
     expected = disk_shapes(config)
     stored = dict(_flatten(ocp.metadata(params_dir).metadata))
     for key in sorted(set(expected) | set(stored)):
-        name = "/".join(key)
+        name = path_name(key)
         if key not in stored:
             raise ValueError(f"{params_dir}: weight {name} is missing from the checkpoint")
         if key not in expected:
@@ -294,7 +297,6 @@ def load_pretrained(
     except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
         raise ValueError(f"could not read the weights in {params_dir}: {err}") from err
 
-    graphdef, state = nnx.split(abstract_model(config))
     values = {}
     for path_, spec in param_shapes(config).items():
         if is_stacked(path_):
@@ -302,11 +304,7 @@ def load_pretrained(
             values[path_] = jnp.stack(layers) if layers else jnp.zeros(spec.shape, spec.dtype)
         else:
             values[path_] = flat.pop(path_)
-    flat_state = nnx.to_flat_state(state)
-    for key, var in flat_state:
-        var.set_value(values[tuple(str(p) for p in key)])
-    model = nnx.merge(graphdef, nnx.from_flat_state(flat_state))
-    return model, config
+    return weights.from_flat(abstract_model(config), values, source=f"the weights in {params_dir}"), config
 
 
 def save_pretrained(
@@ -315,14 +313,22 @@ def save_pretrained(
 ) -> Path:
     """Writes `model` (any `EmolaForConditionalGeneration`) as a checkpoint `load_pretrained` reads."""
     config: EmolaConfig = model.config
-    _, state = nnx.split(model)
     with CheckpointWriter(out, overwrite=overwrite) as writer:
-        for key, var in nnx.to_flat_state(state):
-            path = tuple(str(p) for p in key)
-            value = var.get_value()
+        for path, value in weights.flat(model).items():
             if is_stacked(path):
                 for i in range(value.shape[0]):
                     writer.add(layer_path(path, i), value[i])
             else:
                 writer.add(path, value)
         return writer.finish(config, source or {"format": "emola-jax"}, list(tokenizer_files))
+
+
+def load_tokenizer(checkpoint: str | Path):
+    """The tokenizer saved with a checkpoint (under `TOKENIZER_DIR`)."""
+    from transformers import AutoTokenizer
+
+    path = Path(checkpoint) / TOKENIZER_DIR
+    if not path.is_dir():
+        raise FileNotFoundError(f"{checkpoint} carries no tokenizer ({TOKENIZER_DIR}/ is missing)")
+    # LLaVA tokenises with the slow sentencepiece tokenizer; use it whenever the model file is there.
+    return AutoTokenizer.from_pretrained(path, use_fast=not (path / "tokenizer.model").is_file())

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 PriorPosition = Literal["after", "before", "off"]
+DTYPES = ("float32", "bfloat16", "float16")  # weight storage and compute dtypes every command accepts
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # insightface 2d106det: 106 (x, y) landmarks, flattened.
 LANDMARK_DIM = 212
@@ -94,7 +95,12 @@ class TextConfig:
 
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
-    """LoRA on decoder projections, as PEFT defines it (scale alpha/r, or alpha/sqrt(r))."""
+    """LoRA on decoder projections, as PEFT defines it (scale alpha/r, or alpha/sqrt(r)).
+
+    `targets` follow the list form of PEFT's `target_modules` (`emola_jax/lora.py`): each names a
+    projection of every decoder layer by its name (`q_proj`) or its path in the layer
+    (`self_attn.q_proj`).
+    """
 
     rank: int = 128
     alpha: float = 256.0
@@ -103,6 +109,13 @@ class LoRAConfig:
     )
     use_rslora: bool = False
     dropout: float = 0.0  # PEFT's lora_dropout, on the adapter's input, in training only
+
+    def __post_init__(self):
+        from emola_jax.lora import check_targets  # lora.py builds on these configs
+
+        if isinstance(self.targets, str):
+            raise ValueError(f"LoRA targets must be a list of projection names, not the string {self.targets!r}")
+        check_targets(self)
 
     @property
     def scale(self) -> float:
@@ -126,6 +139,8 @@ class EmolaConfig:
     dtype: str = "float32"
 
     def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
         if self.prior_position not in ("after", "before", "off"):
             raise ValueError(f"prior_position must be after, before or off, not {self.prior_position!r}")
         if self.vision_feature_select_strategy not in ("default", "full"):

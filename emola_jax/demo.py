@@ -28,21 +28,14 @@ from emola_jax.config import EmolaConfig
 def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
     """A random transformers LLaVA with the shapes of `config`, saved with the tokenizer beside it."""
     import torch
-    from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
-    v, t = config.vision, config.text
-    hf_config = LlavaConfig(
-        vision_config=CLIPVisionConfig(hidden_size=v.hidden_size, intermediate_size=v.intermediate_size,
-                                       num_hidden_layers=v.num_hidden_layers, num_attention_heads=v.num_attention_heads,
-                                       image_size=v.image_size, patch_size=v.patch_size),
-        text_config=LlamaConfig(hidden_size=t.hidden_size, intermediate_size=t.intermediate_size,
-                                num_hidden_layers=t.num_hidden_layers, num_attention_heads=t.num_attention_heads,
-                                num_key_value_heads=t.num_key_value_heads, vocab_size=t.vocab_size,
-                                max_position_embeddings=t.max_position_embeddings, initializer_range=0.1),
-        image_token_index=config.image_token_id, vision_feature_layer=config.vision_feature_layer,
-    )
+    from converters import hf_config
+
+    data = hf_config.llava_to_hf(config)
+    data["text_config"]["initializer_range"] = 0.1
     torch.manual_seed(seed)
-    model = LlavaForConditionalGeneration(hf_config).eval()
+    model = LlavaForConditionalGeneration(hf_config.to_transformers(data)).eval()
     model.save_pretrained(directory)
     for file in tokenizer_dir.iterdir():
         shutil.copy2(file, directory / file.name)
@@ -76,16 +69,16 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     from peft import PeftModel
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
-    from converters.prior_token import logits_with_prior
     from emola_jax.checkpoint import load_pretrained
     from emola_jax.data import conversation, image
-    from emola_jax.data.drawn_faces import EMOTION_PROMPT
+    from emola_jax.data.labels import EMOTION_QUESTION
     from emola_jax.data.landmark_store import read_landmarks
+    from emola_jax.demo_models import logits_with_prior
 
     model, config = load_pretrained(model_dir)
     record = json.loads(eval_file.read_text())[0]
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_PROMPT),
+    ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_QUESTION),
                                            config.image_token_id, config.image_seq_length)[None]
     pixels = image.clip_preprocess(image.load_image(eval_file.parent / record["image"]), config.vision.image_size)[None]
     landmarks = read_landmarks(features)[record["id"]][None]
@@ -135,8 +128,9 @@ def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_pe
             eval_per_emotion: int = 4) -> DemoInputs:
     """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features."""
     from converters import convert
-    from emola_jax.data import drawn_faces, landmarks
+    from emola_jax.data import drawn_faces
     from emola_jax.data.precompute import precompute_landmarks
+    from emola_jax.demo_models import toy_landmark_graph
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -146,7 +140,7 @@ def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_pe
     diff = _check_import(reference, base, np.random.default_rng(seed))
     files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=train_per_emotion,
                                       eval_per_emotion=eval_per_emotion, seed=seed, size=4 * config.vision.image_size)
-    graph = landmarks.toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
+    graph = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
     features = workdir / "faces" / "landmarks.array_record"
     features.unlink(missing_ok=True)
     precompute_landmarks(list(files.values()), workdir / "faces", graph, features, progress=False)
@@ -166,7 +160,8 @@ def from_base(experiment, inputs: DemoInputs, seed: int = 0):
 def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary."""
     from converters import export
-    from emola_jax.eval.evaluate import evaluate_model, load_tokenizer
+    from emola_jax.checkpoint import load_tokenizer
+    from emola_jax.eval.evaluate import evaluate_model
     from emola_jax.generate import GenerationConfig
     from emola_jax.train.loop import train
 
@@ -225,26 +220,13 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
 
 def _train_tokenizer(directory: Path, vocab_size: int):
     """A byte-level BPE trained on the template and the annotations: enough for the demo."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
     from emola_jax.data import drawn_faces
     from emola_jax.data.conversation import SYSTEM
-    from emola_jax.eval.faba import EMOTIONS
+    from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
+    from emola_jax.demo_models import bpe_tokenizer
 
     answers = [drawn_faces.describe_emotion(e) for e in EMOTIONS]
     answers += [drawn_faces.describe_aus(e) for e in EMOTIONS if drawn_faces.EMOTION_AUS[e]]
-    corpus = [SYSTEM, "USER: ASSISTANT:", drawn_faces.EMOTION_PROMPT, drawn_faces.AU_PROMPT, *answers]
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(corpus * 4, trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(directory)
-    return fast
+    return bpe_tokenizer(directory, [SYSTEM, "USER: ASSISTANT:", EMOTION_QUESTION, AU_QUESTION, *answers], vocab_size)
 
 

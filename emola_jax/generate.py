@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from emola_jax.models.emola import EmolaForConditionalGeneration, default_position_ids
+from emola_jax.models.emola import EmolaForConditionalGeneration, check_inputs, default_position_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,7 +52,6 @@ def sample_next(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> 
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
 
 
-@partial(nnx.jit, static_argnames=("config",))
 def generate(
     model: EmolaForConditionalGeneration,
     input_ids: jax.Array,
@@ -64,8 +63,18 @@ def generate(
 ) -> jax.Array:
     """New tokens `[batch, max_new_tokens]`; after a row's EOS, the rest of it is `pad_token_id`.
 
-    input_ids and attention_mask `[batch, prompt]` must be left-padded.
+    input_ids and attention_mask `[batch, prompt]` must be left-padded. The concrete inputs are
+    checked here, before tracing (`check_inputs`: placeholders per row, shapes, padding, finite
+    landmarks, room in the context); the jitted decoder could not see their values.
     """
+    check_inputs(model.config, input_ids, pixel_values, attention_mask, landmarks, padding="left",
+                 max_new_tokens=config.max_new_tokens)
+    return _generate(model, input_ids, pixel_values, attention_mask, landmarks, key, config)
+
+
+@partial(nnx.jit, static_argnames=("config",))
+def _generate(model, input_ids, pixel_values, attention_mask, landmarks, key, config: GenerationConfig) -> jax.Array:
+    """`generate` after its checks: one prefill of the prompt, then a `while_loop` of decode steps."""
     batch, prompt_len = input_ids.shape
     lm = model.language_model
     embeds = model.embed(input_ids, pixel_values, landmarks)
@@ -73,7 +82,7 @@ def generate(
     cache = lm.init_cache(batch, prompt_len + config.max_new_tokens, embeds.dtype)
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((batch, config.max_new_tokens), bool)], axis=1)
     layers = lm.unstacked_layers()
-    hidden, cache = lm.decode(embeds, positions, kv_valid, cache, 0, layers)
+    hidden, cache = lm.prefill(embeds, attention_mask, positions, cache, layers)
     key, step_key = jax.random.split(key)
     first = sample_next(model.logits(hidden[:, -1]), config, step_key)
     out = jnp.full((batch, config.max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)

@@ -18,8 +18,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from emola_jax.weights import Path_, path_name
+
 MESH_AXES = ("data", "fsdp", "tensor")
-Path_ = tuple[str, ...]  # a weight's path in the model, e.g. ("language_model", "layers", "mlp", ...)
 Axes = tuple[str | None, ...]
 
 
@@ -93,15 +94,14 @@ def logical_axes_table(model: nnx.Module) -> dict[Path_, Axes]:
     """`{weight path: logical axes}` as each weight declared them where it was made (works on the
     abstract model). A weight without declared axes, or with more or fewer than its rank, is an
     error naming it: nothing is replicated by omission."""
-    _, state = nnx.split(model)
     table = {}
-    for key, var in nnx.to_flat_state(state):
-        path = tuple(str(p) for p in key)
+    for key, var in nnx.to_flat_state(nnx.state(model)):
+        path = tuple(map(str, key))
         axes, ndim = var.get_metadata("out_sharding", None), len(var.get_value().shape)
         if axes is None:
-            raise ValueError(f"weight {'/'.join(path)} declares no logical axes (out_sharding) where it is made")
+            raise ValueError(f"weight {path_name(path)} declares no logical axes (out_sharding) where it is made")
         if len(axes) != ndim:
-            raise ValueError(f"weight {'/'.join(path)} declares axes {tuple(axes)} for its {ndim} dimensions")
+            raise ValueError(f"weight {path_name(path)} declares axes {tuple(axes)} for its {ndim} dimensions")
         table[path] = tuple(axes)
     return table
 
@@ -128,11 +128,11 @@ def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh,
                    axes: Mapping[Path_, Axes]) -> NamedSharding:
     """The sharding of the weight at `path` (or of an array shaped like it), from `axes`
     (`logical_axes_table`)."""
-    path = tuple(str(p) for p in path)
+    path = tuple(map(str, path))
     if path not in axes:
-        raise ValueError(f"{'/'.join(path)} is not a weight of the model: no logical axes declared for it")
+        raise ValueError(f"{path_name(path)} is not a weight of the model: no logical axes declared for it")
     if len(axes[path]) != len(shape):
-        raise ValueError(f"weight {'/'.join(path)} declares axes {axes[path]}; the array has shape {tuple(shape)}")
+        raise ValueError(f"weight {path_name(path)} declares axes {axes[path]}; the array has shape {tuple(shape)}")
     return NamedSharding(mesh, partition_spec(axes[path], shape, mesh))
 
 

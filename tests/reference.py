@@ -8,26 +8,36 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors.torch import save_file
-from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+from transformers import LlavaConfig, LlavaForConditionalGeneration
+
+from converters import hf_config
+from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 
 IMAGE_TOKEN = 99
+TINY = EmolaConfig(
+    vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
+                        image_size=28, patch_size=14),
+    text=TextConfig(hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=100, max_position_embeddings=256, rms_norm_eps=1e-6),
+    image_token_id=IMAGE_TOKEN, vision_feature_layer=-2, prior_position="off",
+)
+# initialisation only (no field of ours): large weights, logits of order 1-5, so that a small
+# mistake shows above the tolerance
+VISION_INIT = dict(projection_dim=16, initializer_factor=5.0)
+TEXT_INIT = dict(initializer_range=0.2)
 
 
 def llava_config(*, text: dict | None = None, vision: dict | None = None, **top) -> LlavaConfig:
-    vision_kw = dict(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4,
-        image_size=28, patch_size=14, projection_dim=16, initializer_factor=5.0,
-    )
-    text_kw = dict(
-        hidden_size=48, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, vocab_size=100, max_position_embeddings=256,
-        # large weights: logits of order 1-5, so that a small mistake shows above the tolerance
-        initializer_range=0.2,
-    )
-    vision_kw.update(vision or {})
-    text_kw.update(text or {})
-    top = {"image_token_index": IMAGE_TOKEN, "vision_feature_layer": -2, **top}
-    return LlavaConfig(vision_config=CLIPVisionConfig(**vision_kw), text_config=LlamaConfig(**text_kw), **top)
+    """The tiny LLaVA with some fields changed, given in transformers' names (`text`, `vision`: of
+    the sub-configs), as transformers reads them; every field is one our config represents."""
+    changed = hf_config.llava_to_hf(TINY)
+    changed["text_config"].update(text or {})
+    changed["vision_config"].update(vision or {})
+    changed.update(top)
+    data = hf_config.llava_to_hf(hf_config.llava_from_hf(changed))
+    data["text_config"].update(TEXT_INIT)
+    data["vision_config"].update(VISION_INIT)
+    return hf_config.to_transformers(data)
 
 
 def build_llava(config: LlavaConfig, seed: int = 0) -> LlavaForConditionalGeneration:

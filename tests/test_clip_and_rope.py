@@ -6,15 +6,16 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel, CLIPVisionConfig, CLIPVisionModel, LlamaConfig
+from transformers import CLIPConfig, CLIPModel, CLIPVisionModel
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from converters import load_clip_vision
-from converters.formats import text_config_from_hf
+from converters import hf_config, load_clip_vision
+from emola_jax.config import TextConfig, VisionConfig
 from emola_jax.models.rope import rope_cos_sin
 
-VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=3, num_attention_heads=4, image_size=42,
-              patch_size=14, initializer_factor=5.0)
+VISION = {**hf_config.clip_to_hf(VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=3,
+                                              num_attention_heads=4, image_size=42, patch_size=14)),
+          "initializer_factor": 5.0}
 
 
 def _hidden_states(model, pixels):
@@ -32,7 +33,7 @@ def test_clip_tower_matches_every_hidden_state(tmp_path, kind):
         full.save_pretrained(tmp_path)
         reference = full.vision_model
     else:
-        reference = CLIPVisionModel(CLIPVisionConfig(**VISION)).eval()
+        reference = CLIPVisionModel(hf_config.to_transformers(VISION)).eval()
         reference.save_pretrained(tmp_path)
     pixels = np.random.default_rng(0).standard_normal((2, 42, 42, 3)).astype(np.float32)
     expected = _hidden_states(reference, pixels)
@@ -43,7 +44,7 @@ def test_clip_tower_matches_every_hidden_state(tmp_path, kind):
 
 
 def test_clip_rejects_wrong_image_size(tmp_path):
-    CLIPVisionModel(CLIPVisionConfig(**VISION)).save_pretrained(tmp_path)
+    CLIPVisionModel(hf_config.to_transformers(VISION)).save_pretrained(tmp_path)
     model, _ = load_clip_vision(tmp_path)
     with pytest.raises(ValueError, match="expects 42x42"):
         model(np.zeros((1, 28, 28, 3), np.float32))
@@ -61,14 +62,14 @@ ROPES = {
 @pytest.mark.parametrize("name", list(ROPES))
 @pytest.mark.parametrize("length", [16, 200])
 def test_rope_tables_match_transformers(name, length):
-    hf_config = LlamaConfig(hidden_size=128, num_attention_heads=2, max_position_embeddings=64,
-                            rope_parameters=ROPES[name])
-    config = text_config_from_hf(json.loads(hf_config.to_json_string()))
+    text = TextConfig(hidden_size=128, num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=64)
+    hf = hf_config.to_transformers({**hf_config.llama_to_hf(text), "rope_parameters": ROPES[name]})
+    config = hf_config.llama_from_hf(json.loads(hf.to_json_string()))
     assert config.rope_scaling.rope_type == name
     positions = np.arange(length)[None]
     x = torch.zeros(1, length, 128)
     with torch.no_grad():
-        cos, sin = LlamaRotaryEmbedding(hf_config)(x, torch.tensor(positions))
+        cos, sin = LlamaRotaryEmbedding(hf)(x, torch.tensor(positions))
     ours_cos, ours_sin = rope_cos_sin(config, jnp.asarray(positions), jnp.float32)
     np.testing.assert_allclose(np.asarray(ours_cos), cos.numpy(), atol=2e-5)
     np.testing.assert_allclose(np.asarray(ours_sin), sin.numpy(), atol=2e-5)

@@ -13,7 +13,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 import emola_jax
-from converters import convert
+from converters import convert, hf_config
 from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.models import EmolaForConditionalGeneration
 from tests import reference as ref
@@ -41,20 +41,28 @@ def _mlp(in_dim, out_dim, seed):
     return torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(), torch.nn.Linear(out_dim, out_dim))
 
 
+def _randomise_adapters(peft, *, scale: float, seed: int) -> None:
+    """Non-zero LoRA factors (PEFT starts B at zero, which would hide a wrong import)."""
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for name, param in peft.named_parameters():
+            if "lora_" in name:
+                param.copy_(scale * torch.randn_like(param))
+
+
 @pytest.fixture(scope="module")
 def emola_run(tmp_path_factory):
     """Writes the four directories of an official EmoLA setup; returns them with the torch truth."""
     root = tmp_path_factory.mktemp("emola")
     config = ref.llava_config()
     llava = ref.build_llava(config, seed=3)
-    text_cfg = json.loads(config.text_config.to_json_string())
+    ours = hf_config.llava_from_hf(config.to_dict())
     state = llava.state_dict()
 
     # base: original LLaVA-1.5 layout, .bin shards, no vision tower; config with mm_* fields
     base_state = ref.rename({k: v for k, v in state.items() if "vision_tower" not in k}, LLAVA_ORIGINAL)
-    llava_cfg = {**text_cfg, "model_type": "llava_llama", "mm_projector_type": "mlp2x_gelu",
-                 "mm_vision_select_layer": -2, "mm_vision_select_feature": "patch", "mm_hidden_size": 32,
-                 "mm_vision_tower": "tiny-clip-patch14-28"}
+    # (trained, as LLaVA-1.5 and EmoLA were, on images padded to a square: image_aspect_ratio "pad")
+    llava_cfg = hf_config.run_to_hf(ours, "float32", pad_to_square=True)
     ref.save_state(base_state, root / "base", shards=2, fmt="bin", config=llava_cfg)
 
     # CLIP: the full-CLIPModel layout (vision_model.*), with a text tower key the converter must skip
@@ -62,7 +70,7 @@ def emola_run(tmp_path_factory):
                             [("model.vision_tower.", "vision_model.")])
     clip_state["text_model.embeddings.token_embedding.weight"] = torch.zeros(10, 4)
     clip_state["logit_scale"] = torch.tensor(2.6)
-    clip_cfg = {"model_type": "clip", "vision_config": json.loads(config.vision_config.to_json_string())}
+    clip_cfg = {"model_type": "clip", "vision_config": hf_config.clip_to_hf(ours.vision)}
     ref.save_state(clip_state, root / "clip", config=clip_cfg)
 
     # run: a retrained mm_projector, the landmark projector, and a PEFT adapter with non-zero B
@@ -74,15 +82,12 @@ def emola_run(tmp_path_factory):
                run / "non_lora_trainables.bin")
     torch.save({f"model.landmark_feature_projector.{k}": v for k, v in prior.state_dict().items()},
                run / "landmark_feature_projector.bin")
-    (run / "config.json").write_text(json.dumps(llava_cfg))
+    (run / "config.json").write_text(json.dumps(hf_config.run_to_hf(ours.replace(prior_position="after"), "float32",
+                                                                    pad_to_square=True)))
     peft = get_peft_model(_hf_decoder(llava), LoraConfig(
         r=4, lora_alpha=12, lora_dropout=0.05,
         target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    torch.manual_seed(13)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name:
-                param.copy_(0.3 * torch.randn_like(param))
+    _randomise_adapters(peft, scale=0.3, seed=13)
     peft.save_pretrained(run)
     return dict(root=root, config=config, llava=llava, mm=mm, prior=prior, run=run)
 
@@ -184,12 +189,12 @@ def test_prior_token_position(position):
 
 
 def test_merged_lora_matches_peft_merge_and_unmerged_logits(emola_run, tmp_path):
-    from emola_jax.lora import merge_lora, split_lora
+    from emola_jax.lora import merge_lora
 
     out = convert(emola_run["run"], tmp_path / "jax", base=emola_run["root"] / "base",
                   clip=emola_run["root"] / "clip", progress=False)
     model, _ = emola_jax.load_pretrained(out)
-    _, lora_state, base_state = split_lora(model)
+    _, lora_state, base_state = nnx.split(model, nnx.LoRAParam, ...)  # the adapters are their own tree
     assert {p[-1] for p, _ in nnx.to_flat_state(lora_state)} == {"lora_a", "lora_b"}
     assert not any(p[-1].startswith("lora") for p, _ in nnx.to_flat_state(base_state))
     merged = merge_lora(model)
@@ -205,3 +210,70 @@ def test_merged_lora_matches_peft_merge_and_unmerged_logits(emola_run, tmp_path)
     valid = mask.astype(bool)
     np.testing.assert_allclose(np.asarray(merged(ids, pixels, mask, landmarks))[valid],
                                np.asarray(model(ids, pixels, mask, landmarks))[valid], atol=1e-4)
+
+
+def _run_with_adapter(emola_run, folder, **lora_config):
+    """The fixture's EmoLA run with another PEFT adapter (non-zero factors) made by PEFT itself."""
+    import shutil
+
+    folder.mkdir()
+    for name in ("non_lora_trainables.bin", "landmark_feature_projector.bin", "config.json"):
+        shutil.copy(emola_run["run"] / name, folder / name)
+    peft = get_peft_model(_hf_decoder(emola_run["llava"]), LoraConfig(r=4, lora_alpha=8, **lora_config))
+    _randomise_adapters(peft, scale=0.1, seed=17)
+    peft.save_pretrained(folder)
+    adapted = {n.split(".")[-1] for n, m in peft.named_modules() if hasattr(m, "lora_A")}
+    return {**emola_run, "run": folder}, adapted
+
+
+# Each form of `target_modules` PEFT accepts: (LoraConfig fields, projections it adapts in every layer).
+PEFT_TARGET_FORMS = {
+    "list of names": (dict(target_modules=["q_proj", "v_proj"]), {"q_proj", "v_proj"}),
+    "list of dotted suffixes": (dict(target_modules=["self_attn.o_proj", "mlp.down_proj"]), {"o_proj", "down_proj"}),
+    "official regex": (dict(target_modules=r".*self_attn\.(q_proj|v_proj)"), {"q_proj", "v_proj"}),
+    "anchored regex": (dict(target_modules=r"model\.layers\.\d+\.mlp\.(gate_proj|up_proj)"), {"gate_proj", "up_proj"}),
+    "every layer by index": (dict(target_modules=["k_proj"], layers_to_transform=[0, 1], layers_pattern="layers"),
+                             {"k_proj"}),
+    "excluded modules": (dict(target_modules=["q_proj", "k_proj", "v_proj"], exclude_modules=["k_proj"]),
+                         {"q_proj", "v_proj"}),
+}
+
+
+@pytest.mark.parametrize("form", list(PEFT_TARGET_FORMS))
+def test_every_peft_target_form_imports_to_peft_logits(emola_run, tmp_path, form):
+    lora_config, expected = PEFT_TARGET_FORMS[form]
+    setup, adapted = _run_with_adapter(emola_run, tmp_path / "run", **lora_config)
+    assert adapted == expected  # PEFT's own reading of the form
+    out = convert(setup["run"], tmp_path / "jax", base=emola_run["root"] / "base",
+                  clip=emola_run["root"] / "clip", progress=False)
+    model, config = emola_jax.load_pretrained(out)
+    assert set(config.lora.targets) == expected
+    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
+    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
+    got = np.asarray(model(np.where(ids == ref.IMAGE_TOKEN, -200, ids), pixels, attention_mask=mask,
+                           landmarks=landmarks))
+    expected_logits = _torch_reference(setup, ids, pixels, landmarks, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected_logits[valid], atol=1e-4, rtol=0)
+
+
+@pytest.mark.parametrize("target_modules, layers, message", [
+    (r"model\.layers\.0\.self_attn\.q_proj", None, r"self_attn\.q_proj in layers \[0\] only"),
+    (["q_proj"], [1], r"self_attn\.q_proj in layers \[1\] only"),
+    (["q_proj", "lm_head"], None, "also adapts lm_head"),
+    (".*mm_projector.*", None, r"also adapts model\.mm_projector\.0"),
+    ("all-linear", None, "all-linear"),
+    (["gate"], None, "adapts none of the decoder's projections"),
+])
+def test_peft_targets_this_model_cannot_hold_are_refused(emola_run, tmp_path, target_modules, layers, message):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(emola_run["run"], run)
+    adapter = json.loads((run / "adapter_config.json").read_text())
+    adapter.update(target_modules=target_modules, layers_to_transform=layers)
+    (run / "adapter_config.json").write_text(json.dumps(adapter))
+    with pytest.raises(ValueError, match=message):
+        convert(run, tmp_path / "jax", base=emola_run["root"] / "base", clip=emola_run["root"] / "clip",
+                progress=False)
+    assert not (tmp_path / "jax").exists()

@@ -18,6 +18,7 @@ from emola_jax.checkpoint import save_pretrained
 from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.data import conversation, image
 from emola_jax.eval import evaluate as ev
+from emola_jax.eval import report
 from emola_jax.models import EmolaForConditionalGeneration
 from tests.processes import ROOT, Run
 
@@ -162,11 +163,11 @@ def test_prompt_tokens_follow_llava(setup):
 
 
 def test_bad_records_are_named(tmp_path):
-    from emola_jax.data import faba
+    from emola_jax.data import records
 
     (tmp_path / "a.json").write_text(json.dumps([{"id": "x1", "image": "i.png"}]))
     with pytest.raises(ValueError, match="record x1 is malformed"):
-        faba.read_eval_records(tmp_path / "a.json")
+        records.read_eval_records(tmp_path / "a.json")
     (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n broken")
     with pytest.raises(ValueError, match="broken.png could not be read"):
         image.load_image(tmp_path / "broken.png")
@@ -195,10 +196,10 @@ def test_official_prompt_replaces_the_record_question(setup, tmp_path):
     for record in data:
         record["conversations"][0]["value"] = "<image>\nDescribe this face."
     (tmp_path / "anno.json").write_text(json.dumps(data))
-    from emola_jax.data import faba
+    from emola_jax.data import records
 
-    official = faba.read_eval_records(tmp_path / "anno.json", root / "data", prompt=ev.prompt_for("rafdb"))
-    own = faba.read_eval_records(tmp_path / "anno.json", root / "data")
+    official = records.read_eval_records(tmp_path / "anno.json", root / "data", prompt=ev.prompt_for("rafdb"))
+    own = records.read_eval_records(tmp_path / "anno.json", root / "data")
     assert {r.question for r in official} == {"What emotions are conveyed by this face?"}
     assert {r.question for r in own} == {"<image>\nDescribe this face."}
     assert ev.prompt_for("disfa") == "What AUs are conveyed by this face?"
@@ -253,7 +254,8 @@ def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
     finally:
         killed.kill()
     assert procs[1].returncode != 0  # aborted by jax's distributed runtime: the coordinator is gone
-    assert 0 < len(ev.read_done(out / ev.PREDICTIONS)) < 5, "the run ended before the kill"
+    done = report.read_prediction_lines(out / ev.PREDICTIONS, appended=True)
+    assert 0 < len(done) < 5, "the run ended before the kill"
     _two(args, tmp_path / "rerun").check(TIMEOUT)
     assert _predictions(out) == one_process
 

@@ -12,11 +12,11 @@ from safetensors.torch import load_file
 from transformers import LlavaForConditionalGeneration
 
 import emola_jax
-from converters import convert, export, exporter, formats
-from converters.prior_token import logits_with_prior
+from converters import convert, export, exporter, formats, hf_config
 from converters.readers import TensorStore, weight_files
 from emola_jax.checkpoint import save_pretrained
 from emola_jax.config import LoRAConfig
+from emola_jax.demo_models import logits_with_prior
 from emola_jax.models import EmolaForConditionalGeneration
 from tests import reference as ref
 from tests.test_emola_import import EMOLA_RUN_TOL, emola_run  # noqa: F401  (the official EmoLA run fixture)
@@ -102,7 +102,7 @@ def test_hf_config_reads_back_as_the_same_model(tmp_path, name):
     (tmp_path / "src" / "config.json").write_text(config.to_json_string())
     ours = formats.llava_hf_config(tmp_path / "src", "float32")
     (tmp_path / "out").mkdir()
-    exporter.hf_config(ours, "float32").to_json_file(tmp_path / "out" / "config.json")
+    hf_config.to_transformers(hf_config.llava_to_hf(ours, "float32")).to_json_file(tmp_path / "out" / "config.json")
     assert formats.llava_hf_config(tmp_path / "out", "float32") == ours
 
 

@@ -48,6 +48,32 @@ def test_greedy_tokens_match_transformers(converted, pad):
     assert (got[1, 5:] == 0).all()
 
 
+def test_wrong_placeholder_count_is_refused_before_tracing(converted):
+    config, _, model = converted
+    ids, pixels, mask = ref.inputs(config, batch=2, pad=[0, 2], side="left", image_tokens=1)
+    expected = ref.image_seq_length(config)
+    with pytest.raises(ValueError, match=rf"^row 0 of input_ids holds 1 image tokens; this model expects exactly "
+                                         rf"{expected} per row \(visual tokens\)$"):
+        generate(model, ids, pixels, mask, None, jax.random.key(0), GenerationConfig(max_new_tokens=2))
+
+
+def test_right_padded_prompt_is_refused(converted):
+    config, _, model = converted
+    ids, pixels, mask = ref.inputs(config, batch=2, pad=[0, 2], side="right")
+    with pytest.raises(ValueError, match=r"^row 1 of attention_mask is not left-padded with its last token real$"):
+        generate(model, ids, pixels, mask, None, jax.random.key(0), GenerationConfig(max_new_tokens=2))
+
+
+def test_prompt_past_the_context_is_refused(converted):
+    config, _, model = converted
+    ids, pixels, mask = ref.inputs(config, batch=2, pad=[0, 2], side="left")
+    context = config.text_config.max_position_embeddings
+    new = context - ids.shape[1] + 1  # row 0 (no padding) would need one position more than there are
+    with pytest.raises(ValueError, match=rf"^a prompt of {ids.shape[1]} tokens and {new} new tokens exceed the "
+                                         rf"model's context of {context} positions$"):
+        generate(model, ids, pixels, mask, None, jax.random.key(0), GenerationConfig(max_new_tokens=new))
+
+
 def test_top_p_keeps_only_the_nucleus():
     logits = np.log(np.array([[0.5, 0.3, 0.15, 0.05]], np.float32))
     config = GenerationConfig(temperature=1.0, top_p=0.7)

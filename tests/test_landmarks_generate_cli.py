@@ -100,3 +100,25 @@ def test_generate_refuses_bad_numbers_and_arrays(setup, tmp_path, capsys):  # no
         assert run.main([*common, *landmarks, *flags]) == 1, flags
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (flags, err)
+
+
+def test_generate_onnx_refuses_a_truncated_jpeg(setup, tmp_path, capsys):  # noqa: F811
+    """OpenCV decodes a JPEG cut short without complaint (grey rows); the official recipe must not
+    turn it into a prior feature, as `precompute-landmarks` does not."""
+    import run
+
+    root, ckpt = setup
+    _landmark_graph(tmp_path / "2d106det.onnx")
+    pixels = cv2.imread(str(root / "data" / "images" / "2.png"))
+    data = cv2.imencode(".jpg", pixels)[1].tobytes()
+    truncated = tmp_path / "cut.jpg"
+    truncated.write_bytes(data[: len(data) * 2 // 3])
+    assert cv2.imread(str(truncated)) is not None  # what makes the check necessary
+    with pytest.raises(ValueError, match="truncated JPEG"):
+        landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), [truncated])
+    args = ["generate", str(ckpt), "--image", str(truncated), "--onnx", str(tmp_path / "2d106det.onnx"),
+            "--prompt", "What emotions are conveyed by this face?", "--max-new-tokens", "6"]
+    assert run.main(args) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and len(err.splitlines()) == 1
+    assert err == f"error: image {truncated}: truncated JPEG (no end-of-image marker after the last scan)\n"

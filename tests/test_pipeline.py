@@ -11,6 +11,7 @@ import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
+from emola_jax import demo_models
 from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.data import conversation, landmark_store, pipeline
 from emola_jax.data.conversation import SYSTEM
@@ -44,20 +45,7 @@ def conversations_for(i: int) -> list[dict]:
 
 def bpe_tokenizer(directory: Path):
     """Byte-level BPE (the demo's kind of tokenizer), trained on the spot."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE(unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator([SYSTEM, "USER: ASSISTANT:", *QUESTIONS, *ANSWERS] * 4, trainers.BpeTrainer(
-        vocab_size=500, special_tokens=["<unk>", "<s>", "</s>", "<pad>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(directory)
-    return fast
+    return demo_models.bpe_tokenizer(directory, [SYSTEM, "USER: ASSISTANT:", *QUESTIONS, *ANSWERS], vocab_size=500)
 
 
 def llama_tokenizer(directory: Path, legacy: bool):

@@ -11,7 +11,8 @@ import pytest
 
 from emola_jax.data import instructions, landmark_store
 from emola_jax.data import tfds_builders as builders
-from emola_jax.eval import faba
+from emola_jax.data.labels import AU_SETS, EMOTIONS
+from emola_jax.eval import scoring
 
 RAF_NAMES = {1: "surprise", 2: "fear", 3: "disgust", 4: "happiness", 5: "sadness", 6: "anger", 7: "neutral"}
 
@@ -50,7 +51,7 @@ def fake_bp4d(root: Path, rng: np.random.Generator) -> dict[str, set[int] | None
                 values[BP4D_HEADER.index(12) - 1] = 9  # a target AU not coded: the frame is left out
             rows.append(",".join(map(str, [frame, *values])))
             active = {au for au, v in zip(BP4D_HEADER[1:], values, strict=True) if v == 1}
-            targets = faba.AU_SETS["bp4d"]
+            targets = AU_SETS["bp4d"]
             coded = all(values[BP4D_HEADER.index(au) - 1] in (0, 1) for au in targets)
             expected[f"BP4D_{subject}_{task}_{frame}"] = (active & set(targets)) if coded else None
             write_image(root / "images" / subject / task / f"{frame:04d}.jpg", frame)
@@ -67,7 +68,7 @@ def fake_disfa(root: Path, rng: np.random.Generator) -> dict[str, set[int]]:
         for au, values in intensities.items():
             (folder / f"{subject}_au{au}.txt").write_text("".join(f"{f},{v}\n" for f, v in enumerate(values, 1)))
         for frame in range(1, 6):
-            expected[f"DISFA_{subject}_{frame}"] = {au for au in faba.AU_SETS["disfa"]
+            expected[f"DISFA_{subject}_{frame}"] = {au for au in AU_SETS["disfa"]
                                                     if intensities[au][frame - 1] >= 2}
             write_image(root / "images" / subject / f"{frame}.jpg", frame)
     return expected
@@ -100,11 +101,11 @@ def test_rafdb_records(tmp_path):
     for record in records:
         stem = record["id"].removeprefix("RAF-DB_")
         name = RAF_NAMES[labels[stem]]
-        assert faba.EMOTIONS[int(record["label"])] == name
+        assert EMOTIONS[int(record["label"])] == name
         assert record["split"] == stem.split("_")[0]
         assert record["image"] == f"Image/aligned/{stem}_aligned.jpg"
         answer = record["conversations"][1]["value"]
-        assert faba.emotion_of(answer) == int(record["label"]) == faba.emotion_label(record["label"])
+        assert scoring.emotion_of(answer) == int(record["label"]) == scoring.emotion_label(record["label"])
         assert record["conversations"][0]["value"] == "<image>\nWhat emotions are conveyed by this face?"
 
 
@@ -115,7 +116,7 @@ def test_bp4d_folds_are_subject_exclusive(tmp_path):
     assert {r["id"] for r in records} == set(kept)
     for record in records:
         assert au_set(record["label"]) == kept[record["id"]]
-        assert faba.aus_of(record["conversations"][1]["value"]) == {str(a) for a in kept[record["id"]]}
+        assert scoring.aus_of(record["conversations"][1]["value"]) == {str(a) for a in kept[record["id"]]}
         assert (tmp_path / record["image"]).is_file()
     folds = {}
     for record in records:

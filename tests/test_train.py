@@ -91,7 +91,7 @@ def test_loss_and_lora_gradients_match_peft(llava_base, attention):
     labels[:, : 3 + ref.image_seq_length(llava.config)] = train_step.IGNORE_INDEX  # score the text after the image
     batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
              "attention_mask": mask.astype(np.int32), "pixel_values": pixels}
-    loss_fn = train_step.make_loss_fn(trainer.graphdef, trainer.template, experiment.train, trainer.attention)
+    loss_fn = train_step.make_loss_fn(trainer.graphdef, trainer.template, experiment.train)
     (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, trainer.frozen, batch, None)
 
     peft = get_peft_model(llava, PeftLoraConfig(
@@ -190,6 +190,31 @@ def test_trainable_groups_schedules_and_optimizer_state_cover_only_the_trainable
     assert float(lr(0)) == 0.0 and float(lr(10)) == pytest.approx(1e-4)  # 10 warmup steps (ratio 0.1 of 100)
     assert float(lr(55)) == pytest.approx(0.5e-4, rel=1e-5)  # cosine half-way through the decay
     assert float(lr(100)) == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+@pytest.mark.parametrize("steps,ratio", [(10, 0.03), (100, 0.03), (7, 0.5), (33, 0.1), (1000, 0.07), (20, 0.0)])
+def test_warmup_and_schedules_are_transformers_own(tmp_path, schedule, steps, ratio):
+    """The rate of every update as transformers' trainer sets it (the official scripts train with it)."""
+    from transformers import TrainingArguments, get_constant_schedule_with_warmup, get_cosine_schedule_with_warmup
+
+    warmup = TrainingArguments(output_dir=str(tmp_path), warmup_steps=ratio, report_to="none").get_warmup_steps(steps)
+    config = TrainConfig(steps=steps, warmup_ratio=ratio, schedule=schedule)
+    assert train_step.warmup_steps(config) == warmup
+    assert (steps, ratio) != (10, 0.03) or warmup == 1  # round() would give no warmup at all
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1e-4)
+    if schedule == "cosine":
+        scheduler = get_cosine_schedule_with_warmup(optimizer, warmup, steps)
+    else:
+        scheduler = get_constant_schedule_with_warmup(optimizer, warmup)
+    expected = []
+    for _ in range(steps):  # the rate the k-th update uses, k = 0 .. steps - 1
+        expected.append(scheduler.get_last_lr()[0])
+        optimizer.step()
+        scheduler.step()
+    ours = train_step._schedule(config, 1e-4)
+    # float32 (optax) against float64 (torch): 1e-6 of the peak rate
+    np.testing.assert_allclose([float(ours(k)) for k in range(steps)], expected, rtol=0, atol=1e-10)
 
 
 def _specs(model, mesh) -> dict[str, tuple]:
@@ -370,6 +395,18 @@ def test_a_non_finite_step_is_skipped_or_stops_the_run(tmp_path):
     with pytest.raises(FloatingPointError, match="step 2: loss nan"):
         train(stopping, tmp_path, progress=False, loader=_PoisonedLoader(experiment.data, trainer.config))
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1"]  # nothing after the fault
+
+
+def test_a_host_batch_with_a_wrong_placeholder_count_is_refused_before_the_step():
+    experiment = _tiny(steps=1)
+    trainer = Trainer(experiment)
+    batch = next_batch(SyntheticLoader(experiment.data, trainer.config), 1)  # [accum, rows, seq]
+    batch["input_ids"][0, 3, 2] = 5  # row 3 loses one of its image placeholders
+    expected = trainer.config.image_seq_length
+    with pytest.raises(ValueError, match=rf"^row 3 of input_ids holds {expected - 1} image tokens; this model "
+                                         rf"expects exactly {expected} per row"):
+        trainer.step(batch)
+    assert int(trainer.state["step"]) == 0
 
 
 def test_a_missing_or_mismatched_base_is_an_error_before_any_compile(tmp_path):

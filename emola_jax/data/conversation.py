@@ -22,6 +22,15 @@ def generation_prompt(question: str) -> str:
     return f"{SYSTEM} {ROLES[0]}: {question_with_image(question)} {ROLES[1]}:"
 
 
+def pad_token_id(tokenizer) -> int:
+    """The id that fills padding: the tokenizer's pad token, else its unk token (LLaVA's choice for
+    Vicuna, which has no pad token), else 0. Padding is always masked, so only its presence matters."""
+    for candidate in (tokenizer.pad_token_id, tokenizer.unk_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
 def tokenize_with_image(tokenizer, prompt: str, image_token_id: int, image_tokens: int) -> np.ndarray:
     """Token ids with `image_tokens` copies of `image_token_id` where `<image>` stands.
 

@@ -13,10 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
-from emola_jax.eval.faba import EMOTIONS
+from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
 
-EMOTION_PROMPT = "What emotions are conveyed by this face?"
-AU_PROMPT = "What AUs are conveyed by this face?"
 # FACS action units each emotion shows here (within FABA-Bench's 12 AUs); neutral shows none
 EMOTION_AUS = {
     "happiness": (6, 12, 25), "sadness": (1, 4, 17), "surprise": (1, 2, 5, 26), "anger": (4, 5, 24),
@@ -120,10 +118,10 @@ def write_dataset(directory: str | Path, *, train_per_emotion: int, eval_per_emo
             for label, emotion in enumerate(EMOTIONS):
                 face_id = f"{split}_{emotion}_{i}"
                 draw_face(emotion, rng, size).save(directory / "images" / f"{face_id}.png")
-                emotion_records.append(_record(face_id, EMOTION_PROMPT, describe_emotion(emotion), label))
+                emotion_records.append(_record(face_id, EMOTION_QUESTION, describe_emotion(emotion), label))
                 if EMOTION_AUS[emotion]:
                     au_label = ", ".join(str(a) for a in EMOTION_AUS[emotion])
-                    au_records.append(_record(face_id, AU_PROMPT, describe_aus(emotion), au_label, suffix="_au"))
+                    au_records.append(_record(face_id, AU_QUESTION, describe_aus(emotion), au_label, suffix="_au"))
         for task, records in (("emotion", emotion_records), ("au", au_records)):
             files[f"{split}_{task}"].write_text(json.dumps(records, indent=1))
     return files

@@ -29,10 +29,8 @@ import json
 import logging
 from pathlib import Path
 
-from emola_jax.eval.faba import AU_SETS, EMOTIONS
+from emola_jax.data.labels import AU_QUESTION, AU_SETS, EMOTION_QUESTION, EMOTIONS
 
-EMOTION_QUESTION = "What emotions are conveyed by this face?"
-AU_QUESTION = "What AUs are conveyed by this face?"
 AU_NAMES = {
     1: "inner brow raiser", 2: "outer brow raiser", 4: "brow lowerer", 5: "upper lid raiser", 6: "cheek raiser",
     7: "lid tightener", 9: "nose wrinkler", 10: "upper lip raiser", 12: "lip corner puller", 14: "dimpler",

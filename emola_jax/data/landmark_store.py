@@ -13,13 +13,13 @@ so a file under its final name is always complete.
 
 from __future__ import annotations
 
-import os
 import struct
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
 
+from emola_jax.atomic import atomic_file
 from emola_jax.config import LANDMARK_DIM
 
 FOOTER_MAGIC = b"\x00emola-jax landmarks end\x00"
@@ -56,10 +56,8 @@ def write_file(path: str | Path, items: Iterable[tuple[str, np.ndarray]]) -> int
     """Writes `items` to `path` atomically (temporary name, fsync, rename); returns the count."""
     from array_record.python.array_record_module import ArrayRecordWriter
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     count = 0
-    try:
+    with atomic_file(path) as tmp:
         writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
         try:
             for record_id, feature in items:
@@ -68,22 +66,7 @@ def write_file(path: str | Path, items: Iterable[tuple[str, np.ndarray]]) -> int
             writer.write(_footer(count))
         finally:
             writer.close()
-        with open(tmp, "rb") as f:
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
     return count
-
-
-def _fsync_dir(directory: Path) -> None:
-    fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def iter_file(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -151,14 +134,3 @@ class LandmarkTable:
         if record_id not in self.index:
             raise KeyError(f"record {record_id} has no landmark feature in {self.source}")
         return self.array[self.index[record_id]]
-
-
-def read_npy(path: str | Path, record_id: str, error: type[Exception] = ValueError) -> np.ndarray:
-    """One official `.npy` prior feature (212 values), or `error` naming the record and the file."""
-    try:
-        feature = np.load(path, allow_pickle=False).astype(np.float32).reshape(-1)
-    except (OSError, ValueError, EOFError) as err:
-        raise error(f"record {record_id}: landmark file {path} could not be read: {err}") from None
-    if feature.shape != (LANDMARK_DIM,):
-        raise error(f"record {record_id}: landmark file {path} holds {feature.size} values, not {LANDMARK_DIM}")
-    return feature

@@ -101,12 +101,7 @@ def read_bgr(image_path: str | Path) -> np.ndarray:
 
 def official_input(image_path: str | Path) -> np.ndarray:
     """`[3, 192, 192]` float32 in the official EmoLA recipe (BGR, whole image, /255)."""
-    import cv2
-
-    pixels = cv2.imread(str(image_path))
-    if pixels is None:
-        raise ValueError(f"image {image_path} could not be read")
-    return official_array(pixels)
+    return official_array(read_bgr(image_path))
 
 
 def official_array(bgr: np.ndarray) -> np.ndarray:
@@ -166,40 +161,3 @@ def insightface_points(output: np.ndarray, inverse: np.ndarray) -> np.ndarray:
     points = (points + np.float32(1)) * np.float32(INPUT_SIZE // 2)
     mapped = points.astype(np.float64) @ inverse[:, :2].T + inverse[:, 2]
     return mapped.astype(np.float32).reshape(-1)
-
-
-def toy_landmark_graph(path: str | Path, batch: int | str = 1, normalises_inside: bool = False) -> Path:
-    """A small stand-in for 2d106det.onnx with its signature, for the demo and the tests (no
-    download): `[batch, 3, 192, 192] -> [batch, 212]`: 16x16 average pooling, a dense layer, tanh.
-    Unlike a global mean, the output depends on where things are, so crop and resize matter.
-    `normalises_inside` puts `_minus`/`_mul` nodes first, as mxnet-converted 2d106det graphs have."""
-    import onnx
-    from onnx import TensorProto, helper
-
-    rng = np.random.default_rng(0)
-    weight = (rng.standard_normal((432, 212)) * 0.05).astype(np.float32)
-    bias = (rng.standard_normal(212) * 0.1).astype(np.float32)
-    nodes, first = [], "data"
-    inits = [helper.make_tensor("w", TensorProto.FLOAT, [432, 212], weight.ravel()),
-             helper.make_tensor("b", TensorProto.FLOAT, [212], bias),
-             helper.make_tensor("shape", TensorProto.INT64, [2], [0, -1])]
-    if normalises_inside:
-        inits += [helper.make_tensor("half", TensorProto.FLOAT, [], [0.5]),
-                  helper.make_tensor("two", TensorProto.FLOAT, [], [2.0])]
-        nodes += [helper.make_node("Sub", ["data", "half"], ["centred"], name="_minus0"),
-                  helper.make_node("Mul", ["centred", "two"], ["scaled"], name="_mul0")]
-        first = "scaled"
-    nodes += [
-        helper.make_node("AveragePool", [first], ["pooled"], kernel_shape=[16, 16], strides=[16, 16], name="pool"),
-        helper.make_node("Reshape", ["pooled", "shape"], ["flat"], name="flatten"),
-        helper.make_node("MatMul", ["flat", "w"], ["projected"], name="fc"),
-        helper.make_node("Add", ["projected", "b"], ["biased"], name="fc_bias"),
-        helper.make_node("Tanh", ["biased"], ["fc1"], name="squash"),
-    ]
-    graph = helper.make_graph(
-        nodes, "landmark_106",
-        [helper.make_tensor_value_info("data", TensorProto.FLOAT, [batch, 3, 192, 192])],
-        [helper.make_tensor_value_info("fc1", TensorProto.FLOAT, [batch, 212])], inits,
-    )
-    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
-    return Path(path)

@@ -34,8 +34,8 @@ import numpy as np
 from emola_jax.config import LANDMARK_DIM, EmolaConfig
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
-from emola_jax.data.faba import read_annotation_list
-from emola_jax.data.landmark_store import LandmarkTable, read_npy
+from emola_jax.data.prior import PriorFeatures
+from emola_jax.data.records import read_annotation_list
 
 log = logging.getLogger(__name__)
 BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "landmarks")
@@ -151,7 +151,7 @@ class AnnotationSource:
     def __init__(self, config: PipelineConfig, tokenizer, model_config: EmolaConfig):
         self.bad = BadRecords()
         self.files = config.annotations
-        table = LandmarkTable.open(config.landmarks) if config.landmarks else None
+        prior = PriorFeatures.open(config.landmarks or None, BadRecord)
         needs_prior = model_config.prior_position != "off"
         self.ids: list[str] = []
         self.images: list[str] = []
@@ -168,7 +168,8 @@ class AnnotationSource:
                         raise BadRecord(f"record {rid} appears twice in {', '.join(config.annotations)}")
                     seen.add(rid)
                     path = _image_path(rid, record, root)
-                    feature = _landmark(rid, record, root, table) if needs_prior else np.zeros(LANDMARK_DIM, np.float32)
+                    feature = (prior.get(rid, record.get("landmark"), root) if needs_prior
+                               else np.zeros(LANDMARK_DIM, np.float32))
                     turns = conversation.conversation_turns(rid, record.get("conversations"))
                     ids, labels = conversation.training_ids(tokenizer, rid, turns, model_config.image_token_id, 1)
                     _check_length(rid, ids, model_config, config)
@@ -220,16 +221,6 @@ def _image_path(rid: str, record: dict, root: Path) -> Path:
     return path
 
 
-def _landmark(rid: str, record: dict, root: Path, table: LandmarkTable | None) -> np.ndarray:
-    if table is not None:
-        if rid not in table:
-            raise BadRecord(f"record {rid} has no landmark feature in {table.source}")
-        return table.get(rid)
-    if not isinstance(record.get("landmark"), str):
-        raise BadRecord(f"record {rid} has no landmark path (and no landmark ArrayRecord file was given)")
-    return read_npy(root / record["landmark"], rid, BadRecord)
-
-
 def _check_length(rid: str, ids: np.ndarray, model_config: EmolaConfig, config: PipelineConfig) -> None:
     """Over-long samples are bad records unless truncating, and truncation never cuts the image."""
     length = len(ids) - 1 + model_config.image_seq_length
@@ -248,8 +239,8 @@ class _MakeExample:
     """Record -> one example (or, on_bad_record='skip', a `_bad` marker that becomes a padding row)."""
 
     def __init__(self, config: PipelineConfig, model_config: EmolaConfig, tokenizer=None,
-                 table: LandmarkTable | None = None):
-        self.config, self.table = config, table
+                 prior: PriorFeatures | None = None):
+        self.config, self.prior = config, prior or PriorFeatures(error=BadRecord)
         self.tokenizer = MemoTokenizer(tokenizer) if tokenizer is not None else None
         self.image_token_id = model_config.image_token_id
         self.image_tokens = model_config.image_seq_length
@@ -284,14 +275,12 @@ class _MakeExample:
         _check_length(rid, tokens, self.model_config, self.config)
         if self.model_config.prior_position == "off":
             landmarks = np.zeros(LANDMARK_DIM, np.float32)
-        elif self.table is not None:
-            if rid not in self.table:
-                raise BadRecord(f"record {rid} has no landmark feature in {self.table.source}")
-            landmarks = self.table.get(rid)
-        elif not bool(record["has_landmarks"]):
-            raise BadRecord(f"record {rid} was built without a landmark feature")
-        else:
-            landmarks = record["landmarks"]
+        else:  # a landmark file given now replaces the feature stored at build time
+            landmarks = self.prior.get(rid, optional=True)
+            if landmarks is None:
+                if not bool(record["has_landmarks"]):
+                    raise BadRecord(f"record {rid} was built without a landmark feature")
+                landmarks = record["landmarks"]
         return tokens, labels, landmarks
 
     def _pixels(self, rid: str, source) -> np.ndarray:
@@ -364,13 +353,6 @@ def make_source(config: PipelineConfig, tokenizer, model_config: EmolaConfig):
     return tfds.builder_from_directory(config.tfds_dir).as_data_source(split=config.split)
 
 
-def _pad_id(tokenizer) -> int:
-    for candidate in (getattr(tokenizer, "pad_token_id", None), getattr(tokenizer, "unk_token_id", None)):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
 class ProcessRows(grain.MapDataset):
     """Process `index`'s rows of every global batch of `parent`, in order.
 
@@ -417,13 +399,13 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
         raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
     source = source if source is not None else make_source(config, tokenizer, model_config)
     rows = config.batch_size // process_count
-    table = LandmarkTable.open(config.landmarks) if config.landmarks and config.tfds_dir else None
+    prior = PriorFeatures.open(config.landmarks if config.landmarks and config.tfds_dir else None, BadRecord)
     stream = grain.MapDataset.source(source)
     if training and config.shuffle:
         stream = stream.shuffle(seed=config.seed)
     stream = stream.repeat(config.num_epochs if training else 1)
-    collate = _Collate(config.buckets, _pad_id(tokenizer), model_config.vision.image_size)
-    make = _MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, table=table)
+    collate = _Collate(config.buckets, conversation.pad_token_id(tokenizer), model_config.vision.image_size)
+    make = _MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, prior=prior)
     # batched before the workers: each worker makes whole batches, which come back in order
     batches = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(
         _GrainMap(make)).batch(rows, drop_remainder=training, batch_fn=collate)

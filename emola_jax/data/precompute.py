@@ -22,9 +22,10 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from emola_jax.config import LANDMARK_DIM
+from emola_jax.atomic import STAGING_GLOB
 from emola_jax.data import landmark_store, landmarks
-from emola_jax.data.faba import read_annotation_list
+from emola_jax.data.prior import read_npy
+from emola_jax.data.records import read_annotation_list
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,7 +90,7 @@ class _Output:
         for part in self.parts():
             self.done.update(key for key, _ in landmark_store.iter_file(part))
         if self.parts_dir.is_dir():  # a part killed while being written is only ever a hidden temporary
-            for stale in self.parts_dir.glob(".*.tmp-*"):
+            for stale in self.parts_dir.glob(STAGING_GLOB):
                 stale.unlink()
 
     def parts(self) -> list[Path]:
@@ -243,13 +244,11 @@ def import_npy(
     def compute(todo: list[Job]) -> Iterator[tuple[Job, np.ndarray | str]]:
         for job in todo:
             try:
-                feature = np.load(job.path, allow_pickle=False).astype(np.float32).reshape(-1)
-            except (OSError, ValueError, EOFError) as err:
-                yield job, f"landmark file could not be read: {err}"
+                feature = read_npy(job.path)
+            except ValueError as err:
+                yield job, str(err)
                 continue
-            if feature.shape != (LANDMARK_DIM,):
-                yield job, f"landmark file holds {feature.size} values, not {LANDMARK_DIM}"
-            elif not np.isfinite(feature).all():
+            if not np.isfinite(feature).all():
                 yield job, "landmark file holds NaN or infinite values"
             else:
                 yield job, feature

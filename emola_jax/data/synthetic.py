@@ -11,7 +11,7 @@ import dataclasses
 import numpy as np
 
 from emola_jax.config import EmolaConfig
-from emola_jax.train.step import IGNORE_INDEX
+from emola_jax.data.conversation import IGNORE_INDEX
 
 
 @dataclasses.dataclass(frozen=True)

@@ -31,9 +31,9 @@ import tensorflow_datasets as tfds
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import instructions
 from emola_jax.data.conversation import BadRecord, conversation_turns
-from emola_jax.data.faba import read_annotation_list
-from emola_jax.data.landmark_store import LandmarkTable, read_npy
 from emola_jax.data.landmarks import check_complete
+from emola_jax.data.prior import PriorFeatures
+from emola_jax.data.records import read_annotation_list
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +66,7 @@ class InstructionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
                  skip_bad_records: bool = False, reader_options: dict | None = None, **kwargs):
         self._source_dir = Path(source_dir) if source_dir is not None else None
         self._landmarks_path = landmarks
-        self._table: LandmarkTable | None = None
+        self._prior: PriorFeatures | None = None  # opened when examples are made
         self._skip_bad = skip_bad_records
         self._reader_options = dict(reader_options or {})
         self.skipped: list[tuple[str, str]] = []
@@ -83,8 +83,8 @@ class InstructionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         return root
 
     def _generate_examples(self, records: list[dict], root: Path) -> Iterator[tuple[str, dict]]:
-        if self._landmarks_path is not None and self._table is None:
-            self._table = LandmarkTable.open(self._landmarks_path)
+        if self._prior is None:
+            self._prior = PriorFeatures.open(self._landmarks_path, BadRecord)
         for record in records:
             rid = str(record.get("id", "?"))
             try:
@@ -117,13 +117,8 @@ class InstructionBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True
         }
 
     def _landmarks(self, rid: str, record: dict, root: Path) -> tuple[np.ndarray, bool]:
-        if self._table is not None:
-            if rid not in self._table:
-                raise BadRecord(f"record {rid} has no landmark feature in {self._table.source}")
-            return self._table.get(rid), True
-        if isinstance(record.get("landmark"), str):
-            return read_npy(root / record["landmark"], rid, BadRecord), True
-        return np.zeros(LANDMARK_DIM, np.float32), False
+        feature = self._prior.get(rid, record.get("landmark"), root, optional=True)
+        return (feature, True) if feature is not None else (np.zeros(LANDMARK_DIM, np.float32), False)
 
 
 def read_faba(annotation: Path) -> list[dict]:

@@ -20,49 +20,17 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from emola_jax.checkpoint import TOKENIZER_DIR, load_pretrained
-from emola_jax.data import conversation, faba, image
-from emola_jax.data.landmark_store import LandmarkTable
+from emola_jax.checkpoint import load_pretrained, load_tokenizer
+from emola_jax.data import conversation, image
+from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION
+from emola_jax.data.prior import PriorFeatures
+from emola_jax.data.records import EvalRecord, read_eval_records
 from emola_jax.eval import report
-from emola_jax.eval.faba import Sample
 from emola_jax.generate import GenerationConfig, generate
+from emola_jax.lora import merge_lora
 
 PREDICTIONS = "predictions.jsonl"
 RUN_SETTINGS = "run_settings.json"
-
-
-def load_tokenizer(checkpoint: str | Path):
-    from transformers import AutoTokenizer
-
-    path = Path(checkpoint) / TOKENIZER_DIR
-    if not path.is_dir():
-        raise FileNotFoundError(f"{checkpoint} carries no tokenizer ({TOKENIZER_DIR}/ is missing)")
-    # LLaVA tokenises with the slow sentencepiece tokenizer; use it whenever the model file is there.
-    return AutoTokenizer.from_pretrained(path, use_fast=not (path / "tokenizer.model").is_file())
-
-
-def read_done(path: Path, *, repair: bool = False) -> list[dict]:
-    """Complete prediction lines already written. A torn last line (no newline: a kill in the
-    middle of a write) is cut off when `repair`; any other bad line is an error naming it."""
-    if not path.exists():
-        return []
-    done, good_bytes = [], 0
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if not line.endswith(b"\n"):
-                break
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            if not isinstance(record, dict) or not {"id", "prediction", "reference", "label"} <= record.keys():
-                raise ValueError(f"{path}, line {number}: not a prediction (needs id, prediction, reference, label)")
-            done.append(record)
-            good_bytes += len(line)
-    if repair and good_bytes != path.stat().st_size:
-        with open(path, "r+b") as f:
-            f.truncate(good_bytes)
-    return done
 
 
 def bucket(length: int, multiple: int = 64) -> int:
@@ -86,15 +54,18 @@ class Evaluator:
                  landmarks: str | Path | None = None):
         """`landmarks`: an ArrayRecord file of prior features by record id (`precompute-landmarks`);
         without it, each record's own `.npy` file (the official layout) is read."""
-        self.landmarks = LandmarkTable.open(landmarks) if landmarks is not None else None
+        self.prior = PriorFeatures.open(landmarks)
         # devices grouped by process, so that process p's rows are the p-th slice of the batch
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.asarray(devices), ("data",))
         replicated = NamedSharding(self.mesh, PartitionSpec())  # weights on every device, the batch split
-        self.model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=replicated)
+        model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=replicated)
+        # LoRA folded into the kernels once, as LLaVA's loader does before inference (merge_and_unload):
+        # each decode step then reads every projection once, without the adapter's two extra matmuls.
+        self.model = merge_lora(model)
         self.tokenizer = load_tokenizer(checkpoint)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
-        self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id, pad_token_id=pad)
+        self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
+                                                         pad_token_id=conversation.pad_token_id(self.tokenizer))
         self.key = jax.random.key(0)
 
     def tokens(self, question: str) -> np.ndarray:
@@ -103,19 +74,18 @@ class Evaluator:
             self.tokenizer, prompt, self.config.image_token_id, self.config.image_seq_length
         )
 
-    def inputs(self, records: list[faba.EvalRecord], length: int):
+    def inputs(self, records: list[EvalRecord], length: int):
         """Left-padded ids, pixels, mask and landmarks for `records`."""
         size = self.config.vision.image_size
         ids, mask = left_pad([self.tokens(r.question) for r in records], self.generation.pad_token_id, length)
         pixels = np.stack([image.clip_preprocess(image.load_image(r.image), size) for r in records])
         landmarks = (
-            np.stack([self.landmarks.get(r.id) if self.landmarks is not None else faba.load_landmarks(r)
-                      for r in records])
+            np.stack([self.prior.get(r.id, r.landmark) for r in records])
             if self.config.prior_position != "off" else None
         )
         return ids, pixels, mask, landmarks
 
-    def predict(self, batch: list[faba.EvalRecord]) -> list[tuple[str, bool]]:
+    def predict(self, batch: list[EvalRecord]) -> list[tuple[str, bool]]:
         """Answers for the global `batch` (a multiple of the device count); every process calls
         this with the same batch and feeds its own share of the rows."""
         per_process = len(batch) // jax.process_count()
@@ -176,7 +146,7 @@ def evaluate_model(
     """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    records = faba.read_eval_records(annotations, images_root, prompt=prompt_for(task) if official_prompt else None)
+    records = read_eval_records(annotations, images_root, prompt=prompt_for(task) if official_prompt else None)
     predictions_file = out / PREDICTIONS
     lead = jax.process_index() == 0
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "annotations": str(Path(annotations).resolve()),
@@ -211,9 +181,8 @@ def evaluate_model(
         multihost_utils.sync_global_devices("emola_jax evaluate: predictions written")
     if not lead:
         return {}
-    lines = read_done(predictions_file)
-    samples = [Sample(line["prediction"], line["reference"], line["label"]) for line in lines]
-    metrics = report.score(samples, task, protocol)
+    lines = report.read_prediction_lines(predictions_file, appended=True)
+    metrics = report.score(report.samples(lines), task, protocol)
     metrics["answers_cut_at_max_new_tokens"] = sum(not line.get("stopped_at_eos", True) for line in lines)
     report.write_report(out, metrics)
     return metrics
@@ -221,11 +190,12 @@ def evaluate_model(
 
 def _resume_point(predictions: Path, settings_file: Path, settings: dict, records, annotations) -> int:
     """How many records are already done; refuses to mix two different runs in one folder."""
-    done = read_done(predictions, repair=True)
+    done = report.read_prediction_lines(predictions, appended=True)
+    _cut_torn_line(predictions)
     if done and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
         raise ValueError(f"{predictions.parent} holds predictions made with other settings "
                          f"(see {settings_file}); point --out at a fresh folder")
-    done_ids = [d["id"] for d in done]
+    done_ids = [d.get("id") for d in done]
     if done_ids != [r.id for r in records[: len(done_ids)]]:
         raise ValueError(f"{predictions} does not hold predictions for the first records of {annotations}; "
                          "point --out at a fresh folder")
@@ -233,17 +203,26 @@ def _resume_point(predictions: Path, settings_file: Path, settings: dict, record
     return len(done)
 
 
-OFFICIAL_PROMPTS = {"emotion": "What emotions are conveyed by this face?", "au": "What AUs are conveyed by this face?"}
-
-
 def prompt_for(task: str) -> str:
     """The question the official evaluation asks, whatever the record's own question says."""
-    return OFFICIAL_PROMPTS["emotion" if task in report.EMOTION_TASKS else "au"]
+    return EMOTION_QUESTION if task in report.EMOTION_TASKS else AU_QUESTION
 
 
-def _line(record: faba.EvalRecord, answer: str, stopped_at_eos: bool) -> dict:
+def _line(record: EvalRecord, answer: str, stopped_at_eos: bool) -> dict:
     return {"id": record.id, "prompt": conversation.generation_prompt(record.question), "prediction": answer,
             "reference": record.reference, "label": record.label, "stopped_at_eos": stopped_at_eos}
+
+
+def _cut_torn_line(path: Path) -> None:
+    """Cuts off a last line without its newline (a write a kill cut short), so that the next
+    append starts a line of its own."""
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
 
 
 def _append(path: Path, lines: list[dict]) -> None:

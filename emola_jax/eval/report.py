@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 
-from emola_jax.eval import faba
+from emola_jax import atomic
+from emola_jax.data.labels import AU_SETS
+from emola_jax.eval import scoring
 
 EMOTION_TASKS = ("emotion", "rafdb")
 AU_TASKS = ("au", "bp4d", "disfa", "gft")
@@ -25,38 +26,60 @@ PAPER = {
 }
 
 
-def read_predictions(path: str | Path) -> list[faba.Sample]:
-    """One JSON object per line with `prediction`, `reference` and `label`; errors name the line."""
-    samples = []
-    with open(path) as f:
+PREDICTION_FIELDS = ("prediction", "reference", "label")
+
+
+def read_prediction_lines(path: str | Path, *, appended: bool = False) -> list[dict]:
+    """The lines of a predictions file: one JSON object per line with `prediction`, `reference` and
+    `label` (and whatever else an evaluation writes, e.g. `id`). Blank lines are skipped; any other
+    bad line is an error naming it.
+
+    `appended`: the file is one an evaluation appends to as it runs. A missing file then holds
+    nothing yet, and a last line without its newline is a write a kill cut short: it is left out."""
+    path = Path(path)
+    if appended and not path.exists():
+        return []
+    lines = []
+    with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
+            if appended and not line.endswith(b"\n"):
+                break
             if not line.strip():
                 continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            fields = ("prediction", "reference", "label")
-            missing = [k for k in fields if not isinstance(record, dict) or k not in record]
+            missing = [k for k in PREDICTION_FIELDS if not isinstance(record, dict) or k not in record]
             if missing:
                 raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}")
             if not isinstance(record["prediction"], str) or not isinstance(record["reference"], str):
                 raise ValueError(f"{path}, line {number}: prediction and reference must be strings")
-            samples.append(faba.Sample(record["prediction"], record["reference"], record["label"]))
-    if not samples:
+            lines.append(record)
+    return lines
+
+
+def samples(lines: list[dict]) -> list[scoring.Sample]:
+    return [scoring.Sample(line["prediction"], line["reference"], line["label"]) for line in lines]
+
+
+def read_predictions(path: str | Path) -> list[scoring.Sample]:
+    """The samples of a predictions file, to score; a file with none is an error."""
+    found = samples(read_prediction_lines(path))
+    if not found:
         raise ValueError(f"{path} holds no predictions")
-    return samples
+    return found
 
 
-def score(samples: list[faba.Sample], task: str, protocol: str = "official") -> dict:
-    if protocol not in faba.PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(faba.PROTOCOLS)}, not {protocol!r}")
+def score(samples: list[scoring.Sample], task: str, protocol: str = "official") -> dict:
+    if protocol not in scoring.PROTOCOLS:
+        raise ValueError(f"protocol must be one of {', '.join(scoring.PROTOCOLS)}, not {protocol!r}")
     if task in EMOTION_TASKS:
-        metrics = faba.score_emotion(samples, protocol)
+        metrics = scoring.score_emotion(samples, protocol)
         metrics["task"] = task
         return metrics
     if task in AU_TASKS:
-        return faba.score_au(samples, protocol, faba.AU_SETS[task], task)
+        return scoring.score_au(samples, protocol, AU_SETS[task], task)
     raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
 
 
@@ -68,7 +91,7 @@ def write_report(out: str | Path, metrics: dict) -> Path:
     """metrics.json, report.md, and the per-AU F1 chart or the confusion matrix as PNG."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    _atomic_write(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+    atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     task = metrics["task"]
     lines = [
         f"# {task} evaluation ({metrics['num_samples']} samples, protocol `{metrics['protocol']}`)",
@@ -97,14 +120,8 @@ def write_report(out: str | Path, metrics: dict) -> Path:
     else:
         _confusion_chart(out / "confusion_matrix.png", metrics["confusion_matrix"], metrics["classes"])
         lines += ["", "![confusion matrix](confusion_matrix.png)"]
-    _atomic_write(out / "report.md", "\n".join(lines) + "\n")
+    atomic.write_text(out / "report.md", "\n".join(lines) + "\n")
     return out / "report.md"
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
 
 
 def _pyplot():

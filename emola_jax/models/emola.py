@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+from typing import Literal
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from emola_jax.config import EmolaConfig
 from emola_jax.models.clip import CLIPVisionModel
@@ -91,10 +94,10 @@ class EmolaForConditionalGeneration(nnx.Module):
         is_image = input_ids == self.config.image_token_id
         # The placeholder id may lie outside the vocabulary (original LLaVA uses -200): embed 0 there.
         embeds = self.language_model.embed_tokens(jnp.where(is_image, 0, input_ids))
+        if not isinstance(input_ids, jax.core.Tracer):  # eager calls; jitted entry points ran `check_inputs`
+            _check_image_tokens(np.asarray(input_ids), self.config, pixel_values is not None)
         if pixel_values is None:
-            _check_no_image_tokens(is_image)
             return embeds
-        _check_image_token_counts(is_image, self.config.image_seq_length)
         image_embeds = self.image_side_embeddings(pixel_values, landmarks)
         return scatter_image_embeddings(embeds, image_embeds, is_image)
 
@@ -111,17 +114,17 @@ class EmolaForConditionalGeneration(nnx.Module):
         landmarks: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
+        right_padded: bool = False,
         remat: bool | str = False,
-        attention: str | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """input_ids `[batch, seq]`, pixel_values `[batch, height, width, 3]`, landmarks `[batch, 212]`.
 
-        Training passes `attention` (causal-only kernels for right-padded rows, see `LlamaModel`)
-        and `dropout_key` (LoRA dropout); the frozen vision tower is never rematerialised.
+        Training passes `right_padded=True` (causal-only attention, see `LlamaModel`) and
+        `dropout_key` (LoRA dropout); the frozen vision tower is never rematerialised.
         """
         return self.logits(self.hidden_states(input_ids, pixel_values, attention_mask, landmarks, position_ids,
-                                              remat=remat, attention=attention, dropout_key=dropout_key))
+                                              right_padded=right_padded, remat=remat, dropout_key=dropout_key))
 
     def hidden_states(
         self,
@@ -131,8 +134,8 @@ class EmolaForConditionalGeneration(nnx.Module):
         landmarks: jax.Array | None = None,
         position_ids: jax.Array | None = None,
         *,
+        right_padded: bool = False,
         remat: bool | str = False,
-        attention: str | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """The decoder's normed output `[batch, seq, embed]`, before the vocabulary projection."""
@@ -141,29 +144,104 @@ class EmolaForConditionalGeneration(nnx.Module):
         if position_ids is None:
             position_ids = default_position_ids(attention_mask)
         embeds = self.embed(input_ids, pixel_values, landmarks)
-        return self.language_model(embeds, attention_mask, position_ids, remat=remat, attention=attention,
+        return self.language_model(embeds, attention_mask, position_ids, right_padded=right_padded, remat=remat,
                                    dropout_key=dropout_key)
 
 
-def _concrete(x: jax.Array) -> np.ndarray | None:
-    return None if isinstance(x, jax.core.Tracer) else np.asarray(x)
+def check_inputs(
+    config: EmolaConfig,
+    input_ids,
+    pixel_values=None,
+    attention_mask=None,
+    landmarks=None,
+    *,
+    padding: Literal["left", "right"] | None = None,
+    max_new_tokens: int = 0,
+) -> None:
+    """Raises a one-sentence ValueError where the inputs do not fit `config`; with
+    `max_new_tokens`, also where the longest prompt and that many new tokens pass the context.
+
+    It reads values (placeholder counts per row, 0/1 masks, where the padding lies, finite
+    landmarks), so it runs on concrete arrays before jit: under a trace those values are unknown,
+    and a wrong placeholder count would shift every image embedding without a word. Rows without
+    a real token (batch fillers) need no placeholders. Arrays spread over processes are gathered
+    (every process runs the same check on the same global batch).
+    """
+    ids = _host(input_ids, "input_ids")
+    if ids.ndim != 2 or not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"input_ids must be integer ids [batch, seq], not {ids.dtype} of shape {ids.shape}")
+    batch = ids.shape[0]
+    real = None
+    if attention_mask is not None:
+        mask = _host(attention_mask, "attention_mask")
+        if mask.shape != ids.shape:
+            raise ValueError(f"attention_mask has shape {mask.shape}; input_ids have {ids.shape}")
+        if not np.isin(mask, (0, 1)).all():
+            raise ValueError("attention_mask holds values other than 0 and 1")
+        if padding is not None:
+            _check_padding(mask, padding)
+        real = mask.any(axis=-1)
+        longest, context = int(mask.sum(axis=-1).max(initial=0)), config.text.max_position_embeddings
+        if longest + max_new_tokens > context:
+            raise ValueError(f"a prompt of {longest} tokens and {max_new_tokens} new tokens exceed the model's context "
+                             f"of {context} positions")
+    if pixel_values is not None:
+        size = config.vision.image_size
+        if tuple(pixel_values.shape) != (batch, size, size, 3):
+            raise ValueError(f"pixel_values have shape {tuple(pixel_values.shape)}; this model takes "
+                             f"[batch, {size}, {size}, 3] with batch {batch}, as input_ids")
+        if config.prior_position != "off":
+            _check_landmarks(config, landmarks, batch)
+    _check_image_tokens(ids, config, pixel_values is not None, real)
 
 
-def _check_image_token_counts(is_image: jax.Array, expected: int) -> None:
-    """Outside jit, a row with the wrong number of placeholders is an error, not a silent shift."""
-    counts = _concrete(is_image)
-    if counts is None:
+def _host(x, name: str) -> np.ndarray:
+    """`x` as a numpy array: gathered when spread over processes; refused under a trace."""
+    if isinstance(x, jax.core.Tracer):
+        raise TypeError(f"check_inputs reads the values of {name}: call it on concrete arrays, before jit")
+    if isinstance(x, jax.Array) and not x.is_fully_addressable:
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
+
+
+def _check_padding(mask: np.ndarray, side: str) -> None:
+    """Left: each row is `0 .. 0 1 .. 1` and ends in a real token; right: `1 .. 1 0 .. 0`."""
+    steps = np.diff(mask.astype(np.int8), axis=-1)
+    if side == "left":
+        bad, what = (steps < 0).any(axis=-1) | (mask[:, -1] == 0), "left-padded with its last token real"
+    elif side == "right":
+        bad, what = (steps > 0).any(axis=-1), "right-padded"
+    else:
+        raise ValueError(f"padding {side!r} is unknown; choose left or right")
+    rows = np.flatnonzero(bad)
+    if rows.size:
+        raise ValueError(f"row {int(rows[0])} of attention_mask is not {what}")
+
+
+def _check_landmarks(config: EmolaConfig, landmarks, batch: int) -> None:
+    if landmarks is None:
+        raise ValueError(f"this model places a facial prior token {config.prior_position} the visual tokens: "
+                         f"pass landmarks [batch, {config.prior_dim}]")
+    values = _host(landmarks, "landmarks")
+    if values.shape != (batch, config.prior_dim):
+        raise ValueError(f"landmarks have shape {values.shape}; this model takes [{batch}, {config.prior_dim}]")
+    bad = int((~np.isfinite(values)).sum())
+    if bad:
+        raise ValueError(f"landmarks hold {bad} values that are NaN or infinite; a landmark feature is finite")
+
+
+def _check_image_tokens(ids: np.ndarray, config: EmolaConfig, with_images: bool, real: np.ndarray | None = None):
+    """Every row with a real token holds exactly `image_seq_length` placeholders (none without
+    images): a wrong count is an error, not a silent shift of the image embeddings."""
+    counts = (ids == config.image_token_id).sum(axis=-1)
+    expected = config.image_seq_length if with_images else 0
+    wrong = counts != expected
+    rows = np.flatnonzero(wrong if real is None else wrong & real)
+    if not rows.size:
         return
-    counts = counts.sum(axis=-1)
-    bad = np.flatnonzero(counts != expected)
-    if bad.size:
-        raise ValueError(
-            f"row {int(bad[0])} of input_ids holds {int(counts[bad[0]])} image tokens; this model "
-            f"expects exactly {expected} per row (visual tokens plus the prior token)"
-        )
-
-
-def _check_no_image_tokens(is_image: jax.Array) -> None:
-    counts = _concrete(is_image)
-    if counts is not None and counts.any():
-        raise ValueError("input_ids hold image tokens but no pixel_values were given")
+    row, count = int(rows[0]), int(counts[rows[0]])
+    if not with_images:
+        raise ValueError(f"row {row} of input_ids holds {count} image tokens but no pixel_values were given")
+    prior = "" if config.prior_position == "off" else " plus the prior token"
+    raise ValueError(f"row {row} of input_ids holds {count} image tokens; this model expects exactly {expected} "
+                     f"per row (visual tokens{prior})")

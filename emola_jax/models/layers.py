@@ -31,7 +31,6 @@ class Linear(nnx.Module):
         axes: tuple[str | None, str | None],
         use_bias: bool = True,
         lora: LoRAConfig | None = None,
-        lora_salt: int = 0,
         dtype: jnp.dtype = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -55,10 +54,10 @@ class Linear(nnx.Module):
             )  # [rank, out]
             self.lora_scale = lora.scale
             self.lora_dropout = lora.dropout
-        self.lora_salt = lora_salt  # tells this adapter's dropout mask apart from its siblings'
 
     def __call__(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
-        """With `dropout_key`, PEFT's LoRA dropout is applied to the adapter's input (training)."""
+        """With `dropout_key`, PEFT's LoRA dropout is applied to the adapter's input (training). The
+        key is this layer's own: callers fold their module index into their key for each child."""
         if x.ndim > 2:  # as one [tokens, in] matrix: the weight gradients are then plain GEMMs
             return self(x.reshape(-1, x.shape[-1]), dropout_key).reshape(*x.shape[:-1], -1)
         y = x @ self.kernel[...]
@@ -68,7 +67,7 @@ class Linear(nnx.Module):
             a, b = self.lora_a[...].astype(x.dtype), self.lora_b[...].astype(x.dtype)
             if dropout_key is not None and self.lora_dropout > 0:
                 keep = 1.0 - self.lora_dropout
-                kept = jax.random.bernoulli(jax.random.fold_in(dropout_key, self.lora_salt), keep, x.shape)
+                kept = jax.random.bernoulli(dropout_key, keep, x.shape)
                 x = jnp.where(kept, x / jnp.asarray(keep, x.dtype), jnp.zeros_like(x))
             y = y + ((x @ a) @ b) * jnp.asarray(self.lora_scale, x.dtype)
         return y
@@ -135,21 +134,23 @@ def scan_layers(
 ):
     """Runs the stacked `layers` (optionally only the first `num_layers`) over `carry` with scan.
 
-    `dropout_key`, when given, is split into one key per layer and passed to each layer call.
+    `dropout_key`, when given, reaches layer i as `fold_in(dropout_key, i)`: the one way every
+    module here derives its children's dropout keys.
     """
     graphdef, state = nnx.split(layers)
     depth = jax.tree.leaves(state)[0].shape[0] if num_layers is None else num_layers
     if num_layers is not None:
         state = jax.tree.map(lambda p: p[:num_layers], state)
-    keys = None if dropout_key is None else jax.random.split(dropout_key, depth)
 
     def body(carry, xs):
-        layer_state, key = xs
+        layer_state, index = xs
         layer = nnx.merge(graphdef, layer_state)
-        return (layer(carry, *args) if key is None else layer(carry, *args, dropout_key=key)), None
+        if dropout_key is None:
+            return layer(carry, *args), None
+        return layer(carry, *args, dropout_key=jax.random.fold_in(dropout_key, index)), None
 
     policy = remat_policy(remat)
     if policy != "none":
         body = jax.checkpoint(body, policy=REMAT_POLICIES[policy])
-    carry, _ = jax.lax.scan(body, carry, (state, keys))
+    carry, _ = jax.lax.scan(body, carry, (state, jnp.arange(depth)))
     return carry

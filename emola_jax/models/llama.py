@@ -2,46 +2,44 @@
 
 from __future__ import annotations
 
-import re
-import zlib
-
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from emola_jax.config import LoRAConfig, TextConfig
+from emola_jax.lora import adapter_for
 from emola_jax.models.layers import Linear, RMSNorm, scan_layers, stack_layers
 from emola_jax.models.rope import apply_rope, rope_cos_sin
 from emola_jax.sharding import axes_metadata
 
 
-def _adapter(lora: LoRAConfig | None, path: str) -> LoRAConfig | None:
-    """The adapter config when a target regex matches the projection's path in its layer
-    (`self_attn.q_proj`) or its bare name (`q_proj`), as PEFT's `target_modules` do."""
-    if lora is None:
-        return None
-    name = path.rpartition(".")[2]
-    return lora if any(re.fullmatch(t, path) or re.fullmatch(t, name) for t in lora.targets) else None
-
-
 def _projection(lora: LoRAConfig | None, path: str, fan_in: int, fan_out: int, axes: tuple[str, str], bias: bool,
                 dtype: jnp.dtype, rngs: nnx.Rngs) -> Linear:
-    return Linear(fan_in, fan_out, axes=axes, use_bias=bias, lora=_adapter(lora, path),
-                  lora_salt=zlib.crc32(path.encode()), dtype=dtype, rngs=rngs)
+    return Linear(fan_in, fan_out, axes=axes, use_bias=bias, lora=adapter_for(lora, path), dtype=dtype, rngs=rngs)
 
 
 def _key(key: jax.Array | None, i: int) -> jax.Array | None:
+    """Child i's dropout key: the parent's key with the child's index folded in (None: no dropout)."""
     return None if key is None else jax.random.fold_in(key, i)
 
 
-# How the training forward pass computes causal self-attention over right-padded rows.
+# Kernels for causal self-attention over right-padded rows; `resolve_attention` picks one for "auto".
 ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
 
 
 class LlamaAttention(nnx.Module):
-    def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Self-attention with three entry points, each with one return type: `__call__` over a whole
+    sequence (training, scoring), `prefill` and `decode` over a KV cache (generation).
+
+    `implementation` (static, resolved: xla, cudnn or blockwise) is the kernel of causal-only
+    attention; `LlamaModel.set_attention` chooses it.
+    """
+
+    def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, implementation: str, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
         d, heads, kv_heads = config.hidden_size, config.num_attention_heads, config.num_key_value_heads
         self.head_dim = config.resolved_head_dim
+        self.implementation = implementation
 
         def proj(name, fan_in, fan_out, axes):
             return _projection(lora, f"self_attn.{name}", fan_in, fan_out, axes, config.attention_bias, dtype, rngs)
@@ -51,34 +49,58 @@ class LlamaAttention(nnx.Module):
         self.v_proj = proj("v_proj", d, kv_heads * self.head_dim, ("embed", "heads"))
         self.o_proj = proj("o_proj", heads * self.head_dim, d, ("heads", "embed"))
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | str, cache=None,
-                 dropout_key: jax.Array | None = None):
-        """Without `cache`: attention over `x` itself, under a `[batch, 1, seq, seq]` mask, or, when
-        `mask` names an implementation, causal only (right-padded rows: padding is never seen by
-        a real token). With `cache = (k, v, index)`, k and v `[batch, kv_heads, cache_len, head_dim]`:
-        the new keys and values are written at `index`, the queries attend over the whole cache,
-        and `(out, (k, v))` is returned."""
+    def _qkv(self, x: jax.Array, cos: jax.Array, sin: jax.Array, dropout_key: jax.Array | None = None):
+        """Rotated queries `[batch, seq, heads, hd]`, rotated keys and values `[batch, seq, kv_heads, hd]`."""
         batch, seq, _ = x.shape
-        q = self.q_proj(x, _key(dropout_key, 0)).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, heads, hd]
-        k = self.k_proj(x, _key(dropout_key, 1)).reshape(batch, seq, -1, self.head_dim)  # [batch, seq, kv, hd]
+        q = self.q_proj(x, _key(dropout_key, 0)).reshape(batch, seq, -1, self.head_dim)
+        k = self.k_proj(x, _key(dropout_key, 1)).reshape(batch, seq, -1, self.head_dim)
         v = self.v_proj(x, _key(dropout_key, 2)).reshape(batch, seq, -1, self.head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-        if cache is None:
-            if isinstance(mask, str):
-                out = causal_attention(q, k, v, mask)
-            else:
-                out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
-            return self.o_proj(out.reshape(batch, seq, -1), _key(dropout_key, 3))
-        k_cache, v_cache, index = cache  # [batch, kv_heads, cache_len, head_dim]
-        k_new, v_new = k.transpose(0, 2, 1, 3).astype(k_cache.dtype), v.transpose(0, 2, 1, 3).astype(v_cache.dtype)
-        k = jax.lax.dynamic_update_slice_in_dim(k_cache, k_new, index, axis=2)
-        v = jax.lax.dynamic_update_slice_in_dim(v_cache, v_new, index, axis=2)
-        if isinstance(index, int) and index == 0 and seq > 1:
-            # prefill into an empty cache: the prompt attends to itself only, block by block
-            out = causal_blockwise_attention(q, k_new, v_new, mask[:, 0, -1, :seq])
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def _out(self, out: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        batch, seq = out.shape[:2]
+        return self.o_proj(out.reshape(batch, seq, -1), _key(dropout_key, 3))
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        """Attention of `x [batch, seq, embed]` over itself. `mask [batch, 1, seq, seq]` (bool)
+        masks padding anywhere; None attends causally with `self.implementation`, which is exact
+        for the real tokens of right-padded rows (padding is never seen by a real token)."""
+        q, k, v = self._qkv(x, cos, sin, dropout_key)
+        if mask is None:
+            out = causal_attention(q, k, v, self.implementation)
         else:
-            out = heads_first_attention(q, k, v, mask)
-        return self.o_proj(out.reshape(batch, seq, -1)), (k, v)
+            out = jax.nn.dot_product_attention(q, k, v, mask=mask)  # grouped-query heads handled natively
+        return self._out(out, dropout_key)
+
+    def prefill(self, x: jax.Array, cos: jax.Array, sin: jax.Array, key_valid: jax.Array,
+                cache: tuple[jax.Array, jax.Array]) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """The prompt `x [batch, seq, embed]` attends to itself, block by block (`key_valid
+        [batch, seq]` masks its padding); its keys and values fill slots `0 .. seq-1` of the empty
+        `cache` (k, v `[batch, kv_heads, cache_len, head_dim]`). Returns `(out, (k, v))`."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = cache
+        k, v = _heads_first(k, k_cache.dtype), _heads_first(v, v_cache.dtype)
+        out = causal_blockwise_attention(q, k, v, key_valid)
+        cache = (jax.lax.dynamic_update_slice_in_dim(k_cache, k, 0, axis=2),
+                 jax.lax.dynamic_update_slice_in_dim(v_cache, v, 0, axis=2))
+        return self._out(out), cache
+
+    def decode(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array,
+               cache: tuple[jax.Array, jax.Array], index: jax.Array) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        """`x [batch, seq, embed]` (one token per step in a decode loop) is written at cache slots
+        `index ..` and attends over the whole cache under `mask [batch, 1, seq, cache_len]`.
+        Returns `(out, (k, v))`."""
+        q, k, v = self._qkv(x, cos, sin)
+        k_cache, v_cache = cache
+        k = jax.lax.dynamic_update_slice_in_dim(k_cache, _heads_first(k, k_cache.dtype), index, axis=2)
+        v = jax.lax.dynamic_update_slice_in_dim(v_cache, _heads_first(v, v_cache.dtype), index, axis=2)
+        return self._out(heads_first_attention(q, k, v, mask)), (k, v)
+
+
+def _heads_first(x: jax.Array, dtype: jnp.dtype) -> jax.Array:
+    """`[batch, seq, kv_heads, hd]` -> the cache's layout `[batch, kv_heads, seq, hd]`."""
+    return x.transpose(0, 2, 1, 3).astype(dtype)
 
 
 def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array) -> jax.Array:
@@ -113,9 +135,8 @@ def resolve_attention(implementation: str, dtype: jnp.dtype) -> str:
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-    """Causal self-attention without a padding mask. q `[batch, seq, heads, head_dim]`, k and v
-    `[batch, seq, kv_heads, head_dim]`."""
-    implementation = resolve_attention(implementation, q.dtype)
+    """Causal self-attention without a padding mask, by a resolved implementation (xla, cudnn or
+    blockwise). q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`."""
     if implementation == "blockwise":
         return causal_blockwise_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)
     return jax.nn.dot_product_attention(
@@ -156,20 +177,30 @@ class LlamaMLP(nnx.Module):
 
 
 class LlamaDecoderLayer(nnx.Module):
-    def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    """Pre-norm attention and MLP blocks; `__call__`, `prefill` and `decode` as `LlamaAttention`'s."""
+
+    def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, attention: str, dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
         self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
-        self.self_attn = LlamaAttention(config, lora, dtype=dtype, rngs=rngs)
+        self.self_attn = LlamaAttention(config, lora, implementation=attention, dtype=dtype, rngs=rngs)
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
         self.mlp = LlamaMLP(config, lora, dtype=dtype, rngs=rngs)
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | str, cache=None,
-                 dropout_key: jax.Array | None = None):
-        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, _key(dropout_key, 0))
-        if cache is not None:
-            attended, cache = attended
-        x = x + attended
-        x = x + self.mlp(self.post_attention_layernorm(x), _key(dropout_key, 1))
-        return x if cache is None else (x, cache)
+    def _feed_forward(self, x: jax.Array, dropout_key: jax.Array | None = None) -> jax.Array:
+        return x + self.mlp(self.post_attention_layernorm(x), dropout_key)
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, mask: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None) -> jax.Array:
+        attended = self.self_attn(self.input_layernorm(x), cos, sin, mask, _key(dropout_key, 0))
+        return self._feed_forward(x + attended, _key(dropout_key, 1))
+
+    def prefill(self, x, cos, sin, key_valid, cache) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attended, cache = self.self_attn.prefill(self.input_layernorm(x), cos, sin, key_valid, cache)
+        return self._feed_forward(x + attended), cache
+
+    def decode(self, x, cos, sin, mask, cache, index) -> tuple[jax.Array, tuple[jax.Array, jax.Array]]:
+        attended, cache = self.self_attn.decode(self.input_layernorm(x), cos, sin, mask, cache, index)
+        return self._feed_forward(x + attended), cache
 
 
 def cached_attention_mask(kv_valid: jax.Array, index: jax.Array, seq: int) -> jax.Array:
@@ -188,16 +219,28 @@ def attention_mask_4d(attention_mask: jax.Array) -> jax.Array:
 
 
 class LlamaModel(nnx.Module):
-    """Embeddings, a scanned stack of decoder layers, and the final norm (no lm_head)."""
+    """Embeddings, a scanned stack of decoder layers, and the final norm (no lm_head).
 
-    def __init__(self, config: TextConfig, lora: LoRAConfig | None = None, *, dtype: jnp.dtype, rngs: nnx.Rngs):
+    `attention` names the kernel of causal-only attention (see `set_attention`): a runtime choice,
+    kept out of `TextConfig` and so out of saved configs.
+    """
+
+    def __init__(self, config: TextConfig, lora: LoRAConfig | None = None, *, attention: str = "auto",
+                 dtype: jnp.dtype, rngs: nnx.Rngs):
         self.config = config
+        implementation = resolve_attention(attention, dtype)
         self.embed_tokens = nnx.Embed(config.vocab_size, config.hidden_size, dtype=dtype, param_dtype=dtype, rngs=rngs,
                                       embedding_metadata=axes_metadata(("vocab", "embed")))
         self.layers = stack_layers(
-            lambda r: LlamaDecoderLayer(config, lora, dtype=dtype, rngs=r), config.num_hidden_layers, rngs
+            lambda r: LlamaDecoderLayer(config, lora, attention=implementation, dtype=dtype, rngs=r),
+            config.num_hidden_layers, rngs,
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
+
+    def set_attention(self, implementation: str) -> None:
+        """Chooses the kernel of causal-only attention (one of `ATTENTION_IMPLEMENTATIONS`),
+        resolved here once for this model's dtype. It is static: set it before `nnx.split`/jit."""
+        self.layers.self_attn.implementation = resolve_attention(implementation, self.embed_tokens.dtype)
 
     def __call__(
         self,
@@ -205,18 +248,18 @@ class LlamaModel(nnx.Module):
         attention_mask: jax.Array,
         position_ids: jax.Array,
         *,
+        right_padded: bool = False,
         remat: bool | str = False,
-        attention: str | None = None,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
         """inputs_embeds `[batch, seq, embed]`, attention_mask and position_ids `[batch, seq]`.
 
-        `attention=None` masks padding anywhere (exact for left padding, as in generation); an
-        implementation name from `ATTENTION_IMPLEMENTATIONS` uses a causal mask alone, which is
-        exact for the real tokens of right-padded rows (training).
+        By default padding is masked wherever it lies (exact for left padding too). `right_padded`
+        says every row's padding comes after its real tokens: causal attention alone is then exact
+        for the real tokens, and runs on the kernel `set_attention` chose (training).
         """
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
-        mask = attention_mask_4d(attention_mask) if attention is None else attention
+        mask = None if right_padded else attention_mask_4d(attention_mask)
         hidden = scan_layers(self.layers, inputs_embeds, cos, sin, mask, remat=remat, dropout_key=dropout_key)
         return self.norm(hidden)
 
@@ -227,22 +270,35 @@ class LlamaModel(nnx.Module):
         return [(jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)) for _ in range(c.num_hidden_layers)]
 
     def unstacked_layers(self) -> list[LlamaDecoderLayer]:
-        """One module per layer, sliced once from the stacked weights (outside the decode loop)."""
+        """One module per layer, sliced once from the stacked weights (outside the decode loop).
+
+        Prefill and decode unroll the layers, each with its own cache buffers: in a decode loop, a
+        scan over stacked layers and a stacked cache copies both on every step (measured 2x slower
+        on CPU).
+        """
         graphdef, state = nnx.split(self.layers)
         layer = lambda i: nnx.merge(graphdef, jax.tree.map(lambda p: p[i], state))  # noqa: E731
         return [layer(i) for i in range(self.config.num_hidden_layers)]
 
+    def prefill(self, inputs_embeds, attention_mask, position_ids, cache, layers=None):
+        """Runs the left-padded prompt `inputs_embeds [batch, seq, embed]` (attention_mask and
+        position_ids `[batch, seq]`) into cache slots `0 .. seq-1` of the empty `cache`; returns the
+        normed hidden states and the filled cache."""
+        cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
+        key_valid = attention_mask.astype(bool)
+        hidden, new_cache = inputs_embeds, []
+        for layer, kv in zip(layers or self.unstacked_layers(), cache, strict=True):
+            hidden, kv = layer.prefill(hidden, cos, sin, key_valid, kv)
+            new_cache.append(kv)
+        return self.norm(hidden), new_cache
+
     def decode(self, inputs_embeds, position_ids, kv_valid, cache, index, layers=None):
         """Runs `inputs_embeds [batch, seq, embed]` at cache slots `index ..`; returns the normed
-        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens.
-
-        Layers are unrolled, each with its own cache buffers: in a decode loop, a scan over
-        stacked layers and a stacked cache copies both on every step (measured 2x slower on CPU).
-        """
+        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens."""
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
         mask = cached_attention_mask(kv_valid, index, inputs_embeds.shape[1])
         hidden, new_cache = inputs_embeds, []
-        for layer, (k, v) in zip(layers or self.unstacked_layers(), cache, strict=True):
-            hidden, kv = layer(hidden, cos, sin, mask, (k, v, index))
+        for layer, kv in zip(layers or self.unstacked_layers(), cache, strict=True):
+            hidden, kv = layer.decode(hidden, cos, sin, mask, kv, index)
             new_cache.append(kv)
         return self.norm(hidden), new_cache

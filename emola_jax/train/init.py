@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from jax.sharding import Mesh
 
+from emola_jax import weights
 from emola_jax.checkpoint import (
     abstract_model,
     is_stacked,
@@ -30,6 +31,7 @@ from emola_jax.config import EmolaConfig
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.sharding import logical_axes_table, param_sharding
 from emola_jax.train.config import Experiment, FromBase
+from emola_jax.weights import path_name
 
 
 def _differences(ours: Any, theirs: Any, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
@@ -70,10 +72,6 @@ def training_config(experiment: Experiment) -> tuple[EmolaConfig, EmolaConfig | 
     return model.apply_to(base_config), base_config
 
 
-def _join(path) -> str:
-    return "/".join(path)
-
-
 def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditionalGeneration, list[str]]:
     """The sharded model to train and the names of the weights that did not come from the base."""
     config, base_config = training_config(experiment)
@@ -91,11 +89,7 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
               for path in shapes if path in in_base}
     values.update(_init_fresh(config, fresh, experiment.train.seed, mesh, axes))
 
-    graphdef, state = nnx.split(abstract_model(config))
-    flat = nnx.to_flat_state(state)
-    for key, var in flat:
-        var.set_value(values[tuple(str(p) for p in key)])
-    return nnx.merge(graphdef, nnx.from_flat_state(flat)), [_join(p) for p in fresh]
+    return weights.from_flat(abstract_model(config), values), [path_name(p) for p in fresh]
 
 
 def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: dict) -> jax.Array:
@@ -119,10 +113,9 @@ def _init_fresh(config: EmolaConfig, paths: list, seed: int, mesh: Mesh, axes: d
     wanted = set(paths)
 
     def init():
-        model = EmolaForConditionalGeneration(config, rngs=nnx.Rngs(seed))
-        flat = nnx.to_flat_state(nnx.state(model))
-        return {_join(tuple(map(str, k))): v.get_value() for k, v in flat if tuple(map(str, k)) in wanted}
+        params = weights.flat(EmolaForConditionalGeneration(config, rngs=nnx.Rngs(seed)))
+        return {path_name(p): v for p, v in params.items() if p in wanted}
 
-    shardings = {_join(p): param_sharding(p, shapes[p].shape, mesh, axes) for p in paths}
+    shardings = {path_name(p): param_sharding(p, shapes[p].shape, mesh, axes) for p in paths}
     values = jax.jit(init, out_shardings=shardings)()
-    return {p: values[_join(p)] for p in paths}
+    return {p: values[path_name(p)] for p in paths}

@@ -23,11 +23,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from emola_jax.checkpoint import TOKENIZER_DIR, save_pretrained
+from emola_jax.checkpoint import PAD_TO_SQUARE, TOKENIZER_DIR, load_tokenizer, save_pretrained
 from emola_jax.config import EmolaConfig
+from emola_jax.data.conversation import IGNORE_INDEX
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
-from emola_jax.models.llama import resolve_attention
+from emola_jax.models.emola import check_inputs
 from emola_jax.sharding import global_batch, logical_axes_table, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fingerprint
@@ -37,7 +38,7 @@ from emola_jax.train.metrics import MetricsWriter, StepLog
 
 FINAL_MODEL = "model"
 EXAMPLES_DIR = "examples"  # per process: the record ids of each step's rows
-PAD_VALUES = {"labels": train_step.IGNORE_INDEX}  # others pad with 0
+PAD_VALUES = {"labels": IGNORE_INDEX}  # others pad with 0
 HOST_KEYS = ("ids",)  # batch entries that stay on the host
 
 
@@ -50,12 +51,18 @@ def make_loader(experiment: Experiment, config: EmolaConfig):
     if data is None:
         raise ValueError("the config has no data section (experiment.data)")
     from emola_jax.data import pipeline
-    from emola_jax.eval.evaluate import load_tokenizer
 
     if experiment.train.base is None:
         raise ValueError("training on records needs train.base: its tokenizer turns the conversations into ids")
     tokenizer = load_tokenizer(experiment.train.base)
     return iter(pipeline.make_train_loader(data, tokenizer, config, index, count))
+
+
+def _preprocessing(data) -> dict[str, bool]:
+    """How the training images were preprocessed, for the model's source.json (an export to
+    LLaVA's format repeats it); synthetic batches have no images to say it of."""
+    pad = getattr(data, "pad_to_square", None)
+    return {} if pad is None else {PAD_TO_SQUARE: bool(pad)}
 
 
 def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -96,6 +103,7 @@ class Trainer:
         cfg = experiment.train
         self.mesh = mesh if mesh is not None else make_mesh(cfg.mesh)
         model, self.fresh = build_model(experiment, self.mesh)
+        model.language_model.set_attention(cfg.attention)  # static: the split graphdef carries it
         self.config: EmolaConfig = model.config
         self.graphdef, self.template, params, self.frozen = train_step.split_trainable(model, cfg)
         self.optimizer, self.schedules = train_step.make_optimizer(cfg, params)
@@ -103,9 +111,8 @@ class Trainer:
         shardings = state_shardings(  # Adam moments as their weights
             jax.eval_shape(init, params), self.mesh, logical_axes_table(model))
         self.state = jax.jit(init, out_shardings=shardings)(params)
-        self.attention = resolve_attention(cfg.attention, jnp.dtype(self.config.dtype))
         self._step = jax.jit(
-            train_step.make_train_step(self.graphdef, self.template, self.optimizer, cfg, self.attention),
+            train_step.make_train_step(self.graphdef, self.template, self.optimizer, cfg),
             donate_argnums=(0,),
             out_shardings=(shardings, NamedSharding(self.mesh, PartitionSpec())),
         )
@@ -113,6 +120,9 @@ class Trainer:
     def step(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
         """One update; returns the step's metrics as device arrays (fetching them waits for the step)."""
         arrays = {name: value for name, value in local_batch.items() if name not in HOST_KEYS}
+        rows = {name: value.reshape(-1, *value.shape[2:]) for name, value in arrays.items()}  # [accum * rows, ...]
+        check_inputs(self.config, rows["input_ids"], rows.get("pixel_values"), rows["attention_mask"],
+                     rows.get("landmarks"), padding="right")  # on the host: the jitted step cannot see values
         self.state, metrics = self._step(self.state, self.frozen, _stacked_global(arrays, self.mesh))
         return metrics
 
@@ -121,14 +131,111 @@ class Trainer:
         return nnx.merge(self.graphdef, train_step.as_model_state(self.template, self.state["params"]), self.frozen)
 
 
+class Progress:
+    """What a run tells as it goes: `metrics.jsonl` and TensorBoard (process 0), this process's
+    record ids per step, and the progress bar. Metrics are fetched a step late, while the next
+    step runs; `flush()` (at each checkpoint) writes what is pending."""
+
+    def __init__(self, workdir: Path, cfg, schedules: dict, start: int, last: int, progress: bool):
+        is_main = jax.process_index() == 0
+        self.cfg, self.schedules, self.last = cfg, schedules, last
+        self.metrics = MetricsWriter(workdir, resume_step=start, enabled=is_main)
+        ids_file = f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl"
+        self.examples = StepLog(workdir / EXAMPLES_DIR / ids_file, resume_step=start)
+        self.bar = tqdm(total=last, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+        self.losses: dict[int, float] = {}
+        self._pending: tuple[int, dict] | None = None
+        self._clock = time.perf_counter()
+
+    def __enter__(self) -> Progress:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.bar.close()
+        self.metrics.close()
+        self.examples.close()
+
+    def started(self, step: int, local: dict[str, np.ndarray], metrics: dict) -> None:
+        """Step `step` was dispatched: its record ids are logged, the previous step reported."""
+        if "ids" in local:
+            self.examples.write({"step": step, "ids": local["ids"].reshape(-1).tolist()})
+        self._report_pending()
+        self._pending = (step, metrics)
+
+    def flush(self) -> None:
+        """Reports the pending step and puts TensorBoard's events on disk (a lost process keeps them)."""
+        self._report_pending()
+        self.metrics.flush()
+
+    def _report_pending(self) -> None:
+        if self._pending is not None:
+            self._report(*self._pending)
+            self._pending = None
+
+    def _report(self, step: int, metrics: dict) -> None:
+        metrics = jax.device_get(metrics)
+        now = time.perf_counter()
+        elapsed, self._clock = now - self._clock, now  # steady state: one step per interval
+        check_finite(step, metrics, self.cfg.on_nonfinite)
+        loss = self.losses[step] = float(metrics["loss"])
+        rates = {name: float(schedule(step - 1)) for name, schedule in self.schedules.items()}
+        record = {
+            "step": step, "loss": loss, "learning_rate": max(rates.values()), "grad_norm": float(metrics["grad_norm"]),
+            "tokens_per_second": float(metrics["input_tokens"]) / elapsed, "scored_tokens": int(metrics["tokens"]),
+            "skipped_updates": int(metrics["skipped"]), "step_seconds": elapsed,
+        }
+        if len(rates) > 1:
+            record.update({f"learning_rate/{name}": rate for name, rate in rates.items()})
+        if step % self.cfg.log_every == 0 or step == self.last:
+            self.metrics.write(record)
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        self.bar.update(1)
+
+
+def check_finite(step: int, metrics: dict, policy: str) -> None:
+    """The non-finite policy: `stop` ends the run at a non-finite loss or gradient (the step has
+    already dropped that update); `skip` goes on, counting the dropped updates in the metrics."""
+    if not bool(metrics["finite"]) and policy == "stop":
+        raise FloatingPointError(
+            f"step {step}: loss {float(metrics['loss'])} or gradient norm {float(metrics['grad_norm'])} is not finite; "
+            "the update was not applied and the run stops (train.on_nonfinite=stop; 'skip' drops such updates and "
+            "goes on)"
+        )
+
+
+def resume(trainer: Trainer, loader, checkpoints: TrainCheckpoints) -> int:
+    """Restores the latest checkpoint (training state and this process's data position) into
+    `trainer` and `loader`; returns its step (0: a fresh run)."""
+    start = checkpoints.latest_step() or 0
+    if start:
+        trainer.state, data_state = checkpoints.restore(abstract_like(trainer.state))
+        loader.set_state(data_state)
+    return start
+
+
+def is_checkpoint_step(step: int, cfg, last: int) -> bool:
+    """Every `train.checkpoint_every` steps and at the run's last step (a stop by `--until` too)."""
+    return step % cfg.checkpoint_every == 0 or step == last
+
+
+def save_final_model(trainer: Trainer, experiment: Experiment, workdir: Path) -> Path:
+    """`WORKDIR/model`, a checkpoint `load_pretrained` reads, with the base's tokenizer; every
+    process writes its shards."""
+    cfg = experiment.train
+    tokenizer = Path(cfg.base) / TOKENIZER_DIR if cfg.base else None
+    files = sorted(tokenizer.iterdir()) if tokenizer is not None and tokenizer.is_dir() else []
+    source = {"format": "emola-jax", "trained_from": cfg.base, "steps": cfg.steps, **_preprocessing(experiment.data)}
+    return save_pretrained(trainer.model(), workdir / FINAL_MODEL, overwrite=True, tokenizer_files=files,
+                           source=source)
 
 
 def train(
     experiment: Experiment, workdir: str | Path, *, until: int | None = None, progress: bool = True, loader=None
 ) -> dict[str, Any]:
     """Trains to `experiment.train.steps` (or stops after step `until`), resuming from the latest
-    checkpoint in `workdir`. Returns a summary (first and last loss, steps, where things are).
-    `loader` replaces the config's data (any iterator with `get_state`/`set_state`)."""
+    checkpoint in `workdir`. Returns a summary: first and last loss, steps, and, once the run is
+    complete, `model`, the path of the trained model. `loader` replaces the config's data (any
+    iterator with `get_state`/`set_state`)."""
     cfg = experiment.train
     training_config(experiment)  # a missing or mismatched base: an error before anything else
     workdir = Path(workdir).absolute()
@@ -137,76 +244,25 @@ def train(
     checkpoints = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints, base=cfg.base, fingerprint=fingerprint)
     trainer = Trainer(experiment)
     loader = loader if loader is not None else make_loader(experiment, trainer.config)
-    start = checkpoints.latest_step() or 0
-    if start:
-        trainer.state, data_state = checkpoints.restore(abstract_like(trainer.state))
-        loader.set_state(data_state)
-    is_main = jax.process_index() == 0
-    writer = MetricsWriter(workdir, resume_step=start, enabled=is_main)
-    examples = StepLog(workdir / EXAMPLES_DIR / f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl",
-                       resume_step=start)
+    start = resume(trainer, loader, checkpoints)
     last = min(cfg.steps, until) if until is not None else cfg.steps
-    bar = tqdm(total=last, initial=start, desc="train", unit="step", disable=not (progress and is_main))
-    losses: dict[int, float] = {}
-    pending: tuple[int, dict] | None = None
-    clock = [time.perf_counter()]
-
-    def report(step: int, metrics: dict) -> None:
-        metrics = jax.device_get(metrics)
-        now = time.perf_counter()
-        elapsed, clock[0] = now - clock[0], now  # steady state: one step per interval
-        loss, finite = float(metrics["loss"]), bool(metrics["finite"])
-        if not finite and cfg.on_nonfinite == "stop":
-            raise FloatingPointError(
-                f"step {step}: loss {loss} or gradient norm {float(metrics['grad_norm'])} is not finite; the update "
-                "was not applied and the run stops (train.on_nonfinite=stop; 'skip' drops such updates and goes on)"
-            )
-        losses[step] = loss
-        rates = {name: float(schedule(step - 1)) for name, schedule in trainer.schedules.items()}
-        record = {
-            "step": step, "loss": loss, "learning_rate": max(rates.values()), "grad_norm": float(metrics["grad_norm"]),
-            "tokens_per_second": float(metrics["input_tokens"]) / elapsed, "scored_tokens": int(metrics["tokens"]),
-            "skipped_updates": int(metrics["skipped"]), "step_seconds": elapsed,
-        }
-        if len(rates) > 1:
-            record.update({f"learning_rate/{name}": rate for name, rate in rates.items()})
-        if step % cfg.log_every == 0 or step == last:
-            writer.write(record)
-        bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
-        bar.update(1)
-
     try:
-        for step in range(start + 1, last + 1):
-            local = next_batch(loader, cfg.grad_accum_steps)
-            data_state = loader.get_state()
-            if "ids" in local:
-                examples.write({"step": step, "ids": local["ids"].reshape(-1).tolist()})
-            metrics = trainer.step(local)
-            if pending is not None:  # fetch the previous step's metrics while this one runs
-                report(*pending)
-            pending = (step, metrics)
-            if step % cfg.checkpoint_every == 0 or step == last:
-                report(*pending)
-                pending = None
-                checkpoints.save(step, trainer.state, data_state)
-                writer.flush()
-        if pending is not None:
-            report(*pending)
+        with Progress(workdir, cfg, trainer.schedules, start, last, progress) as report:
+            for step in range(start + 1, last + 1):
+                local = next_batch(loader, cfg.grad_accum_steps)
+                data_state = loader.get_state()  # the position after this step's rows
+                report.started(step, local, trainer.step(local))
+                if is_checkpoint_step(step, cfg, last):
+                    report.flush()
+                    checkpoints.save(step, trainer.state, data_state)
+            report.flush()
         checkpoints.wait()
     finally:
-        bar.close()
-        writer.close()
-        examples.close()
         checkpoints.close()
 
     summary: dict[str, Any] = {"workdir": str(workdir), "steps": last, "fresh_weights": len(trainer.fresh)}
-    if losses:
-        summary.update(first_loss=losses[min(losses)], last_loss=losses[max(losses)])
-    if last == cfg.steps:  # every process writes its shards of the model
-        tokenizer = Path(cfg.base) / TOKENIZER_DIR if cfg.base else None
-        files = sorted(tokenizer.iterdir()) if tokenizer is not None and tokenizer.is_dir() else []
-        summary["model"] = str(save_pretrained(
-            trainer.model(), workdir / FINAL_MODEL, overwrite=True, tokenizer_files=files,
-            source={"format": "emola-jax", "trained_from": cfg.base, "steps": last},
-        ))
+    if report.losses:
+        summary.update(first_loss=report.losses[min(report.losses)], last_loss=report.losses[max(report.losses)])
+    if last == cfg.steps:
+        summary["model"] = save_final_model(trainer, experiment, workdir)
     return summary

@@ -11,6 +11,7 @@ dtype and is never donated. The state that moves from step to step is a plain di
 from __future__ import annotations
 
 import functools
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -20,9 +21,10 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from emola_jax.data.conversation import IGNORE_INDEX
 from emola_jax.train.config import TrainConfig
+from emola_jax.weights import path_name
 
-IGNORE_INDEX = -100
 LOSS_CHUNK_BYTES = 512 << 20  # float32 logits that may exist at once in the loss
 LOSS_CHUNK_POSITIONS = 256  # the granularity at which unscored positions are skipped
 
@@ -35,17 +37,13 @@ def learning_rate_for(path: str, trainable: tuple[tuple[str, float | None], ...]
     return None
 
 
-def _path(path) -> str:
-    return "/".join(str(p) for p in path)
-
-
 def split_trainable(model: nnx.Module, config: TrainConfig) -> tuple[nnx.GraphDef, nnx.State, dict, nnx.State]:
     """`(graphdef, template, params, frozen)` by the config's path patterns.
 
     `params` are the trainable weights as a float32 pure dict (the master copy the optimiser
     updates); `template` records their storage dtypes, to which the forward pass casts them.
     """
-    is_trainable = lambda path, _: learning_rate_for(_path(path), config.trainable) is not None  # noqa: E731
+    is_trainable = lambda path, _: learning_rate_for(path_name(path), config.trainable) is not None  # noqa: E731
     graphdef, trainable, frozen = nnx.split(model, is_trainable, ...)
     if not jax.tree.leaves(trainable):
         raise ValueError(f"no weight matches the trainable patterns {[p for p, _ in config.trainable]}")
@@ -61,8 +59,14 @@ def _float32(x):
     return x.astype(jnp.float32)
 
 
+def warmup_steps(config: TrainConfig) -> int:
+    """Linear-warmup length: `ceil(steps * warmup_ratio)`, as transformers' trainer counts it
+    (`TrainingArguments.get_warmup_steps`), so a 10-step run with ratio 0.03 warms up for 1 step."""
+    return math.ceil(config.steps * config.warmup_ratio)
+
+
 def _schedule(config: TrainConfig, peak: float) -> optax.Schedule:
-    warmup = int(round(config.warmup_ratio * config.steps))
+    warmup = warmup_steps(config)
     if config.schedule == "constant":
         return optax.join_schedules(
             [optax.linear_schedule(0.0, peak, max(warmup, 1)), optax.constant_schedule(peak)], [warmup]
@@ -71,18 +75,19 @@ def _schedule(config: TrainConfig, peak: float) -> optax.Schedule:
     return optax.warmup_cosine_decay_schedule(0.0, peak, warmup, max(config.steps, warmup + 1), end_value=0.0)
 
 
-def learning_rate_groups(config: TrainConfig, params: dict) -> dict:
-    """Each trainable leaf's group name, `lr=<rate>`: one AdamW per distinct rate."""
-    return jax.tree_util.tree_map_with_path(
-        lambda path, _: f"lr={learning_rate_for(_path(k.key for k in path), config.trainable)}", params
-    )
+def learning_rate_groups(config: TrainConfig, params: dict) -> tuple[dict, dict[str, float]]:
+    """`(labels, peaks)`: each trainable leaf's group name (`lr=<rate>`) and each group's peak rate;
+    one AdamW per distinct rate."""
+    rates = jax.tree_util.tree_map_with_path(lambda path, _: learning_rate_for(path_name(path), config.trainable),
+                                             params)
+    labels = jax.tree.map(lambda rate: f"lr={rate}", rates)
+    return labels, {f"lr={rate}": rate for rate in jax.tree.leaves(rates)}
 
 
 def make_optimizer(config: TrainConfig, params: dict) -> tuple[optax.GradientTransformation, dict]:
     """AdamW per learning-rate group after global-norm clipping; also the schedules, for logging."""
-    labels = learning_rate_groups(config, params)
-    rates = sorted({float(label.split("=")[1]) for label in jax.tree.leaves(labels)})
-    schedules = {f"lr={rate}": _schedule(config, rate) for rate in rates}
+    labels, peaks = learning_rate_groups(config, params)
+    schedules = {name: _schedule(config, peak) for name, peak in sorted(peaks.items(), key=lambda kv: kv[1])}
     adamw = functools.partial(
         optax.adamw, b1=config.adam_b1, b2=config.adam_b2, eps=config.adam_eps, weight_decay=config.weight_decay
     )
@@ -182,15 +187,16 @@ def as_model_state(template: nnx.State, params: dict) -> nnx.State:
     return state
 
 
-def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State, config: TrainConfig, attention: str) -> Callable:
+def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State, config: TrainConfig) -> Callable:
     """`loss_fn(params, frozen, batch, dropout_key) -> (summed loss, scored tokens)` for one micro-batch
-    of right-padded rows; `dropout_key=None` turns LoRA dropout off."""
+    of right-padded rows; `dropout_key=None` turns LoRA dropout off. The attention kernel is the
+    one the model held when split (`LlamaModel.set_attention`)."""
 
     def loss_fn(params, frozen, batch, dropout_key):
         model = nnx.merge(graphdef, as_model_state(template, params), frozen)
         hidden = model.hidden_states(
             batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], batch.get("landmarks"),
-            remat=config.remat, attention=attention, dropout_key=dropout_key,
+            right_padded=True, remat=config.remat, dropout_key=dropout_key,
         )
         return token_cross_entropy(model.logits, hidden, batch["labels"])
 
@@ -202,7 +208,6 @@ def make_train_step(
     trainable_template: nnx.State,
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
-    attention: str,
 ) -> Callable[[dict, nnx.State, dict], tuple[dict, dict]]:
     """`step(state, frozen, batch) -> (state, metrics)`, to be jitted by the caller.
 
@@ -211,7 +216,7 @@ def make_train_step(
     exactly as if they were one batch.
     """
 
-    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, trainable_template, config, attention), has_aux=True)
+    grad_fn = jax.value_and_grad(make_loss_fn(graphdef, trainable_template, config), has_aux=True)
 
     def step(state: dict, frozen: nnx.State, batch: dict) -> tuple[dict, dict]:
         params = state["params"]

@@ -6,10 +6,6 @@ import dataclasses
 import json
 from pathlib import Path
 
-import numpy as np
-
-from emola_jax.data.landmark_store import read_npy
-
 
 @dataclasses.dataclass(frozen=True)
 class EvalRecord:
@@ -61,10 +57,3 @@ def read_eval_records(
         seen.add(record.id)
         records.append(record)
     return records
-
-
-def load_landmarks(record: EvalRecord) -> np.ndarray:
-    """The 212-d prior feature of a record, from its official `.npy` file."""
-    if record.landmark is None:
-        raise ValueError(f"record {record.id} has no landmark file")
-    return read_npy(record.landmark, record.id)

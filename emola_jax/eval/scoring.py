@@ -21,7 +21,8 @@ import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-EMOTIONS = ("happiness", "sadness", "surprise", "anger", "neutral", "disgust", "fear")  # label ids 0..6
+from emola_jax.data.labels import EMOTIONS, FABA_AUS
+
 SYNONYMS = {
     "happiness": ("happiness", "happy", "smiling", "smile", "pleasant", "content", "contentment", "relaxed",
                   "relaxation", "cheerful", "joy", "amusement", "amused", "positivity", "positive",
@@ -43,14 +44,7 @@ SENTENCE_SPLIT = re.compile(r"(?<!\w\.\w.)(?<![A-Z][a-z]\.)(?<=\.|\?)\s")
 FIRST_SENTENCE = re.compile(r"^(.*?)[.!?]")
 WORD = re.compile(r"\b\w+\b")
 
-FABA_AUS = (1, 2, 4, 5, 6, 10, 12, 17, 24, 25, 26, 43)
 RECOGNISED_AUS = frozenset(str(a) for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27, 43))
-AU_SETS = {
-    "au": FABA_AUS,
-    "disfa": (1, 2, 4, 6, 9, 12, 25, 26),
-    "bp4d": (1, 2, 4, 6, 7, 10, 12, 14, 15, 17, 23, 24),
-    "gft": (1, 2, 4, 6, 10, 12, 14, 15, 23, 24),
-}
 PROTOCOLS = ("official", "rouge-score")
 
 
