@@ -22,4 +22,7 @@ def load(name_or_path: str) -> Any:
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config()")
-    return module.get_config()
+    try:
+        return module.get_config()
+    except ValueError as err:  # a config dataclass's own checks: name the file they failed in
+        raise ValueError(f"config {path}: {err}") from err

@@ -33,6 +33,7 @@ from tqdm import tqdm
 
 from converters import hf_config, tables
 from converters.writers import SafetensorsWriter, nbytes, parse_size, plan_shards, save_torch, shard_names
+from emola_jax.atomic import check_apart
 from emola_jax.checkpoint import (
     LAYER_AXIS_PARENT,
     PAD_TO_SQUARE,
@@ -263,9 +264,7 @@ def _stream(ckpt: Path, items: list[Item], stored: dict[Path_, Any], files: _Fil
 
 
 def _check_paths(ckpt: Path, out: Path) -> None:
-    a, b = ckpt.resolve(), out.absolute().resolve()
-    if a == b or a.is_relative_to(b) or b.is_relative_to(a):
-        raise ValueError(f"OUT {out} must lie outside the checkpoint {ckpt} (and not contain it)")
+    check_apart("OUT", out, {"the checkpoint": ckpt})
 
 
 def _source(ckpt: Path) -> dict[str, Any]:

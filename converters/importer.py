@@ -22,6 +22,7 @@ from tqdm import tqdm
 from converters import formats, hf_config, tables
 from converters.readers import TensorStore, weight_files
 from emola_jax import weights
+from emola_jax.atomic import check_apart
 from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter, is_stacked, layer_path
 from emola_jax.config import DTYPES, EmolaConfig, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
@@ -211,6 +212,7 @@ def convert(
     progress: bool = True,
 ) -> Path:
     """Writes an emola-jax checkpoint for `src` at `out`; returns `out`."""
+    check_apart("OUT", out, {"the source": src, "--clip": clip, "--base": base})
     config, plan, provenance = plan_conversion(src, clip=clip, base=base, dtype=dtype)
     tokenizer = formats.tokenizer_files(Path(src), base and Path(base))
     with CheckpointWriter(out, overwrite=overwrite) as writer, ThreadPoolExecutor(1) as reader:

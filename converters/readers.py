@@ -149,29 +149,49 @@ class TensorStore:
         return self._files[key].read(key)
 
 
+# transformers' order for a local folder (modeling_utils.py, `_get_resolved_checkpoint_files`, with
+# the default use_safetensors=None): the single safetensors file wins over the safetensors index,
+# which wins over pytorch_model.bin, then its index; config.json's `transformers_weights` wins
+# over all.
 WEIGHT_FILE_NAMES = (
-    ("model.safetensors.index.json", "model.safetensors"),
-    ("pytorch_model.bin.index.json", "pytorch_model.bin"),
+    "model.safetensors", "model.safetensors.index.json", "pytorch_model.bin", "pytorch_model.bin.index.json",
 )
 
 
 def weight_files(directory: str | Path) -> list[Path]:
-    """The weight files of a transformers-style directory (sharded with an index, or single)."""
+    """The weight files transformers' `from_pretrained` loads from a local folder (see above)."""
     directory = Path(directory)
-    for index_name, single_name in WEIGHT_FILE_NAMES:
-        index = directory / index_name
-        if index.is_file():
-            try:
-                shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-            except (json.JSONDecodeError, KeyError, AttributeError) as err:
-                raise CheckpointFileError(f"{index} is not a valid weight index: {err}") from err
-            missing = [s for s in shards if not (directory / s).is_file()]
-            if missing:
-                raise CheckpointFileError(f"{index} lists {missing[0]}, which is not in {directory}")
-            return [directory / s for s in shards]
-        if (directory / single_name).is_file():
-            return [directory / single_name]
+    chosen = _explicit_weights(directory) or next(
+        (directory / name for name in WEIGHT_FILE_NAMES if (directory / name).is_file()), None)
+    if chosen is not None and chosen.name.endswith(".index.json"):
+        index = chosen
+        try:
+            shards = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as err:
+            raise CheckpointFileError(f"{index} is not a valid weight index: {err}") from err
+        missing = [s for s in shards if not (directory / s).is_file()]
+        if missing:
+            raise CheckpointFileError(f"{index} lists {missing[0]}, which is not in {directory}")
+        return [directory / s for s in shards]
+    if chosen is not None:
+        return [chosen]
     raise CheckpointFileError(
         f"{directory} holds no model weights (looked for model.safetensors[.index.json] and "
         "pytorch_model.bin[.index.json])"
     )
+
+
+def _explicit_weights(directory: Path) -> Path | None:
+    """The file config.json's `transformers_weights` names (transformers loads it before any other)."""
+    try:
+        name = json.loads((directory / "config.json").read_text()).get("transformers_weights")
+    except (OSError, ValueError, AttributeError):
+        return None
+    if not isinstance(name, str):
+        return None
+    path = directory / name
+    if not path.resolve().is_relative_to(directory.resolve()):
+        raise CheckpointFileError(f"{directory / 'config.json'}: transformers_weights {name!r} lies outside the folder")
+    if not path.is_file():
+        raise CheckpointFileError(f"{directory / 'config.json'} names transformers_weights {name!r}, which is missing")
+    return path

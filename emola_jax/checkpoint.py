@@ -19,6 +19,7 @@ shard from the process that holds it); process 0 alone creates, renames and writ
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -34,7 +35,7 @@ from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 from emola_jax import weights
-from emola_jax.atomic import staging_path
+from emola_jax.atomic import STAGING_LOCK, lock_staging, remove_dead_staging, staging_path
 from emola_jax.config import EmolaConfig
 from emola_jax.weights import Path_, path_name
 
@@ -131,21 +132,32 @@ class StagedDirectory:
             raise FileExistsError(f"{self.out} exists and is not empty; pass --overwrite to replace it")
         self.staging = staging_path(self.out, _shared_token())
         self.lead = jax.process_index() == 0
+        self._lock: int | None = None
 
     def __enter__(self) -> Self:
-        if self.lead:
+        if self.lead:  # process 0 holds the staging folder's lock: the others die with it
             self.out.parent.mkdir(parents=True, exist_ok=True)
+            remove_dead_staging(self.out)
             self.staging.mkdir()
+            self._lock = lock_staging(self.staging)
         _all_processes_reach(f"emola_jax staging {self.staging.name} created")
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is not None:
-            try:
-                self._abort()
-            finally:
-                if self.lead:
-                    shutil.rmtree(self.staging, ignore_errors=True)
+        try:
+            if exc_type is not None:
+                try:
+                    self._abort()
+                finally:
+                    if self.lead:
+                        shutil.rmtree(self.staging, ignore_errors=True)
+        finally:
+            self._unlock()
+
+    def _unlock(self) -> None:
+        if self._lock is not None:
+            os.close(self._lock)
+            self._lock = None
 
     def _abort(self) -> None:
         """Stops background work that still writes into the staging folder (before it is removed)."""
@@ -160,6 +172,7 @@ class StagedDirectory:
         return self.out
 
     def _rename(self) -> None:
+        (self.staging / STAGING_LOCK).unlink()  # the descriptor keeps the lock until the rename is done
         if self.out.exists():
             trash = self.out.parent / f".{self.out.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(self.out, trash)
@@ -231,6 +244,26 @@ class CheckpointWriter(StagedDirectory):
         return self.publish()
 
 
+@contextlib.contextmanager
+def _orbax_quiet():
+    """Orbax's own warnings (absl logging) held back for the duration of the block."""
+    from absl import logging as absl_logging
+
+    level = absl_logging.get_verbosity()
+    absl_logging.set_verbosity(absl_logging.ERROR)
+    try:
+        yield
+    finally:
+        absl_logging.set_verbosity(level)
+
+
+def storage_error(what: str, err: BaseException) -> ValueError:
+    """One line for a failure inside orbax or tensorstore: `what`, then the first line of the
+    library's message, cut at 200 characters (theirs can run to pages: registries, whole trees)."""
+    first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    return ValueError(f"{what}: {first if len(first) <= 200 else first[:197] + '...'}")
+
+
 def load_config(path: str | Path) -> EmolaConfig:
     config_file = Path(path) / CONFIG_FILE
     if not config_file.is_file():
@@ -247,7 +280,14 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
     """The `params/` entries (orbax metadata: shape, dtype), checked against what `config` needs."""
     params_dir = Path(path).absolute() / PARAMS_DIR
     expected = disk_shapes(config)
-    stored = dict(_flatten(ocp.metadata(params_dir).metadata))
+    try:
+        with _orbax_quiet():  # a damaged index is said below, in one line, not also in orbax's warnings
+            index = ocp.metadata(params_dir).metadata
+    except Exception as err:  # orbax raises many types, some with pages of detail
+        raise storage_error(f"{params_dir} is not a readable emola-jax checkpoint", err) from err
+    if not isinstance(index, dict):
+        raise ValueError(f"{params_dir} is not a readable emola-jax checkpoint: its weight index is damaged")
+    stored = dict(_flatten(index))
     for key in sorted(set(expected) | set(stored)):
         name = path_name(key)
         if key not in stored:
@@ -273,8 +313,8 @@ def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> d
     try:
         with context:
             return dict(_flatten(ocp.load(params_dir, _nest(target))))
-    except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
-        raise ValueError(f"could not read the weights in {params_dir}: {err}") from err
+    except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
+        raise storage_error(f"could not read the weights in {params_dir}", err) from err
 
 
 def load_pretrained(
@@ -294,8 +334,8 @@ def load_pretrained(
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in expected.items()}
     try:
         flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
-    except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
-        raise ValueError(f"could not read the weights in {params_dir}: {err}") from err
+    except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
+        raise storage_error(f"could not read the weights in {params_dir}", err) from err
 
     values = {}
     for path_, spec in param_shapes(config).items():

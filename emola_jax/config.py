@@ -9,14 +9,32 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
+import types
+import typing
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, Union
 
 PriorPosition = Literal["after", "before", "off"]
 DTYPES = ("float32", "bfloat16", "float16")  # weight storage and compute dtypes every command accepts
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # insightface 2d106det: 106 (x, y) landmarks, flattened.
 LANDMARK_DIM = 212
+
+
+def check_ranges(config: Any, *, positive: tuple[str, ...] = (), above_zero: tuple[str, ...] = (),
+                 at_least_zero: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
+    """Range checks for a config dataclass's `__post_init__`, so that a config file and `--set`
+    both get them: `positive` sizes and counts (>= 1), `above_zero` and `at_least_zero` numbers,
+    `fraction`s in [0, 1]. A field that is None (off) is not checked."""
+    rules = [(positive, lambda v: v >= 1, "at least 1"), (above_zero, lambda v: v > 0, "above 0"),
+             (at_least_zero, lambda v: v >= 0, "at least 0"), (fraction, lambda v: 0 <= v <= 1, "between 0 and 1")]
+    for names, ok, wanted in rules:
+        for name in names:
+            value = getattr(config, name)
+            if value is not None and not (isinstance(value, numbers.Real) and not math.isnan(value) and ok(value)):
+                raise ValueError(f"{name} must be {wanted}, not {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +50,10 @@ class VisionConfig:
     num_channels: int = 3
     layer_norm_eps: float = 1e-5
     hidden_act: str = "quick_gelu"
+
+    def __post_init__(self):
+        check_ranges(self, positive=("hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+                                     "image_size", "patch_size", "num_channels"), above_zero=("layer_norm_eps",))
 
     @property
     def num_patches(self) -> int:
@@ -53,6 +75,8 @@ class RopeScaling:
     high_freq_factor: float | None = None
 
     def __post_init__(self):
+        check_ranges(self, above_zero=("factor", "low_freq_factor", "high_freq_factor"),
+                     positive=("original_max_position_embeddings",))
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(
                 f"rope type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
@@ -80,6 +104,9 @@ class TextConfig:
     hidden_act: str = "silu"
 
     def __post_init__(self):
+        check_ranges(self, positive=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                                     "num_attention_heads", "num_key_value_heads", "head_dim",
+                                     "max_position_embeddings"), above_zero=("rms_norm_eps", "rope_theta"))
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be a multiple of "
@@ -115,6 +142,9 @@ class LoRAConfig:
 
         if isinstance(self.targets, str):
             raise ValueError(f"LoRA targets must be a list of projection names, not the string {self.targets!r}")
+        check_ranges(self, positive=("rank",), above_zero=("alpha",))
+        if not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be at least 0 and below 1, not {self.dropout!r}")
         check_targets(self)
 
     @property
@@ -141,6 +171,7 @@ class EmolaConfig:
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_ranges(self, positive=("prior_dim",))
         if self.prior_position not in ("after", "before", "off"):
             raise ValueError(f"prior_position must be after, before or off, not {self.prior_position!r}")
         if self.vision_feature_select_strategy not in ("default", "full"):
@@ -200,22 +231,34 @@ class EmolaConfig:
             raise ValueError(f"{path} is not a valid emola-jax config: {err}") from err
 
 
+def differences(ours: Any, theirs: Any, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
+    """`field: theirs there, ours here` for every leaf field of two config dataclasses that differs.
+    `skip` holds dotted field names (`train.log_every`, or a whole group: `train.mesh`) left out."""
+    out = []
+    for field in dataclasses.fields(ours):
+        if f"{prefix}{field.name}" in skip:
+            continue
+        mine, other = getattr(ours, field.name), getattr(theirs, field.name)
+        if dataclasses.is_dataclass(mine) and type(mine) is type(other):
+            out += differences(mine, other, f"{prefix}{field.name}.", skip)
+        elif mine != other:
+            out.append(f"{prefix}{field.name}: {other} there, {mine} here")
+    return out
+
+
 def override(config: Any, assignments: list[str]) -> Any:
-    """Applies `key=value` strings (dotted keys into nested dataclasses; values parsed as JSON,
-    else kept as strings). An unknown key is an error that lists the valid ones."""
+    """Applies `key=value` strings (dotted keys into nested dataclasses). Each value is converted
+    by its field's annotated type and checked by the dataclass's own checks, so a wrong value is an
+    error naming its key before any work; an unknown key is an error that lists the valid ones."""
     for assignment in assignments:
         key, sep, raw = assignment.partition("=")
         if not sep:
             raise ValueError(f"override {assignment!r} is not of the form key=value")
-        try:
-            value = json.loads(raw)
-        except json.JSONDecodeError:
-            value = raw
-        config = _set(config, key.split("."), value, key)
+        config = _set(config, key.split("."), raw, key)
     return config
 
 
-def _set(node: Any, parts: list[str], value: Any, full_key: str) -> Any:
+def _set(node: Any, parts: list[str], raw: str, full_key: str) -> Any:
     names = [f.name for f in dataclasses.fields(node)]
     head = parts[0]
     if head not in names:
@@ -226,9 +269,114 @@ def _set(node: Any, parts: list[str], value: Any, full_key: str) -> Any:
             raise ValueError(f"config key {full_key!r}: {head} is off (None); set it whole in the config file")
         if not dataclasses.is_dataclass(current):
             raise ValueError(f"config key {full_key!r}: {head} has no sub-keys")
-        value = _set(current, parts[1:], value, full_key)
+        value = _set(current, parts[1:], raw, full_key)
     elif dataclasses.is_dataclass(current):
         raise ValueError(f"config key {full_key!r} is a group; set one of its fields, e.g. {full_key}.<field>")
-    elif isinstance(current, tuple) and isinstance(value, list):
-        value = tuple(value)
-    return dataclasses.replace(node, **{head: value})
+    else:
+        value = parse_value(raw, typing.get_type_hints(type(node))[head], full_key)
+    try:
+        return dataclasses.replace(node, **{head: value})
+    except (ValueError, TypeError) as err:  # the dataclass's own checks
+        raise ValueError(f"config key {full_key!r}: {err}") from err
+
+
+def parse_value(raw: str, annotation: Any, key: str) -> Any:
+    """`raw` (a command-line string) as a value of type `annotation`: JSON where it reads as JSON
+    (numbers, true/false, null, lists), else the text itself."""
+    try:
+        value = json.loads(raw)
+    except json.JSONDecodeError:
+        value = raw
+    return convert(value, annotation, key, raw=raw)
+
+
+def convert(value: Any, annotation: Any, key: str, *, raw: str | None = None) -> Any:
+    """`value` (as JSON gives it) checked and converted to type `annotation`: int, float, bool,
+    str, Literal choices, tuples, dataclasses (from dicts), unions such as `X | None`, and Any
+    (kept as it is). `raw`, the text `value` was read from, stands for a str field whatever it
+    reads as. A value of another type is a ValueError naming `key`."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    shown = raw if raw is not None else json.dumps(value) if _jsonable(value) else repr(value)
+    if annotation is Any:
+        return value
+    if origin in (Union, types.UnionType):
+        options = [a for a in args if a is not type(None)]
+        if len(options) < len(args) and (value is None or raw is not None and raw.strip() in ("none", "None")):
+            return None
+        errors = []
+        for option in sorted(options, key=lambda a: a is str):  # a string is the last reading
+            try:
+                return convert(value, option, key, raw=raw)
+            except ValueError as err:
+                errors.append(err)
+        if len(options) == 1:
+            raise errors[0]
+        raise ValueError(f"config key {key!r}: {shown} is none of {_type_name(annotation)}")
+    if origin is Literal:
+        if value not in args:
+            choices = ", ".join(str(a) for a in args)
+            raise ValueError(f"config key {key!r} must be one of {choices}, not {shown}")
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ValueError(f"config key {key!r} takes a list ({_type_name(annotation)}), not {shown}")
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(convert(v, args[0], f"{key}[{i}]") for i, v in enumerate(value))
+        if len(value) != len(args):
+            raise ValueError(f"config key {key!r} takes a list of {len(args)} items, not {shown}")
+        return tuple(convert(v, a, f"{key}[{i}]") for i, (v, a) in enumerate(zip(value, args, strict=True)))
+    if dataclasses.is_dataclass(annotation):
+        if isinstance(value, annotation):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"config key {key!r} is a group of {annotation.__name__} fields, not {shown}")
+        return build(annotation, value, key)
+    if annotation is bool:
+        value = {"True": True, "False": False}.get(value, value) if isinstance(value, str) else value
+        if not isinstance(value, bool):
+            raise ValueError(f"config key {key!r} takes true or false, not {shown}")
+        return value
+    if annotation is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"config key {key!r} takes an integer, not {shown}")
+        return value
+    if annotation is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ValueError(f"config key {key!r} takes a number, not {shown}")
+        return float(value)
+    if annotation is str:
+        if raw is not None and not isinstance(value, str):
+            return raw
+        if not isinstance(value, str):
+            raise ValueError(f"config key {key!r} takes a string, not {shown}")
+        return value
+    if isinstance(annotation, type) and not isinstance(value, annotation):
+        raise ValueError(f"config key {key!r} takes a {annotation.__name__}, not {shown}")
+    return value
+
+
+def build(cls: type, data: dict[str, Any], key: str = "") -> Any:
+    """A `cls` dataclass from a dict of JSON values, each field converted by its type (`convert`)."""
+    hints = typing.get_type_hints(cls)
+    fields = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - fields)
+    if unknown:
+        raise ValueError(f"unknown config key {key + '.' if key else ''}{unknown[0]}; "
+                         f"valid keys here: {', '.join(sorted(fields))}")
+    values = {name: convert(value, hints[name], f"{key}.{name}" if key else name) for name, value in data.items()}
+    try:
+        return cls(**values)
+    except (ValueError, TypeError) as err:
+        raise ValueError(f"config {key or cls.__name__}: {err}") from err
+
+
+def _jsonable(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except (TypeError, ValueError):
+        return False
+    return True
+
+
+def _type_name(annotation: Any) -> str:
+    return str(annotation).replace("typing.", "")

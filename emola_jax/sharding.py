@@ -54,6 +54,13 @@ class MeshConfig:
     fsdp: int = 1
     tensor: int = 1
 
+    def __post_init__(self):
+        for axis in MESH_AXES:
+            size = getattr(self, axis)
+            if not (isinstance(size, int) and (size >= 1 or size == -1)):
+                raise ValueError(f"mesh axis {axis} must be a size of at least 1, or -1 (the devices left), "
+                                 f"not {size!r}")
+
     @classmethod
     def parse(cls, text: str) -> MeshConfig:
         """`data=2,fsdp=2,tensor=2` (axes left out keep their defaults)."""

@@ -1,8 +1,7 @@
-"""CLIP image preprocessing as LLaVA-1.5 does it (PIL, bicubic), returning channels-last arrays."""
+"""Image decoding shared by CLIP and the landmark step, and CLIP preprocessing as LLaVA-1.5 does it
+(PIL, bicubic), returning channels-last arrays."""
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import numpy as np
 
@@ -10,16 +9,78 @@ CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-def load_image(path: str | Path):
-    """An RGB PIL image; an unreadable, truncated or empty file is an error naming it."""
+# The picture every mode becomes is the one OpenCV's `imread(IMREAD_COLOR)` gives the landmark
+# step (opencv imgcodecs: libpng's `png_set_strip_16` and the TIFF reader keep a 16-bit sample's
+# high byte; alpha is dropped, not composited; palettes are expanded; an Adobe CMYK JPEG goes
+# through `icvCvt_CMYK2BGR_8u`; a transparent GIF pixel shows the background colour). Modes with
+# no such picture (32-bit integer and float samples, Lab, HSV) are refused by both paths.
+_AS_RGB = frozenset({"1", "L", "LA", "La", "P", "PA", "RGB", "RGBA", "RGBa", "RGBX", "YCbCr"})
+_SIXTEEN_BIT = frozenset({"I;16", "I;16B", "I;16L", "I;16N"})
+_REFUSED = {"I": "32-bit integer", "F": "32-bit float", "LAB": "Lab", "HSV": "HSV"}
+
+
+def mode_problem(image) -> str | None:
+    """Why an opened (not yet decoded) PIL image has no 8-bit picture both paths agree on, or None."""
+    mode = image.mode
+    if image.format == "TIFF" and mode in _AS_RGB and max(_tiff_bits(image)) > 8:
+        return (f"its {max(_tiff_bits(image))}-bit {mode} samples are rounded to 8 bits by PIL and cut by "
+                "OpenCV, so CLIP and the landmark model would see different pictures; save it as 8-bit")
+    if mode in _AS_RGB or mode in _SIXTEEN_BIT or (mode == "I" and image.format == "PNG"):
+        return None
+    if mode == "CMYK" and image.format == "JPEG":
+        return None
+    kind = _REFUSED.get(mode, f"{image.format or 'unknown'}-format {mode}")
+    return (f"its {kind} pixels (PIL mode {mode}) have no 8-bit picture that CLIP and the landmark model "
+            "would both see; save it as 8-bit RGB or grayscale")
+
+
+def _tiff_bits(image) -> tuple[int, ...]:
+    bits = image.tag_v2.get(258, (8,))  # BitsPerSample
+    return tuple(bits) if isinstance(bits, tuple) else (int(bits),)
+
+
+def to_rgb8(image) -> np.ndarray:
+    """`[H, W, 3]` uint8 RGB of a loaded PIL image whose `mode_problem` is None."""
+    mode = image.mode
+    if mode in _SIXTEEN_BIT or mode == "I":  # "I" here: a 16-bit PNG as older Pillow opens it
+        gray = (np.asarray(image).astype(np.uint32) >> 8).astype(np.uint8)
+        return np.repeat(gray[..., None], 3, axis=-1)
+    if mode == "CMYK":  # Pillow undoes Adobe's inversion; OpenCV computes k' - (c' * k' >> 8) on it
+        cmyk = np.asarray(image).astype(np.int32)
+        white = 255 - cmyk[..., 3:]
+        return (white - ((cmyk[..., :3] * white) >> 8)).astype(np.uint8)
+    pixels = np.array(image.convert("RGB"))
+    if mode == "P" and image.format == "GIF" and "transparency" in image.info:
+        palette = np.asarray(image.getpalette("RGB") or [0, 0, 0], np.uint8).reshape(-1, 3)
+        index = np.asarray(image)
+        background = image.info.get("background", 0)
+        if isinstance(background, int) and background < len(palette):
+            pixels[index == image.info["transparency"]] = palette[background]
+    return pixels
+
+
+def decode_rgb(source) -> np.ndarray:
+    """`[H, W, 3]` uint8 RGB of an image file (a path, or a file object of its bytes): the picture
+    CLIP sees, and the one OpenCV gives the landmark step. An unreadable, truncated or empty file,
+    or a mode with no agreed 8-bit picture, is a ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
-        with Image.open(path) as image:
-            image.load()
-            return image.convert("RGB")
-    except (OSError, UnidentifiedImageError, ValueError) as err:
-        raise ValueError(f"image {path} could not be read: {err}") from err
+        with Image.open(source) as opened:
+            problem = mode_problem(opened)
+            if problem is None:
+                opened.load()
+                return to_rgb8(opened)
+    except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+        raise ValueError(f"image {source} could not be read: {err}") from err
+    raise ValueError(f"image {source}: {problem}")
+
+
+def load_image(path):
+    """An RGB PIL image of `decode_rgb(path)` (a path or a file object)."""
+    from PIL import Image
+
+    return Image.fromarray(decode_rgb(path), "RGB")
 
 
 def pad_to_square(image, fill: tuple[int, ...] = tuple(int(255 * m) for m in CLIP_MEAN)):

@@ -74,6 +74,8 @@ def iter_file(path: str | Path) -> Iterator[tuple[str, np.ndarray]]:
     from array_record.python.array_record_module import ArrayRecordReader
 
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a landmark file (FEATURES.array_record)")
     if not path.is_file():
         raise FileNotFoundError(f"landmark file {path} does not exist")
     incomplete = f"{path} is not a complete landmark file (truncated, or still being written)"

@@ -17,6 +17,7 @@ Any ONNX graph with 2d106det's signature works: one `[N or 1, 3, 192, 192]` inpu
 from __future__ import annotations
 
 import dataclasses
+import io
 from pathlib import Path
 
 import numpy as np
@@ -28,11 +29,13 @@ RECIPES = ("official", "insightface")
 
 
 def open_session(onnx_path: str | Path, threads: int | None = None, spinning: bool = True):
-    """An onnxruntime CPU session, checked for 2d106det's input signature. `spinning=False` stops
-    idle onnxruntime threads from busy-waiting, which would take cores from image decoding."""
+    """An onnxruntime CPU session, checked for 2d106det's signature (as far as the graph declares
+    its output shape; `run_session` checks what it returns). `spinning=False` stops idle
+    onnxruntime threads from busy-waiting, which would take cores from image decoding."""
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
+    options.log_severity_level = 3  # errors only: graph-optimiser notices are not the user's concern
     if threads:
         options.intra_op_num_threads = threads
     if not spinning:
@@ -44,7 +47,17 @@ def open_session(onnx_path: str | Path, threads: int | None = None, spinning: bo
     inputs = session.get_inputs()
     if len(inputs) != 1 or list(inputs[0].shape[1:]) != [3, INPUT_SIZE, INPUT_SIZE]:
         raise ValueError(f"{onnx_path} does not take one [N, 3, 192, 192] input like 2d106det.onnx")
+    declared = session.get_outputs()[0].shape
+    per_image = declared[1:]
+    if len(declared) < 2 or (all(isinstance(d, int) for d in per_image) and np.prod(per_image) != LANDMARK_DIM):
+        raise ValueError(f"{onnx_path} declares an output of shape {_shape(declared)}, not [N, {LANDMARK_DIM}] "
+                         "like 2d106det.onnx")
+    session.source = str(onnx_path)  # named by run_session's errors
     return session
+
+
+def _shape(dims) -> str:
+    return "[" + ", ".join(str(d) for d in dims) + "]"
 
 
 def run_session(session, batch: np.ndarray) -> np.ndarray:
@@ -59,11 +72,11 @@ def run_session(session, batch: np.ndarray) -> np.ndarray:
         if fixed and len(chunk) < fixed:
             chunk = np.concatenate([chunk, np.zeros((fixed - len(chunk), *chunk.shape[1:]), chunk.dtype)])
         out = np.asarray(session.run(None, {model_input.name: np.ascontiguousarray(chunk)})[0])
+        if out.ndim < 2 or out.shape[0] != len(chunk) or out.size != len(chunk) * LANDMARK_DIM:
+            raise ValueError(f"{getattr(session, 'source', 'the landmark model')} returned an output of shape "
+                             f"{_shape(out.shape)} for {len(chunk)} images, not [{len(chunk)}, {LANDMARK_DIM}]")
         outputs.append(out.reshape(len(chunk), -1)[:min(step, len(batch) - start)])
-    out = np.concatenate(outputs).astype(np.float32)
-    if out.shape[1] != LANDMARK_DIM:
-        raise ValueError(f"the landmark model returned {out.shape[1]} values per image, not {LANDMARK_DIM}")
-    return out
+    return np.concatenate(outputs).astype(np.float32)
 
 
 def check_complete(data: bytes) -> str | None:
@@ -82,18 +95,28 @@ def check_complete(data: bytes) -> str | None:
 
 
 def read_bgr(image_path: str | Path) -> np.ndarray:
-    """`cv2.imread` (BGR uint8) of a complete image file; anything else is a ValueError saying why."""
+    """`cv2.imread` (BGR uint8) of a complete image file; anything else is a ValueError saying why.
+    A file whose pixel mode CLIP's decoder (`image.decode_rgb`) refuses is refused here too, so the
+    two models never see different pictures of one file."""
     import cv2
+    from PIL import Image, UnidentifiedImageError
+
+    from emola_jax.data.image import mode_problem
 
     try:
         data = Path(image_path).read_bytes()
     except OSError as err:
         raise ValueError(f"image {image_path} could not be read: {err.strerror or err}") from None
-    problem = check_complete(data)
+    problem, unreadable = check_complete(data), None
+    if problem is None:
+        try:
+            with Image.open(io.BytesIO(data)) as opened:  # the header only: no pixels are decoded
+                problem = mode_problem(opened)
+        except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
+            unreadable = f"not a decodable image for CLIP's reader (PIL: {err})"
     if problem is None:
         pixels = cv2.imread(str(image_path))
-        if pixels is None:
-            problem = "not a decodable image"
+        problem = "not a decodable image" if pixels is None else unreadable
     if problem is not None:
         raise ValueError(f"image {image_path}: {problem}")
     return pixels

@@ -31,7 +31,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from emola_jax.config import LANDMARK_DIM, EmolaConfig
+from emola_jax.config import LANDMARK_DIM, EmolaConfig, check_ranges
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
 from emola_jax.data.prior import PriorFeatures
@@ -79,8 +79,10 @@ class PipelineConfig:
             raise ValueError("give either annotations (JSON files) or tfds_dir (a built tfds dataset), not both")
         if self.on_bad_record not in ("error", "skip"):
             raise ValueError(f"on_bad_record must be 'error' or 'skip', not {self.on_bad_record!r}")
-        if min(self.max_length, self.batch_size, self.read_threads, *self.length_buckets) < 1:
-            raise ValueError("max_length, length buckets, batch_size and read_threads must be positive")
+        check_ranges(self, positive=("max_length", "batch_size", "read_threads", "worker_buffer_size"),
+                     at_least_zero=("worker_count", "seed"))
+        if min(self.length_buckets, default=1) < 1:
+            raise ValueError(f"length_buckets must all be at least 1, not {self.length_buckets}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError("num_epochs must be positive, or None for an endless stream")
 

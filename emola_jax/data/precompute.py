@@ -4,14 +4,17 @@ Images are decoded by a thread pool (OpenCV releases the GIL) a few batches ahea
 onnxruntime inference. Finished features go to numbered part files beside the output (each
 written atomically); at the end the previous output and the parts are merged into the output,
 again atomically, and the parts removed. A rerun skips every id already in the output or a part,
-so a killed run loses at most the features not yet in a part. An unreadable, truncated or empty
-image is one line (id, path, reason) of `<out stem>.errors.jsonl` and is skipped.
+so a killed run loses at most the features not yet in a part; it also removes what a run killed
+during the merge leaves: the merged file's temporary, or parts already merged into the output.
+An unreadable, truncated or empty image is one line (id, path, reason) of `<out stem>.errors.jsonl`
+and is skipped; a run where no input at all could be read is an error.
 """
 
 from __future__ import annotations
 
 import collections
 import dataclasses
+import glob
 import json
 import os
 import shutil
@@ -22,7 +25,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from emola_jax.atomic import STAGING_GLOB
+from emola_jax.atomic import STAGING_GLOB, make_folder, staging_path
 from emola_jax.data import landmark_store, landmarks
 from emola_jax.data.prior import read_npy
 from emola_jax.data.records import read_annotation_list
@@ -84,14 +87,35 @@ class _Output:
         self.out, self.part_size = out, part_size
         self.parts_dir = out.with_name(out.name + ".parts")
         self.pending: list[tuple[str, np.ndarray]] = []
-        self.done: set[str] = set()
-        if out.exists():
-            self.done.update(key for key, _ in landmark_store.iter_file(out))
-        for part in self.parts():
-            self.done.update(key for key, _ in landmark_store.iter_file(part))
+        # a merge killed before its rename leaves the merged file's temporary beside `out`
+        for stale in out.parent.glob(staging_path(out.with_name(glob.escape(out.name)), "*").name):
+            stale.unlink()
         if self.parts_dir.is_dir():  # a part killed while being written is only ever a hidden temporary
             for stale in self.parts_dir.glob(STAGING_GLOB):
                 stale.unlink()
+        out_ids = {key for key, _ in landmark_store.iter_file(out)} if out.exists() else set()
+        part_ids = {part: {key for key, _ in landmark_store.iter_file(part)} for part in self.parts()}
+        self._drop_merged_parts({part: ids for part, ids in part_ids.items() if ids & out_ids}, out_ids)
+        self.done: set[str] = out_ids.union(*(ids for part, ids in part_ids.items() if part.exists()))
+
+    def _drop_merged_parts(self, overlapping: dict[Path, set[str]], out_ids: set[str]) -> None:
+        """Removes the parts a merge killed after its rename left behind: every record of such a
+        part is already in `out`, with the same values. Any other overlap is an error naming it."""
+        if not overlapping:
+            return
+        wanted = set().union(*overlapping.values())
+        merged = {key: feature for key, feature in landmark_store.iter_file(self.out) if key in wanted}
+        for part, ids in overlapping.items():
+            missing = sorted(ids - out_ids)
+            if missing:
+                raise ValueError(f"{part} holds records that are in {self.out} and records that are not (e.g. "
+                                 f"{missing[0]}), so it is not a merged part; remove {part} or {self.out}")
+            for key, feature in landmark_store.iter_file(part):
+                if not np.array_equal(feature, merged[key], equal_nan=True):
+                    raise ValueError(f"record id {key} has one feature in {self.out} and another in {part}; "
+                                     "remove the wrong file")
+        for part in overlapping:
+            part.unlink()
 
     def parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.array_record")) if self.parts_dir.is_dir() else []
@@ -114,6 +138,7 @@ class _Output:
         self.flush()
         parts = self.parts()
         if not parts and self.out.exists():
+            shutil.rmtree(self.parts_dir, ignore_errors=True)  # emptied by _drop_merged_parts, or by a kill
             return
         sources = ([self.out] if self.out.exists() else []) + parts
 
@@ -127,16 +152,17 @@ class _Output:
                     yield key, feature
 
         landmark_store.write_file(self.out, merged())
-        shutil.rmtree(self.parts_dir, ignore_errors=True)
+        shutil.rmtree(self.parts_dir, ignore_errors=True)  # a kill before or during this: see _drop_merged_parts
 
 
 class _ErrorLog:
     def __init__(self, path: Path):
-        self.path, self.count, self.file = path, 0, None
+        self.path, self.count, self.file, self.first = path, 0, None, ""
 
     def add(self, job: Job, reason: str) -> None:
         if self.file is None:
             self.file = open(self.path, "w")
+            self.first = reason
         self.file.write(json.dumps({"id": job.id, "path": str(job.path), "reason": reason}) + "\n")
         self.file.flush()
         self.count += 1
@@ -149,9 +175,13 @@ class _ErrorLog:
 
 
 def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterator[tuple[Job, np.ndarray | str]]],
-         part_size: int, progress: bool) -> Summary:
+         part_size: int, progress: bool, inputs: str) -> Summary:
+    """`inputs`: what the jobs read ("images"), for the error when none of them could be read."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    if out.is_dir():
+        raise ValueError(f"{out} is a folder; the output is the ArrayRecord file to write, e.g. "
+                         f"{out / 'features.array_record'}")
+    make_folder(out.parent)
     output = _Output(out, part_size)
     todo = [job for job in jobs if job.id not in output.done]
     errors = _ErrorLog(errors_path(out))
@@ -168,6 +198,9 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
     finally:  # whatever stops the loop, features already computed reach a part file
         errors.close()
         output.flush()
+    if jobs and errors.count == len(jobs):  # e.g. a mistyped root: an empty output would hide it
+        raise ValueError(f"none of the {len(jobs)} {inputs} could be read ({errors.first}); each reason is listed "
+                         f"in {errors.path}")
     output.finalise()
     return Summary(written, len(jobs) - len(todo), errors.count, out, errors.path)
 
@@ -229,7 +262,7 @@ def precompute_landmarks(
                 for job, result in results:
                     yield job, result if isinstance(result, str) else next(features)
 
-    return _run(jobs, out, compute, part_size, progress)
+    return _run(jobs, out, compute, part_size, progress, "images")
 
 
 def import_npy(
@@ -253,4 +286,4 @@ def import_npy(
             else:
                 yield job, feature
 
-    return _run(jobs, out, compute, part_size, progress)
+    return _run(jobs, out, compute, part_size, progress, "landmark files")

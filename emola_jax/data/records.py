@@ -17,11 +17,24 @@ class EvalRecord:
     label: int | str
 
 
+def line_of(data: bytes, offset: int) -> int:
+    """The 1-based line of `data` that byte `offset` is on."""
+    return data.count(b"\n", 0, offset) + 1
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """What a decoding error says, without the codec's wording."""
+    return f"byte 0x{err.object[err.start]:02x} is not UTF-8 text (save the file as UTF-8)"
+
+
 def read_annotation_list(path: str | Path) -> list:
-    """The records of an annotation JSON file; a file that cannot be read, is not JSON or is not a
-    list is an error naming it."""
+    """The records of an annotation JSON file; a file that cannot be read, is not UTF-8 JSON or is
+    not a list is an error naming it (and the line, where one is at fault)."""
     try:
-        records = json.loads(Path(path).read_text())
+        data = Path(path).read_bytes()
+        records = json.loads(data.decode("utf-8"))
+    except UnicodeDecodeError as err:
+        raise ValueError(f"annotation file {path}, line {line_of(data, err.start)}: {not_utf8(err)}") from None
     except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"annotation file {path} could not be read: {err}") from None
     if not isinstance(records, list):

@@ -10,7 +10,7 @@ import dataclasses
 
 import numpy as np
 
-from emola_jax.config import EmolaConfig
+from emola_jax.config import EmolaConfig, check_ranges
 from emola_jax.data.conversation import IGNORE_INDEX
 
 
@@ -20,6 +20,10 @@ class SyntheticData:
     seq_length: int = 128
     answer_fraction: float = 0.25  # scored tokens at the end of each row
     seed: int = 0
+
+    def __post_init__(self):
+        check_ranges(self, positive=("batch_size", "seq_length"), fraction=("answer_fraction",),
+                     at_least_zero=("seed",))
 
 
 def make_batch(config: SyntheticData, model: EmolaConfig, index: int) -> dict[str, np.ndarray]:

@@ -1,4 +1,5 @@
-"""Sharded FABA-Bench evaluation: generate for every record, append predictions, then score.
+"""Sharded FABA-Bench evaluation: check the labels, generate for every record, append predictions,
+then score against the annotation file's labels and references as they are now.
 
 The batch is laid out over every device of every process (`data` mesh axis); the tokens are
 gathered back in input order and process 0 appends them to `predictions.jsonl`, one fsynced
@@ -20,12 +21,13 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from emola_jax.atomic import make_folder
 from emola_jax.checkpoint import load_pretrained, load_tokenizer
 from emola_jax.data import conversation, image
 from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION
 from emola_jax.data.prior import PriorFeatures
 from emola_jax.data.records import EvalRecord, read_eval_records
-from emola_jax.eval import report
+from emola_jax.eval import report, scoring
 from emola_jax.generate import GenerationConfig, generate
 from emola_jax.lora import merge_lora
 
@@ -144,9 +146,9 @@ def evaluate_model(
     Only process 0 reads and writes `predictions.jsonl`; the others learn how many records are
     done from it. Returns the metrics (on process 0; an empty dict elsewhere).
     """
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     records = read_eval_records(annotations, images_root, prompt=prompt_for(task) if official_prompt else None)
+    _check_labels(records, task, annotations)  # before any answer is generated
+    out = make_folder(out)
     predictions_file = out / PREDICTIONS
     lead = jax.process_index() == 0
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "annotations": str(Path(annotations).resolve()),
@@ -182,10 +184,23 @@ def evaluate_model(
     if not lead:
         return {}
     lines = report.read_prediction_lines(predictions_file, appended=True)
-    metrics = report.score(report.samples(lines), task, protocol)
+    # the truth is the annotation file's now: a label fixed after the answers were written counts
+    samples = [scoring.Sample(line["prediction"], record.reference, record.label)
+               for line, record in zip(lines, records, strict=True)]
+    metrics = report.score(samples, task, protocol)
     metrics["answers_cut_at_max_new_tokens"] = sum(not line.get("stopped_at_eos", True) for line in lines)
     report.write_report(out, metrics)
     return metrics
+
+
+def _check_labels(records: list[EvalRecord], task: str, annotations: str | Path) -> None:
+    """Every record's label is one of `task`'s, or an error naming the file and the record."""
+    parse = report.label_parser(task)
+    for record in records:
+        try:
+            parse(record.label)
+        except ValueError as err:
+            raise ValueError(f"{annotations}: record {record.id}: {err}") from None
 
 
 def _resume_point(predictions: Path, settings_file: Path, settings: dict, records, annotations) -> int:

@@ -7,6 +7,7 @@ from pathlib import Path
 
 from emola_jax import atomic
 from emola_jax.data.labels import AU_SETS
+from emola_jax.data.records import not_utf8
 from emola_jax.eval import scoring
 
 EMOTION_TASKS = ("emotion", "rafdb")
@@ -27,18 +28,29 @@ PAPER = {
 
 
 PREDICTION_FIELDS = ("prediction", "reference", "label")
+REPORT_FILES = ("metrics.json", "report.md", "f1_per_au.png", "confusion_matrix.png")  # what write_report writes
 
 
-def read_prediction_lines(path: str | Path, *, appended: bool = False) -> list[dict]:
+def label_parser(task: str):
+    """The function that reads a label of `task` (an emotion id or name, or an AU list)."""
+    if task in EMOTION_TASKS:
+        return scoring.emotion_label
+    if task in AU_TASKS:
+        return scoring.au_label
+    raise ValueError(f"task must be one of {', '.join(TASKS)}, not {task!r}")
+
+
+def read_prediction_lines(path: str | Path, *, appended: bool = False, task: str | None = None) -> list[dict]:
     """The lines of a predictions file: one JSON object per line with `prediction`, `reference` and
     `label` (and whatever else an evaluation writes, e.g. `id`). Blank lines are skipped; any other
-    bad line is an error naming it.
+    bad line, or with `task` a label that is not one of that task's, is an error naming it.
 
     `appended`: the file is one an evaluation appends to as it runs. A missing file then holds
     nothing yet, and a last line without its newline is a write a kill cut short: it is left out."""
     path = Path(path)
     if appended and not path.exists():
         return []
+    parse = label_parser(task) if task is not None else None
     lines = []
     with open(path, "rb") as f:
         for number, line in enumerate(f, start=1):
@@ -47,7 +59,9 @@ def read_prediction_lines(path: str | Path, *, appended: bool = False) -> list[d
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {number}: {not_utf8(err)}") from None
             except json.JSONDecodeError as err:
                 raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
             missing = [k for k in PREDICTION_FIELDS if not isinstance(record, dict) or k not in record]
@@ -55,6 +69,11 @@ def read_prediction_lines(path: str | Path, *, appended: bool = False) -> list[d
                 raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}")
             if not isinstance(record["prediction"], str) or not isinstance(record["reference"], str):
                 raise ValueError(f"{path}, line {number}: prediction and reference must be strings")
+            if parse is not None:
+                try:
+                    parse(record["label"])
+                except ValueError as err:
+                    raise ValueError(f"{path}, line {number}: {err}") from None
             lines.append(record)
     return lines
 
@@ -63,9 +82,10 @@ def samples(lines: list[dict]) -> list[scoring.Sample]:
     return [scoring.Sample(line["prediction"], line["reference"], line["label"]) for line in lines]
 
 
-def read_predictions(path: str | Path) -> list[scoring.Sample]:
-    """The samples of a predictions file, to score; a file with none is an error."""
-    found = samples(read_prediction_lines(path))
+def read_predictions(path: str | Path, task: str | None = None) -> list[scoring.Sample]:
+    """The samples of a predictions file, to score (their labels checked for `task` when given); a
+    file with none is an error."""
+    found = samples(read_prediction_lines(path, task=task))
     if not found:
         raise ValueError(f"{path} holds no predictions")
     return found
@@ -89,8 +109,7 @@ def _fmt(value: float | None) -> str:
 
 def write_report(out: str | Path, metrics: dict) -> Path:
     """metrics.json, report.md, and the per-AU F1 chart or the confusion matrix as PNG."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = atomic.make_folder(out)
     atomic.write_text(out / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     task = metrics["task"]
     lines = [

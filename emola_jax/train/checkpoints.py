@@ -18,6 +18,9 @@ from typing import Any
 import jax
 from orbax.checkpoint import v1 as ocp
 
+from emola_jax.checkpoint import storage_error
+from emola_jax.weights import path_name
+
 STATE, DATA = "state", "data"
 
 
@@ -97,11 +100,13 @@ class TrainCheckpoints:
                 f"(fingerprint {metadata.get('base_fingerprint')}), but this run's base {self.base} has "
                 f"fingerprint {self.fingerprint}; point train.base at the original base or use a new workdir"
             )
+        where = self.directory / str(step)
+        _check_same_weights(where, self._checkpointer.metadata(step).metadata, abstract_state)
         try:
             restored = self._checkpointer.load_checkpointables(
                 step, {STATE: abstract_state, DATA: DataIteratorState()})
-        except Exception as err:  # orbax/tensorstore raise many types; name the checkpoint once.
-            raise ValueError(f"could not restore the training checkpoint {self.directory / str(step)}: {err}") from err
+        except Exception as err:  # orbax/tensorstore raise many types, with pages of detail
+            raise storage_error(f"could not restore the training checkpoint {where}", err) from err
         return restored[STATE], restored[DATA].state
 
     def wait(self) -> None:
@@ -109,6 +114,28 @@ class TrainCheckpoints:
 
     def close(self) -> None:
         self._checkpointer.close()
+
+    def __enter__(self) -> TrainCheckpoints:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def _check_same_weights(where: Path, saved: Any, abstract_state: dict) -> None:
+    """The checkpoint's trainable weights must be this run's, name for name and shape for shape
+    (else the run changed its model or what trains): one line naming the first differences,
+    before orbax would answer with pages of tree dumps."""
+    def shapes(tree) -> dict[str, tuple]:
+        leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+        return {path_name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+
+    ours, theirs = shapes(abstract_state["params"]), shapes((saved or {}).get("params", {}))
+    diffs = [f"{name}: {theirs.get(name, 'absent')} there, {ours.get(name, 'absent')} here"
+             for name in sorted(ours.keys() | theirs.keys()) if ours.get(name) != theirs.get(name)]
+    if diffs:
+        raise ValueError(f"{where} holds other trainable weights than this run has ({len(diffs)} differ; "
+                         f"{'; '.join(diffs[:3])}): the model or train.trainable changed; use a new workdir")
 
 
 def abstract_like(tree: Any) -> Any:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from emola_jax.config import LANDMARK_DIM, EmolaConfig, LoRAConfig, PriorPosition
+from emola_jax.config import DTYPES, LANDMARK_DIM, EmolaConfig, LoRAConfig, PriorPosition, check_ranges
 from emola_jax.sharding import MeshConfig
 
 # (path regex, learning rate): the first pattern a weight's '/'-joined path matches decides;
@@ -46,10 +46,18 @@ class TrainConfig:
             raise ValueError(f"train.on_nonfinite must be skip or stop, not {self.on_nonfinite!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"train.schedule must be cosine or constant, not {self.schedule!r}")
-        if self.steps < 1 or self.grad_accum_steps < 1 or self.checkpoint_every < 1 or self.keep_checkpoints < 1:
-            raise ValueError("train.steps, grad_accum_steps, checkpoint_every and keep_checkpoints must be >= 1")
+        check_ranges(self, positive=("steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"),
+                     fraction=("warmup_ratio",), at_least_zero=("weight_decay", "adam_eps"),
+                     above_zero=("max_grad_norm",))
+        for name in ("adam_b1", "adam_b2"):
+            if not 0 <= getattr(self, name) < 1:
+                raise ValueError(f"{name} must be at least 0 and below 1, not {getattr(self, name)!r}")
         # `--set` hands over JSON lists; keep the field hashable and uniform
         object.__setattr__(self, "trainable", tuple((str(p), lr) for p, lr in self.trainable))
+        for pattern, rate in self.trainable:
+            if rate is not None and not rate >= 0:
+                raise ValueError(f"the learning rate of trainable pattern {pattern!r} must be at least 0 (or null: "
+                                 f"frozen), not {rate!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -62,6 +70,13 @@ class FromBase:
     prior_position: PriorPosition = "after"
     prior_dim: int = LANDMARK_DIM
     dtype: str = "float32"
+
+    def __post_init__(self):
+        if self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        if self.prior_position not in ("after", "before", "off"):
+            raise ValueError(f"prior_position must be after, before or off, not {self.prior_position!r}")
+        check_ranges(self, positive=("prior_dim",))
 
     @classmethod
     def of(cls, model: EmolaConfig) -> FromBase:

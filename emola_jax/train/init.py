@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Any
 
 import jax
 import numpy as np
@@ -27,25 +26,11 @@ from emola_jax.checkpoint import (
     read_params,
     stored_params,
 )
-from emola_jax.config import EmolaConfig
+from emola_jax.config import EmolaConfig, differences
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.sharding import logical_axes_table, param_sharding
 from emola_jax.train.config import Experiment, FromBase
 from emola_jax.weights import path_name
-
-
-def _differences(ours: Any, theirs: Any, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
-    """`field: theirs there, ours here` for every leaf field of two config dataclasses that differs."""
-    out = []
-    for field in dataclasses.fields(ours):
-        if field.name in skip:
-            continue
-        mine, other = getattr(ours, field.name), getattr(theirs, field.name)
-        if dataclasses.is_dataclass(mine) and dataclasses.is_dataclass(other):
-            out += _differences(mine, other, f"{prefix}{field.name}.")
-        elif mine != other:
-            out.append(f"{prefix}{field.name}: {other} there, {mine} here")
-    return out
 
 
 def training_config(experiment: Experiment) -> tuple[EmolaConfig, EmolaConfig | None]:
@@ -64,7 +49,7 @@ def training_config(experiment: Experiment) -> tuple[EmolaConfig, EmolaConfig | 
         raise FileNotFoundError(f"base checkpoint {base} does not exist (train.base); convert one with run.py convert")
     base_config = load_config(base)
     if isinstance(model, EmolaConfig):
-        diffs = _differences(model, base_config, skip=frozenset(f.name for f in dataclasses.fields(FromBase)))
+        diffs = differences(model, base_config, skip=frozenset(f.name for f in dataclasses.fields(FromBase)))
         if diffs:
             raise ValueError(f"base checkpoint {base} does not match the config's model ({'; '.join(diffs)}); with "
                              "train.base the model section may give only what training adds (FromBase)")

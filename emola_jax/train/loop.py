@@ -35,6 +35,7 @@ from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fi
 from emola_jax.train.config import Experiment
 from emola_jax.train.init import build_model, training_config
 from emola_jax.train.metrics import MetricsWriter, StepLog
+from emola_jax.train.rerun import check_rerun, recorded
 
 FINAL_MODEL = "model"
 EXAMPLES_DIR = "examples"  # per process: the record ids of each step's rows
@@ -230,23 +231,26 @@ def save_final_model(trainer: Trainer, experiment: Experiment, workdir: Path) ->
 
 
 def train(
-    experiment: Experiment, workdir: str | Path, *, until: int | None = None, progress: bool = True, loader=None
+    experiment: Experiment, workdir: str | Path, *, until: int | None = None, progress: bool = True, loader=None,
+    extend: bool = False,
 ) -> dict[str, Any]:
     """Trains to `experiment.train.steps` (or stops after step `until`), resuming from the latest
     checkpoint in `workdir`. Returns a summary: first and last loss, steps, and, once the run is
     complete, `model`, the path of the trained model. `loader` replaces the config's data (any
-    iterator with `get_state`/`set_state`)."""
+    iterator with `get_state`/`set_state`). A rerun under settings that alter the run's
+    trajectory is refused (`emola_jax.train.rerun`); `extend` allows raising `train.steps`."""
     cfg = experiment.train
-    training_config(experiment)  # a missing or mismatched base: an error before anything else
+    model_config, _ = training_config(experiment)  # a missing or mismatched base: an error before anything else
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     fingerprint = base_fingerprint(cfg.base) if cfg.base is not None else None
-    checkpoints = TrainCheckpoints(workdir, keep=cfg.keep_checkpoints, base=cfg.base, fingerprint=fingerprint)
-    trainer = Trainer(experiment)
-    loader = loader if loader is not None else make_loader(experiment, trainer.config)
-    start = resume(trainer, loader, checkpoints)
-    last = min(cfg.steps, until) if until is not None else cfg.steps
-    try:
+    # closed on every way out, errors included: its background writer must not outlive the run
+    with TrainCheckpoints(workdir, keep=cfg.keep_checkpoints, base=cfg.base, fingerprint=fingerprint) as checkpoints:
+        check_rerun(workdir, recorded(experiment, model_config), checkpoints.latest_step(), extend=extend)
+        trainer = Trainer(experiment)
+        loader = loader if loader is not None else make_loader(experiment, trainer.config)
+        start = resume(trainer, loader, checkpoints)
+        last = min(cfg.steps, until) if until is not None else cfg.steps
         with Progress(workdir, cfg, trainer.schedules, start, last, progress) as report:
             for step in range(start + 1, last + 1):
                 local = next_batch(loader, cfg.grad_accum_steps)
@@ -257,8 +261,6 @@ def train(
                     checkpoints.save(step, trainer.state, data_state)
             report.flush()
         checkpoints.wait()
-    finally:
-        checkpoints.close()
 
     summary: dict[str, Any] = {"workdir": str(workdir), "steps": last, "fresh_weights": len(trainer.fresh)}
     if report.losses:

@@ -1,0 +1,91 @@
+"""Damaged checkpoints and refused resumes, through `run.py` as a user meets them: exit code 1, one
+line on stderr that names the checkpoint, no library dump or traceback, and nothing written."""
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from tests.processes import ROOT, cpu_env
+
+RUN = [sys.executable, str(ROOT / "run.py")]
+
+
+def _run(*args: str, cwd) -> subprocess.CompletedProcess:
+    return subprocess.run([*RUN, *args], cwd=cwd, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+
+
+def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> str:
+    lines = [line for line in result.stderr.splitlines() if line.strip() and "%|" not in line]  # no progress bars
+    assert result.returncode == 1, result.stderr
+    assert len(lines) == 1 and lines[0].startswith("error: ") and expected in lines[0], result.stderr
+    assert len(lines[0]) < 600, lines[0]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A tiny synthetic run of 2 steps: a checkpoint at step 2 and WORKDIR/model."""
+    workdir = tmp_path_factory.mktemp("run") / "w"
+    result = _run("train", "--config", "tiny", "--workdir", str(workdir), "--steps", "2", cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    return workdir
+
+
+DAMAGES = {
+    "scrambled weight index": (lambda p: (p / "state" / "_METADATA").write_text("{not json"),
+                               "is not a readable emola-jax checkpoint: its weight index is damaged"),
+    "weights missing": (lambda p: shutil.rmtree(p / "state"), "is not a readable emola-jax checkpoint: "),
+    "checkpoint metadata missing": (lambda p: (p / "_CHECKPOINT_METADATA").unlink(),
+                                    "is not a readable emola-jax checkpoint: "),
+}
+
+
+@pytest.mark.parametrize("damage", list(DAMAGES))
+def test_damaged_checkpoint_is_one_line_naming_it(trained, tmp_path, damage):
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    spoil, expected = DAMAGES[damage]
+    spoil(model / "params")
+    result = _run("export", str(model), str(tmp_path / "out"), "--format", "hf", cwd=tmp_path)
+    line = _one_line_error(result, expected)
+    assert str(model / "params") in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_resume_of_other_weights_is_one_line_and_leaves_the_run(trained, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(trained, workdir)
+    before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
+    result = _run("train", "--config", "tiny", "--workdir", str(workdir), "--steps", "3",
+                  "--set", "model.lora.rank=2", cwd=tmp_path)
+    _one_line_error(result, "")
+    assert "Traceback" not in result.stderr and "registry" not in result.stderr
+    assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
+
+
+def test_weights_of_another_shape_are_named_before_orbax_reads(trained):
+    """The resume check itself (a rerun that changes the trainable weights): names them, in one line."""
+    import jax
+    import numpy as np
+
+    from emola_jax.train.checkpoints import TrainCheckpoints
+
+    with TrainCheckpoints(trained, keep=1, base=None, fingerprint=None) as checkpoints:
+        saved = checkpoints._checkpointer.metadata(2).metadata
+        abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
+        lora_a = abstract["params"]["language_model"]["layers"]["mlp"]["up_proj"]
+        lora_a["lora_a"] = jax.ShapeDtypeStruct((2, 128, 4), np.float32)
+        with pytest.raises(ValueError, match=r"holds other trainable weights than this run has \(1 differ; "
+                                             r"language_model/layers/mlp/up_proj/lora_a: \(\(2, 128, 16\), "
+                                             r"'float32'\) there, \(\(2, 128, 4\), 'float32'\) here\)"):
+            checkpoints.restore(abstract)
+
+
+def test_mesh_larger_than_the_devices_is_one_line(tmp_path):
+    result = _run("train", "--config", "tiny", "--workdir", str(tmp_path / "w"), "--steps", "2",
+                  "--mesh", "data=3", cwd=tmp_path)
+    _one_line_error(result, "needs 3 devices; there are 1")
+    assert "Traceback" not in result.stderr
+    assert not (tmp_path / "w" / "model").exists()
