@@ -210,15 +210,8 @@ class EmolaConfig:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> EmolaConfig:
-        data = dict(data)
-        text = dict(data.pop("text", {}))
-        text["rope_scaling"] = RopeScaling(**text.get("rope_scaling", {}))
-        lora = data.pop("lora", None)
-        if lora is not None:
-            lora = LoRAConfig(**{**lora, "targets": tuple(lora.get("targets", LoRAConfig.targets))})
-        return cls(
-            vision=VisionConfig(**data.pop("vision", {})), text=TextConfig(**text), lora=lora, **data
-        )
+        """The config of a `to_dict` dict, each field converted and checked by its type (`build`)."""
+        return build(cls, data)
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -227,7 +220,7 @@ class EmolaConfig:
     def load(cls, path: str | Path) -> EmolaConfig:
         try:
             return cls.from_dict(json.loads(Path(path).read_text()))
-        except (json.JSONDecodeError, TypeError) as err:
+        except (json.JSONDecodeError, TypeError, ValueError) as err:
             raise ValueError(f"{path} is not a valid emola-jax config: {err}") from err
 
 

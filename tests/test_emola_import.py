@@ -277,3 +277,27 @@ def test_peft_targets_this_model_cannot_hold_are_refused(emola_run, tmp_path, ta
         convert(run, tmp_path / "jax", base=emola_run["root"] / "base", clip=emola_run["root"] / "clip",
                 progress=False)
     assert not (tmp_path / "jax").exists()
+
+
+def test_official_regex_run_converts_through_the_command_line(emola_run, tmp_path):
+    """`run.py convert` on a run whose adapter_config.json holds the official EmoLA regex: the
+    converted model gives PeftModel's logits."""
+    import subprocess
+    import sys
+
+    from tests.processes import ROOT, cpu_env
+
+    setup, _ = _run_with_adapter(emola_run, tmp_path / "run", target_modules=r".*self_attn\.(q_proj|v_proj)")
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "convert", str(setup["run"]), str(tmp_path / "jax"),
+                             "--base", str(emola_run["root"] / "base"), "--clip", str(emola_run["root"] / "clip")],
+                            env=cpu_env(1), capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    model, config = emola_jax.load_pretrained(tmp_path / "jax")
+    assert config.lora.targets == ("q_proj", "v_proj")
+    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
+    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
+    got = np.asarray(model(np.where(ids == ref.IMAGE_TOKEN, -200, ids), pixels, attention_mask=mask,
+                           landmarks=landmarks))
+    expected = _torch_reference(setup, ids, pixels, landmarks, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
