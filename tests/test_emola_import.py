@@ -226,6 +226,17 @@ def _run_with_adapter(emola_run, folder, **lora_config):
     return {**emola_run, "run": folder}, adapted
 
 
+def _assert_peft_logits(model, setup) -> None:
+    """`model` (converted from `setup["run"]`) gives PeftModel's logits on the run, within 1e-4."""
+    ids, pixels, mask = ref.inputs(setup["config"], batch=2, pad=[0, 2], image_tokens=5)
+    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
+    got = np.asarray(model(np.where(ids == ref.IMAGE_TOKEN, -200, ids), pixels, attention_mask=mask,
+                           landmarks=landmarks))
+    expected = _torch_reference(setup, ids, pixels, landmarks, mask)
+    valid = mask.astype(bool)
+    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+
+
 # Each form of `target_modules` PEFT accepts: (LoraConfig fields, projections it adapts in every layer).
 PEFT_TARGET_FORMS = {
     "list of names": (dict(target_modules=["q_proj", "v_proj"]), {"q_proj", "v_proj"}),
@@ -248,13 +259,7 @@ def test_every_peft_target_form_imports_to_peft_logits(emola_run, tmp_path, form
                   clip=emola_run["root"] / "clip", progress=False)
     model, config = emola_jax.load_pretrained(out)
     assert set(config.lora.targets) == expected
-    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
-    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
-    got = np.asarray(model(np.where(ids == ref.IMAGE_TOKEN, -200, ids), pixels, attention_mask=mask,
-                           landmarks=landmarks))
-    expected_logits = _torch_reference(setup, ids, pixels, landmarks, mask)
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], expected_logits[valid], atol=1e-4, rtol=0)
+    _assert_peft_logits(model, setup)
 
 
 @pytest.mark.parametrize("target_modules, layers, message", [
@@ -294,10 +299,4 @@ def test_official_regex_run_converts_through_the_command_line(emola_run, tmp_pat
     assert result.returncode == 0, result.stderr
     model, config = emola_jax.load_pretrained(tmp_path / "jax")
     assert config.lora.targets == ("q_proj", "v_proj")
-    ids, pixels, mask = ref.inputs(emola_run["config"], batch=2, pad=[0, 2], image_tokens=5)
-    landmarks = np.random.default_rng(1).random((2, 212)).astype(np.float32)
-    got = np.asarray(model(np.where(ids == ref.IMAGE_TOKEN, -200, ids), pixels, attention_mask=mask,
-                           landmarks=landmarks))
-    expected = _torch_reference(setup, ids, pixels, landmarks, mask)
-    valid = mask.astype(bool)
-    np.testing.assert_allclose(got[valid], expected[valid], atol=1e-4, rtol=0)
+    _assert_peft_logits(model, setup)
