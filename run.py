@@ -16,7 +16,13 @@ from emola_jax.config import DTYPES
 def _convert(args: argparse.Namespace) -> None:
     from converters import convert
 
-    out = convert(args.src, args.out, clip=args.clip, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    kwargs = dict(clip=args.clip, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
+    if args.quantize == "none":
+        out = convert(args.src, args.out, **kwargs)
+    else:
+        from emola_jax.quantization import Quantization, convert_quantized
+
+        out = convert_quantized(args.src, args.out, Quantization(args.quantize, args.block_size), **kwargs)
     print(f"wrote {out}")
 
 
@@ -38,6 +44,27 @@ def _demo(args: argparse.Namespace) -> None:
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _ablation(args: argparse.Namespace) -> None:
+    import configs
+    from emola_jax import ablation
+    from emola_jax.config import override
+
+    experiment = override(configs.load(args.config), args.set)
+    eval_sets = None
+    if args.eval_emotion or args.eval_au:
+        if not (args.eval_emotion and args.eval_au and args.eval_landmarks):
+            raise ValueError("give --eval-emotion, --eval-au and --eval-landmarks together (or none: the demo's faces)")
+        eval_sets = ablation.EvalSets({"emotion": args.eval_emotion, "au": args.eval_au}, args.eval_images_root,
+                                      tuple(args.eval_landmarks))
+    elif experiment.train.base is not None:
+        raise ValueError(f"config {args.config} trains from {experiment.train.base}: give --eval-emotion, --eval-au "
+                         "and --eval-landmarks to score it (the demo's faces go with a whole tiny model)")
+    table = ablation.run_table(args.table, args.workdir, experiment, seed=args.seed, eval_sets=eval_sets,
+                               max_new_tokens=args.max_new_tokens)
+    print(table.read_text(), end="")
+    print(f"chart: {table.with_suffix('.png')}")
 
 
 def _generation_config(args: argparse.Namespace, tokenizer):
@@ -98,13 +125,15 @@ def _evaluate(args: argparse.Namespace) -> None:
 def _generate(args: argparse.Namespace) -> None:
     import jax
 
-    from emola_jax.checkpoint import load_tokenizer
+    from emola_jax.checkpoint import load_config, load_tokenizer
     from emola_jax.data.prior import image_feature
     from emola_jax.eval import evaluate
 
     if args.landmarks is not None and args.onnx is not None:
         raise ValueError("give --landmarks or --onnx, not both")
-    landmarks = image_feature(args.image, npy=args.landmarks, onnx=args.onnx)
+    config = load_config(args.ckpt)
+    landmarks = (image_feature(args.image, npy=args.landmarks, onnx=args.onnx, priors=config.priors)
+                 if config.prior_position != "off" else None)
     _join(args)
     tokenizer = load_tokenizer(args.ckpt)
     evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
@@ -113,20 +142,38 @@ def _generate(args: argparse.Namespace) -> None:
         print(answer)
 
 
-def _precompute_landmarks(args: argparse.Namespace) -> None:
+def _analyze(args: argparse.Namespace) -> None:
+    from emola_jax.checkpoint import load_tokenizer
+    from emola_jax.photos import analyze
+
+    summary = analyze(args.photos, args.ckpt, args.out, onnx=args.onnx, detector=args.detector,
+                      upsample=args.upsample, min_score=args.min_score, max_faces=args.max_faces,
+                      chip_size=args.chip_size, chip_padding=args.chip_padding, batch_size=args.batch_size,
+                      threads=args.threads, generation=_generation_config(args, load_tokenizer(args.ckpt)),
+                      dtype=args.dtype, progress=not args.no_progress)
+    print(f"{summary['faces']} faces in {summary['photos'] - summary['unreadable']} photos "
+          f"({summary['without_face']} without a face, {summary['unreadable']} unreadable): "
+          f"{summary['out']}/index.html")
+
+
+def _precompute_priors(args: argparse.Namespace) -> None:
     from emola_jax.atomic import check_apart
-    from emola_jax.data import precompute
+    from emola_jax.data import precompute, priors
 
     check_apart("--out", args.out, {"--annotations": args.annotations, "--onnx": args.onnx})
+    prior = priors.get(args.prior)
     if args.import_npy is not None:
         if args.onnx is not None:
             raise ValueError("give --onnx (run a model) or --import-npy (convert .npy files), not both")
+        if args.prior != "2d106det":
+            raise ValueError(f"--import-npy converts official 2d106det .npy files, not {args.prior} features")
         summary = precompute.import_npy(args.annotations, args.import_npy, args.out, progress=not args.no_progress)
     else:
-        if args.onnx is None or args.images_root is None:
-            raise ValueError("give --onnx MODEL.onnx and --images-root DIR (or --import-npy LANDMARKS_ROOT)")
-        summary = precompute.precompute_landmarks(
-            args.annotations, args.images_root, args.onnx, args.out, recipe=args.recipe,
+        if args.images_root is None or (prior.needs_onnx and args.onnx is None):
+            raise ValueError(f"give --images-root DIR{' and --onnx MODEL.onnx' if prior.needs_onnx else ''}"
+                             f"{' (or --import-npy LANDMARKS_ROOT)' if args.prior == '2d106det' else ''}")
+        summary = precompute.precompute_priors(
+            args.annotations, args.images_root, args.out, prior=args.prior, onnx=args.onnx, recipe=args.recipe,
             batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress,
         )
     print(summary.line())
@@ -263,6 +310,10 @@ def _convert_command(commands) -> None:
     parser.add_argument("--base", type=Path, help="base LLaVA-1.5 directory of an EmoLA run (default: none)")
     parser.add_argument("--dtype", default="float32", choices=DTYPES,
                         help="dtype the weights are stored in (LoRA factors stay float32)")
+    parser.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
+                        help="store the decoder's projection kernels quantised (a QLoRA base)")
+    parser.add_argument("--block-size", type=non_negative_int, default=64,
+                        help="with --quantize: inputs per scale (0: one scale per output channel)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     parser.set_defaults(func=_convert)
 
@@ -342,8 +393,9 @@ def _evaluate_command(commands) -> None:
                             "default: none)")
     generating.add_argument("--images-root", type=Path,
                             help="folder the records' image and landmark paths are relative to (default: --data's)")
-    generating.add_argument("--landmarks", type=Path, metavar="FEATURES.array_record",
-                            help="prior features by record id (precompute-landmarks); default: each record's .npy")
+    generating.add_argument("--landmarks", type=Path, nargs="+", metavar="FEATURES.array_record",
+                            help="prior features by record id (precompute-priors), one file per prior of the model "
+                            "in its order; default: each record's .npy")
     generating.add_argument("--record-prompts", action="store_true",
                             help="ask each record's own question instead of the official per-task prompt")
     generating.add_argument("--batch-size", type=positive_int, default=8,
@@ -359,31 +411,57 @@ def _precompute_landmarks_command(commands) -> None:
         help="prior features of every annotated image (ONNX landmark model) -> one ArrayRecord file",
         description="Run a landmark model with 2d106det's signature over every distinct record id of the annotation "
         "files (batched onnxruntime, images decoded by a thread pool) and write the 212-value features, keyed by id, "
-        "to OUT. A rerun skips ids already written; unreadable images are listed in OUT's .errors.jsonl and skipped.",
+        "to OUT. A rerun skips ids already written; unreadable images are listed in OUT's .errors.jsonl and skipped. "
+        "The same as precompute-priors --prior 2d106det.",
         epilog="required: --annotations, --out, and either --onnx together with --images-root (run a model) or "
         "--import-npy (convert .npy files), not both. --recipe, --batch-size and --threads go with --onnx.",
     )
+    _add_precompute_flags(parser, recipe_default="official")
+    parser.set_defaults(func=_precompute_priors, prior="2d106det")
+
+
+def _precompute_priors_command(commands) -> None:
+    from emola_jax.data.priors import PRIORS
+
+    parser = _command(
+        commands, "precompute-priors",
+        help="one face prior's features of every annotated image -> one ArrayRecord file",
+        description="Run a registered face prior over every distinct record id of the annotation files (images "
+        "decoded by a thread pool, the model called in batches) and write its features, keyed by id, to OUT, whose "
+        "footer names the prior and its width. The face is the whole image, or a record's bbox [x1, y1, x2, y2] "
+        "for the priors and recipes that take a box. A rerun skips ids already written; unreadable images and "
+        "faces the prior cannot process are listed in OUT's .errors.jsonl and skipped. Priors: "
+        + "; ".join(f"{p.name} ({p.dim} values): {p.summary}" for p in PRIORS.values()) + ".",
+        epilog="required: --prior, --annotations, --out and --images-root; --onnx for 2d106det (or --import-npy "
+        "instead of --onnx and --images-root). --recipe goes with 2d106det.",
+    )
+    parser.add_argument("--prior", required=True, choices=list(PRIORS), help="the face prior (required)")
+    _add_precompute_flags(parser, recipe_default=None)
+    parser.set_defaults(func=_precompute_priors)
+
+
+def _add_precompute_flags(parser: argparse.ArgumentParser, recipe_default: str | None) -> None:
     parser.add_argument("--annotations", type=Path, nargs="+", required=True,
                         help="annotation JSON file(s) (records with id, image, and landmark for --import-npy; "
                         "required)")
     parser.add_argument("--out", type=Path, required=True,
                         help="the ArrayRecord file to write (FEATURES.array_record; required)")
-    model = parser.add_argument_group("run a landmark model", "--onnx and --images-root go together")
+    model = parser.add_argument_group("run the prior's model", "--images-root, with --onnx for 2d106det")
     model.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx or any graph with its signature; "
                        "default: none)")
     model.add_argument("--images-root", type=Path, help="folder the records' image paths are relative to "
                        "(default: none)")
-    model.add_argument("--recipe", default="official", choices=["official", "insightface"],
-                       help="official: EmoLA's (BGR, whole image at 192x192, /255, raw output); "
-                       "insightface: the library's Landmark (RGB crop around the box, points in image pixels)")
-    model.add_argument("--batch-size", type=positive_int, default=32, help="images per session call")
+    model.add_argument("--recipe", default=recipe_default, choices=["official", "insightface"],
+                       help="2d106det: official: EmoLA's (BGR, whole image at 192x192, /255, raw output); "
+                       "insightface: the library's Landmark (RGB crop around the box, points in image pixels)"
+                       + ("" if recipe_default else " (default: official)"))
+    model.add_argument("--batch-size", type=positive_int, default=32, help="images per model call")
     model.add_argument("--threads", type=positive_int,
                        help="image decoding threads (default: the core count, at most 8)")
     imported = parser.add_argument_group("convert official .npy files", "give --import-npy instead of --onnx")
     imported.add_argument("--import-npy", type=Path, metavar="LANDMARKS_ROOT",
                           help="an official landmarks/*.npy tree (records' landmark paths) to convert (default: none)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
-    parser.set_defaults(func=_precompute_landmarks)
 
 
 def _train_command(commands) -> None:
@@ -427,19 +505,92 @@ def _generate_command(commands) -> None:
         commands, "generate", help="answer one prompt about one image",
         description="Print the model's answer about IMAGE (on several processes, every one computes it and "
         "process 0 prints it).",
-        epilog="required: CKPT, --image and --prompt. A model with a prior token needs --landmarks or --onnx, "
-        "not both.\n" + DISTRIBUTED_EPILOG,
+        epilog="required: CKPT, --image and --prompt. A model with a 2d106det prior token needs --landmarks or "
+        "--onnx, not both; dlib priors are computed from the image unless --landmarks gives them.\n"
+        + DISTRIBUTED_EPILOG,
     )
     parser.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
     parser.add_argument("--image", type=Path, required=True, help="the face image (required)")
     parser.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?" (required)')
     prior = parser.add_argument_group("prior feature", "--landmarks or --onnx, not both")
-    prior.add_argument("--landmarks", type=Path, help="the image's 212-value prior feature (.npy; default: none)")
-    prior.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the prior feature "
-                       "on the fly with the official recipe (default: none)")
+    prior.add_argument("--landmarks", type=Path, nargs="+", help="the image's prior features (.npy), one per prior "
+                       "of the model in its order (2d106det: 212 values; default: none)")
+    prior.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the 2d106det feature "
+                       "on the fly with the official recipe; the dlib priors are computed on the whole image "
+                       "without it (default: none)")
     _add_decoding_flags(parser.add_argument_group("decoding"))
     _add_distributed_flags(parser)
     parser.set_defaults(func=_generate)
+
+
+def _ablation_command(commands) -> None:
+    from emola_jax.ablation import TABLES
+
+    parser = _command(
+        commands, "ablation",
+        help="train and score every row of one of the paper's ablation tables",
+        description="Train and score each row of TABLE (tokens: Table 8, tuning: Table 9, tasks: Table 13, "
+        "position: Table 14, priors: each face prior alone, and dlib68 beside 2d106det), each task on its own "
+        "set as the paper does, and write WORKDIR/table.md (this run's S_re, S_ge, S_rege beside the paper's) and "
+        "WORKDIR/table.png. By default on the demo's drawn faces from its tiny base (minutes on a CPU); with a "
+        "config that trains from a real base (e.g. --config emola_7b) and the --eval-* files, on FABA-Instruct.",
+        epilog="required: TABLE and --workdir. --eval-emotion, --eval-au and --eval-landmarks go together.",
+    )
+    parser.add_argument("table", choices=list(TABLES), help="which table")
+    parser.add_argument("--workdir", type=Path, required=True, help="where the runs, scores and table go (required)")
+    parser.add_argument("--config", default="tiny", help="the full EmoLA experiment the rows change; tiny "
+                        "runs on the demo's faces (default: tiny)")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set train.steps=50 (repeatable; default: none)")
+    parser.add_argument("--eval-emotion", type=Path,
+                        help="FABA-Bench emotion test annotations (real runs; default: the demo's held-out faces)")
+    parser.add_argument("--eval-au", type=Path,
+                        help="FABA-Bench AU test annotations (real runs; default: the demo's held-out faces)")
+    parser.add_argument("--eval-landmarks", type=Path, nargs="+", help="prior features of the test images, one "
+                        "file per prior of the table's largest model, in its order (real runs; default: the demo's)")
+    parser.add_argument("--eval-images-root", type=Path,
+                        help="folder the test annotations' images are relative to (default: each annotation file's "
+                        "folder)")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="longest answer, in tokens")
+    parser.add_argument("--seed", type=non_negative_int, default=0, help="random seed")
+    parser.set_defaults(func=_ablation)
+
+
+def _analyze_command(commands) -> None:
+    from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, DETECTORS
+
+    parser = _command(
+        commands, "analyze", help="find, align and describe every face in ordinary photos",
+        description="For every face in every PHOTO: its box, its crop aligned as the training images were "
+        "(dlib's face chip), its prior feature, the model's answers to the emotion and the AU question, and the "
+        "emotion class and AUs the official scoring reads from them. Writes OUT/<photo>.png (faces boxed and "
+        "labelled), OUT/faces/, OUT/results.jsonl and OUT/index.html. Needs the faces extra: "
+        "pip install -e '.[faces]'.",
+        epilog="required: PHOTO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
+    )
+    parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
+    parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer)")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, results.jsonl, index.html")
+    parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) for the prior token, run on each "
+                        "aligned face with the official recipe (default: none)")
+    faces = parser.add_argument_group("faces")
+    faces.add_argument("--detector", choices=DETECTORS, default="hog",
+                       help="dlib's HOG detector (fast, frontal faces), dlib's CNN detector (slow on a CPU, finds "
+                       "turned and small faces), or insightface's (needs its model pack in ~/.insightface)")
+    faces.add_argument("--upsample", type=non_negative_int, default=1,
+                       help="times the photo is doubled before detection (finds smaller faces, costs time)")
+    faces.add_argument("--min-score", type=non_negative_float, default=0.0,
+                       help="drop detections scored below this (0 keeps what dlib's detector keeps)")
+    faces.add_argument("--max-faces", type=positive_int, help="the largest N faces of each photo (default: all)")
+    faces.add_argument("--chip-size", type=positive_int, default=CHIP_SIZE, help="aligned crop size, pixels")
+    faces.add_argument("--chip-padding", type=non_negative_float, default=CHIP_PADDING,
+                       help="margin around the face in the crop, as a share of its size (dlib's own value)")
+    run = parser.add_argument_group("throughput")
+    run.add_argument("--batch-size", type=positive_int, default=8, help="faces per model call")
+    run.add_argument("--threads", type=positive_int, default=4, help="threads decoding photos ahead")
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    _add_decoding_flags(parser.add_argument_group("decoding"))
+    parser.set_defaults(func=_analyze)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -451,8 +602,11 @@ def build_parser() -> argparse.ArgumentParser:
     _demo_command(commands)
     _evaluate_command(commands)
     _precompute_landmarks_command(commands)
+    _precompute_priors_command(commands)
     _train_command(commands)
     _generate_command(commands)
+    _analyze_command(commands)
+    _ablation_command(commands)
     return parser
 
 

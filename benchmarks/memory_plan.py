@@ -6,6 +6,7 @@ optimiser state (arguments), what the step writes (outputs, aliased to the donat
 its temporaries, for sequence 2048 and per-device batch 1, 4, 16.
 
     python benchmarks/memory_plan.py [--mesh data=8] [--batches 1,4,16] [--remat full] [--attention blockwise]
+    python benchmarks/memory_plan.py --mesh data=1 --batches 1,4,8 --quantization none,int8,nf4 --device-gib 24
 
 CPU compilation stands in for the GPU's: the attention's temporaries follow the implementation
 compiled here (`blockwise` keeps one block of scores per query block, close to what a flash kernel
@@ -27,7 +28,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 GIB = 2**30
 
 
-def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, remat: str, attention: str) -> dict:
+def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, remat: str, attention: str,
+         quantization: str = "none", block_size: int = 64) -> dict:
     import dataclasses
 
     import jax
@@ -36,6 +38,7 @@ def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, rema
 
     import configs
     from emola_jax.checkpoint import abstract_model
+    from emola_jax.quantization import Quantization, quantize_model
     from emola_jax.sharding import MeshConfig, batch_sharding, logical_axes_table, make_mesh, state_shardings
     from emola_jax.train import step as train_step
     from emola_jax.train.config import planned_model
@@ -47,6 +50,8 @@ def plan(config_name: str, mesh_text: str, batch_per_device: int, seq: int, rema
     model = abstract_model(model_config)
     model.language_model.set_attention(attention)
     axes = logical_axes_table(model)
+    if quantization != "none":  # QLoRA: the frozen decoder kernels as codes + scales
+        quantize_model(model, Quantization(quantization, block_size))
     graphdef, template, params, frozen = train_step.split_trainable(model, cfg)
     optimizer, _ = train_step.make_optimizer(cfg, params)
     init = functools.partial(train_step.init_state, optimizer=optimizer, seed=0)
@@ -84,16 +89,22 @@ def main() -> None:
     parser.add_argument("--remat", default="full", choices=["none", "full", "dots"])
     parser.add_argument("--attention", default="blockwise", choices=["blockwise", "xla"])
     parser.add_argument("--device-gib", type=float, default=80.0, help="accelerator memory to compare with")
+    parser.add_argument("--quantization", default="none",
+                        help="frozen-base storage to plan, comma-separated: none, int8, nf4 (QLoRA)")
+    parser.add_argument("--block-size", type=int, default=64, help="inputs per quantisation scale")
     args = parser.parse_args()
     print(f"{args.config}, mesh {args.mesh}, sequence {args.seq}, remat {args.remat}, attention {args.attention}; "
           "GiB per device:")
-    print(f"{'batch/device':>12} {'arguments':>10} {'outputs':>8} {'aliased':>8} {'temporaries':>12} {'total':>8}  "
-          f"fits {args.device_gib:.0f} GiB")
-    for batch in map(int, args.batches.split(",")):
-        m = plan(args.config, args.mesh, batch, args.seq, args.remat, args.attention)
-        fits = "yes" if m["total"] / GIB < args.device_gib * 0.9 else "no"
-        print(f"{batch:>12} {m['arguments'] / GIB:>10.2f} {m['outputs'] / GIB:>8.2f} {m['aliased'] / GIB:>8.2f} "
-              f"{m['temporaries'] / GIB:>12.2f} {m['total'] / GIB:>8.2f}  {fits}", flush=True)
+    print(f"{'base':>5} {'batch/device':>12} {'arguments':>10} {'outputs':>8} {'aliased':>8} {'temporaries':>12} "
+          f"{'total':>8}  fits {args.device_gib:.0f} GiB")
+    for quantization in args.quantization.split(","):
+        for batch in map(int, args.batches.split(",")):
+            m = plan(args.config, args.mesh, batch, args.seq, args.remat, args.attention, quantization,
+                     args.block_size)
+            fits = "yes" if m["total"] / GIB < args.device_gib * 0.9 else "no"
+            print(f"{quantization:>5} {batch:>12} {m['arguments'] / GIB:>10.2f} {m['outputs'] / GIB:>8.2f} "
+                  f"{m['aliased'] / GIB:>8.2f} {m['temporaries'] / GIB:>12.2f} {m['total'] / GIB:>8.2f}  {fits}",
+                  flush=True)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 
 def load(name_or_path: str) -> Any:
-    """`tiny`, `emola_7b`, or a path to any file with a `get_config()`."""
+    """`tiny`, `emola_7b`, `ablations/tokens`, or a path to any file with a `get_config()`; a
+    `:ARG` suffix (`ablations/tokens:row=both,task=au`) is passed on as `get_config(ARG)`."""
+    name_or_path, _, arg = name_or_path.partition(":")
     path = Path(name_or_path)
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.py"
@@ -23,6 +25,6 @@ def load(name_or_path: str) -> Any:
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config()")
     try:
-        return module.get_config()
+        return module.get_config(arg) if arg else module.get_config()
     except ValueError as err:  # a config dataclass's own checks: name the file they failed in
         raise ValueError(f"config {path}: {err}") from err

@@ -21,7 +21,7 @@ def get_config() -> Experiment:
         dtype="float32",
     )
     # rates for a random tiny base learning drawn faces in a few hundred steps (the demo)
-    trainable = ((r"language_model/.*/lora_[ab]", 2e-3), (r"prior_projector/.*", 2e-3),
+    trainable = ((r"language_model/.*/lora_[ab]", 2e-3), (r"prior_projector(_[^/]+)?/.*", 2e-3),
                  (r"multi_modal_projector/.*", 2e-3))
     train = TrainConfig(steps=300, checkpoint_every=100, remat="none", log_every=1, trainable=trainable,
                         warmup_ratio=0.05)

@@ -3,10 +3,13 @@
 Three targets, each a folder:
 
     hf     a transformers `LlavaForConditionalGeneration` directory (LoRA merged in float32), with
-           the prior projector beside it as `prior_projector.safetensors`
+           each prior's projector beside it: `prior_projector.safetensors` (2d106det),
+           `prior_projector_<name>.safetensors` (any other prior; `prior_file`)
     peft   a PEFT LoRA adapter for that `LlavaForConditionalGeneration` (the base: `hf --no-merge`)
     emola  the official EmoLA run layout: PEFT adapter, `non_lora_trainables.bin` (mm_projector),
-           `landmark_feature_projector.bin`, LLaVA's `config.json`; loaded over the base LLaVA-1.5
+           `landmark_feature_projector.bin` (2d106det; `landmark_feature_projector_<name>.bin` for
+           any other prior, which the official code does not read), LLaVA's `config.json` (with
+           the priors in order, `face_priors`); loaded over the base LLaVA-1.5
 
 Every output tensor is planned before anything is read: its file, its key (a `tables.Layout`
 applied to the rule's canonical key), dtype and shape, so safetensors headers are written first.
@@ -46,14 +49,14 @@ from emola_jax.checkpoint import (
     read_params,
     stored_params,
 )
-from emola_jax.config import DTYPES, EmolaConfig
+from emola_jax.config import DTYPES, EmolaConfig, PriorToken
 from emola_jax.lora import fold, target_regex, to_peft_config
 
 FORMATS = ("hf", "peft", "emola")
-PRIOR_PROJECTOR_FILE = "prior_projector.safetensors"
+PRIOR_PROJECTOR_FILE = "prior_projector.safetensors"  # the 2d106det prior's (`prior_file`)
 ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_FILE = "non_lora_trainables.bin"
-LANDMARK_FILE = "landmark_feature_projector.bin"
+LANDMARK_FILE = "landmark_feature_projector.bin"  # the 2d106det prior's (`landmark_file`)
 _WEIGHTS = "<model weights>"  # placeholder file name until the shards are planned
 _PT = {"format": "pt"}  # transformers refuses safetensors files without it
 
@@ -112,9 +115,27 @@ def _item(file: str, layout: tables.Layout, rule: tables.ParamRule, layer: int |
     return Item(file, key, rule, layer, np.dtype(dtype), lora)
 
 
+def prior_file(prior: PriorToken) -> str:
+    """The file of a prior's projector beside an `hf` export: `prior_projector.safetensors` for
+    2d106det, `prior_projector_<name>.safetensors` for another prior."""
+    return f"{prior.projector_name}.safetensors"
+
+
+def landmark_file(prior: PriorToken) -> str:
+    """The file of a prior's projector in an `emola` export: `landmark_feature_projector.bin` for
+    2d106det (the official file), `landmark_feature_projector_<name>.bin` for another prior."""
+    return f"{tables.emola_landmark_module(prior)}.bin"
+
+
+def _priors(config: EmolaConfig) -> dict[str, PriorToken]:
+    """The model's prior projectors by module name (none with `prior_position="off"`)."""
+    return {} if config.prior_position == "off" else {p.projector_name: p for p in config.priors}
+
+
 def _plan_hf(config: EmolaConfig, dtype: np.dtype, merge: bool, max_shard_bytes: int) -> list[Item]:
     rules = tables.rules(config)
     adapters = {r.path: r for r in rules if r.is_lora}
+    priors = _priors(config)
     items = []
     for rule, layer in _walk(rules):
         if rule.is_lora:
@@ -122,8 +143,9 @@ def _plan_hf(config: EmolaConfig, dtype: np.dtype, merge: bool, max_shard_bytes:
         lora = None
         if merge and rule.path[-1] == "kernel" and rule.path[:-1] + ("lora_a",) in adapters:
             lora = (adapters[rule.path[:-1] + ("lora_a",)], adapters[rule.path[:-1] + ("lora_b",)])
-        if rule.path[0] == "prior_projector":
-            items.append(_item(PRIOR_PROJECTOR_FILE, tables.PRIOR_PROJECTOR_FILE, rule, layer, dtype))
+        if rule.path[0] in priors:
+            prior = priors[rule.path[0]]
+            items.append(_item(prior_file(prior), tables.prior_file_layout(prior), rule, layer, dtype))
         else:
             items.append(_item(_WEIGHTS, tables.LLAVA_HF_SAVED, rule, layer, dtype, lora))
     weights = [item for item in items if item.file == _WEIGHTS]
@@ -148,14 +170,16 @@ def _plan_peft(config: EmolaConfig, adapter_format: str) -> list[Item]:
 
 def _plan_emola(config: EmolaConfig, dtype: np.dtype, adapter_format: str) -> list[Item]:
     adapter = _adapter_file(adapter_format)
+    priors = _priors(config)
     items = []
     for rule, layer in _walk(tables.rules(config)):
         if rule.is_lora:
             items.append(_item(adapter, tables.PEFT_EMOLA, rule, layer, np.float32))
         elif rule.path[0] == "multi_modal_projector":
             items.append(_item(NON_LORA_FILE, tables.EMOLA_NON_LORA, rule, layer, dtype))
-        elif rule.path[0] == "prior_projector":
-            items.append(_item(LANDMARK_FILE, tables.EMOLA_LANDMARK, rule, layer, dtype))
+        elif rule.path[0] in priors:
+            prior = priors[rule.path[0]]
+            items.append(_item(landmark_file(prior), tables.emola_landmark_layout(prior), rule, layer, dtype))
     return items
 
 
@@ -288,6 +312,9 @@ def plan_export(
         raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
     if fmt in ("peft", "emola") and config.lora is None:
         raise ValueError(f"{ckpt} has no LoRA adapter (its config's lora is null): export it with --format hf")
+    if not config.visual_tokens:
+        raise ValueError(f"{ckpt} has visual_tokens false (prior tokens only), which neither transformers' LLaVA nor "
+                         "the official EmoLA code can run; it has no PyTorch export")
     if fmt == "emola":
         if config.prior_position != "after":
             raise ValueError(
@@ -330,8 +357,10 @@ def export(
     stored = stored_params(ckpt, config)
     source = _source(ckpt)
     scale = config.lora.scale if config.lora is not None else 0.0
-    metadata = {PRIOR_PROJECTOR_FILE: {**_PT, "prior_position": config.prior_position,
-                                        "prior_dim": str(config.prior_dim)}}
+    priors = json.dumps([dataclasses.asdict(p) for p in config.priors])
+    metadata = {prior_file(p): {**_PT, "prior_position": config.prior_position, "prior_name": p.name,
+                                "prior_dim": str(p.dim), "prior_index": str(i), "priors": priors}
+                for i, p in enumerate(config.priors)}
     with StagedDirectory(out, overwrite=overwrite) as staged:
         files = _Files(staged.staging, items, metadata)
         try:
@@ -352,9 +381,10 @@ def _write_configs(folder: Path, ckpt: Path, fmt: str, config: EmolaConfig, item
                    source: dict[str, Any]) -> None:
     if fmt == "hf":
         hf_config.to_transformers(hf_config.llava_to_hf(config, config.dtype)).to_json_file(folder / "config.json")
-        shards = sorted({i.file for i in items if i.file != PRIOR_PROJECTOR_FILE})
+        side = {prior_file(p) for p in config.priors}
+        shards = sorted({i.file for i in items if i.file not in side})
         if len(shards) > 1:
-            weights = [i for i in items if i.file != PRIOR_PROJECTOR_FILE]
+            weights = [i for i in items if i.file not in side]
             _write_json(folder / "model.safetensors.index.json", {
                 "metadata": {"total_size": sum(nbytes(i.dtype, i.shape) for i in weights)},
                 "weight_map": {i.key: i.file for i in weights},

@@ -17,7 +17,7 @@ import dataclasses
 import re
 from typing import Any
 
-from emola_jax.config import EmolaConfig, RopeScaling, TextConfig, VisionConfig
+from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken, RopeScaling, TextConfig, VisionConfig, convert
 
 # fields that keep their name and value between our configs and transformers'
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -198,9 +198,27 @@ def run_to_hf(config: EmolaConfig, dtype: str, *, pad_to_square: bool | None = N
         "mm_use_im_patch_token": False,
         "use_mm_proj": True,
     }
-    if emola:
-        out["landmark_feature_hidden_size"] = config.prior_dim
+    if emola:  # the official code builds its landmark projector from this size: the 2d106det prior's
+        official = [p for p in config.priors if p.name == DEFAULT_PRIOR]
+        out["landmark_feature_hidden_size"] = (official or config.priors)[0].dim
+        out["face_priors"] = priors_to_hf(config)
     return {**out, **pad_to_hf(pad_to_square)}
+
+
+def priors_to_hf(config: EmolaConfig) -> list[dict[str, Any]]:
+    """`face_priors` of an exported run's `config.json`: the prior tokens in order, `{"name", "dim"}` each."""
+    return [dataclasses.asdict(p) for p in config.priors]
+
+
+def priors_from_hf(data: dict[str, Any], where: str = "config.json") -> tuple[PriorToken, ...] | None:
+    """The prior tokens a run's `config.json` lists (`face_priors`); None where it lists none
+    (an official run: one 2d106det prior, its width read from the projector's weights)."""
+    if "face_priors" not in data:
+        return None
+    try:
+        return convert(data["face_priors"], tuple[PriorToken, ...], "face_priors")
+    except ValueError as err:
+        raise ValueError(f"{where}: {err}") from err
 
 
 def run_from_hf(data: dict[str, Any], vision: VisionConfig, dtype: str = "float32", *,

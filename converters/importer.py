@@ -24,7 +24,7 @@ from converters.readers import TensorStore, weight_files
 from emola_jax import weights
 from emola_jax.atomic import check_apart
 from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter, is_stacked, layer_path
-from emola_jax.config import DTYPES, EmolaConfig, VisionConfig
+from emola_jax.config import DEFAULT_PRIOR, DTYPES, EmolaConfig, PriorToken, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
 
 _IGNORED = re.compile("|".join(tables.IGNORED_KEY_PATTERNS))
@@ -159,10 +159,18 @@ def _emola(run: Path, base: Path | None, clip: Path | None, dtype: str) -> tuple
             for p in prefixes
         )
         sources.append(Source(f"EmoLA landmark projector from {run}", landmark, layouts))
+    priors = hf_config.priors_from_hf(run_config, where=str(run / "config.json"))
+    for prior in priors or ():  # further priors: exported beside the official file (`exporter.landmark_file`)
+        if prior.name != DEFAULT_PRIOR:
+            file = run / f"{tables.emola_landmark_module(prior)}.bin"
+            if not file.is_file():
+                raise FileNotFoundError(f"{run / 'config.json'} lists the prior {prior.name!r} but {file} is missing")
+            sources.append(Source(f"EmoLA {prior.name} prior projector from {run}", TensorStore([file]),
+                                  (tables.emola_landmark_layout(prior),)))
     sources.append(Source(f"PEFT LoRA adapter from {run}", TensorStore(_adapter_files(run)), (tables.PEFT_EMOLA,)))
-    prior_dim = _prior_dim(sources)
+    priors = priors or (PriorToken(DEFAULT_PRIOR, _prior_dim(sources)),)
     lora = formats.lora_config_from_peft(run / "adapter_config.json", base_config.text.num_hidden_layers)
-    config = base_config.replace(prior_position="after", prior_dim=prior_dim, lora=lora)
+    config = base_config.replace(prior_position="after", priors=priors, lora=lora)
     return config, sources
 
 

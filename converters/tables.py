@@ -15,7 +15,7 @@ from collections.abc import Callable
 import numpy as np
 
 from emola_jax.checkpoint import is_stacked, param_shapes
-from emola_jax.config import EmolaConfig
+from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken
 from emola_jax.weights import Path_
 
 
@@ -33,7 +33,8 @@ TRANSPOSE = Transform("transpose", lambda x: x.T, lambda x: x.T)
 # torch Conv2d weight [out, in, h, w] <-> flax HWIO [h, w, in, out]
 CONV = Transform("conv_oihw_to_hwio", lambda x: x.transpose(2, 3, 1, 0), lambda x: x.transpose(3, 2, 0, 1))
 
-# Top-level modules of the model -> canonical key prefix.
+# Top-level modules of the model -> canonical key prefix (a further prior's projector,
+# `prior_projector_<name>`, is `model.prior_projector_<name>.`: `module_prefix`).
 MODULE_PREFIXES = {
     "vision_tower": "model.vision_tower.",
     "multi_modal_projector": "model.multi_modal_projector.",
@@ -75,9 +76,18 @@ class ParamRule:
         return self.transform.to_torch(np.empty(self.shape, np.bool_)).shape
 
 
+def module_prefix(module: str) -> str:
+    """The canonical key prefix of a top-level module; KeyError for a module the table lacks."""
+    if module in MODULE_PREFIXES:
+        return MODULE_PREFIXES[module]
+    if module.startswith("prior_projector_"):
+        return f"model.{module}."
+    raise KeyError(module)
+
+
 def canonical_key(path: Path_) -> tuple[str, Transform]:
     module, rest = path[0], path[1:]
-    prefix = MODULE_PREFIXES[module]
+    prefix = module_prefix(module)
     if path in SPECIAL:
         suffix, transform = SPECIAL[path]
         return prefix + suffix, transform
@@ -169,20 +179,34 @@ PEFT_EMOLA = Layout("PEFT adapter on LLaVA", (("model.language_model.", "base_mo
 PEFT_LLAVA_HF = Layout(
     "PEFT adapter on llava-hf", (("model.language_model.", "base_model.model.model.language_model."),)
 )
-# The prior projector beside a llava-hf export: a bare mlp2x_gelu (linear_1.*, linear_2.*).
-PRIOR_PROJECTOR_FILE = Layout("prior projector (linear_1.*, linear_2.*)", (("model.prior_projector.", ""),))
+
+
+def prior_file_layout(prior: PriorToken) -> Layout:
+    """A prior projector beside a llava-hf export: a bare mlp2x_gelu (linear_1.*, linear_2.*)."""
+    name = "prior projector" if prior.name == DEFAULT_PRIOR else f"{prior.name} prior projector"
+    return Layout(f"{name} (linear_1.*, linear_2.*)", ((f"model.{prior.projector_name}.", ""),))
+
+
+def emola_landmark_module(prior: PriorToken) -> str:
+    """The module name of a prior projector in the official EmoLA layout: `landmark_feature_projector`
+    for 2d106det (the official one), `landmark_feature_projector_<name>` for a further prior."""
+    return "landmark_feature_projector" + ("" if prior.name == DEFAULT_PRIOR else f"_{prior.name}")
+
+
+def emola_landmark_layout(prior: PriorToken) -> Layout:
+    """A prior projector in the official EmoLA layout (`model.<module>.0.*`, `model.<module>.2.*`)."""
+    module, ours = emola_landmark_module(prior), f"model.{prior.projector_name}."
+    return Layout(f"EmoLA {module}",
+                  ((ours + "linear_1.", f"model.{module}.0."), (ours + "linear_2.", f"model.{module}.2.")))
+
+
+PRIOR_PROJECTOR_FILE = prior_file_layout(PriorToken())
 # non_lora_trainables.bin of an official EmoLA run: LLaVA's layout, PEFT-prefixed.
 EMOLA_NON_LORA = Layout(
     "EmoLA non_lora_trainables",
     tuple((ours, "base_model.model." + theirs) for ours, theirs in LLAVA_ORIGINAL.prefixes),
 )
-EMOLA_LANDMARK = Layout(
-    "EmoLA landmark_feature_projector",
-    (
-        ("model.prior_projector.linear_1.", "model.landmark_feature_projector.0."),
-        ("model.prior_projector.linear_2.", "model.landmark_feature_projector.2."),
-    ),
-)
+EMOLA_LANDMARK = emola_landmark_layout(PriorToken())
 LLAVA_HF_LAYOUTS = (LLAVA_HF_V5, LLAVA_HF_V5_NESTED, LLAVA_HF_LEGACY, LLAVA_HF_SAVED)
 
 # Keys a source may carry that this model does not use; anything else unknown is an error.

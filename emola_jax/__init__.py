@@ -4,7 +4,7 @@ from emola_jax.config import EmolaConfig, LoRAConfig, RopeScaling, TextConfig, V
 
 __all__ = [
     "EmolaConfig", "EmolaForConditionalGeneration", "LoRAConfig", "RopeScaling", "TextConfig",
-    "VisionConfig", "load_pretrained",
+    "VisionConfig", "analyze", "load_pretrained",
 ]
 
 
@@ -15,6 +15,10 @@ def __getattr__(name: str):
         from emola_jax.checkpoint import load_pretrained
 
         return load_pretrained
+    if name == "analyze":  # faces in ordinary photos, found, aligned and described
+        from emola_jax.photos import analyze
+
+        return analyze
     if name == "EmolaForConditionalGeneration":
         from emola_jax.models import EmolaForConditionalGeneration
 

@@ -66,13 +66,20 @@ def layer_path(path: Path_, layer: int) -> Path_:
     return path[:at] + (str(layer),) + path[at:]
 
 
-def disk_shapes(config: EmolaConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
-    """What the `params/` tree holds: per-layer entries for stacked weights."""
+def disk_shapes(config: EmolaConfig, quantization=None) -> dict[Path_, jax.ShapeDtypeStruct]:
+    """What the `params/` tree holds: per-layer entries for stacked weights; with `quantization`
+    (`emola_jax.quantization.Quantization`), codes and scales for each decoder kernel."""
+    from emola_jax.quantization import is_quantized_path
+
     out = {}
     for path, spec in param_shapes(config).items():
         if is_stacked(path):
             for i in range(spec.shape[0]):
-                out[layer_path(path, i)] = jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
+                entry = layer_path(path, i), jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
+                if quantization is not None and is_quantized_path(path):
+                    out.update(quantization.disk_specs(*entry))
+                else:
+                    out[entry[0]] = entry[1]
         else:
             out[path] = spec
     return out
@@ -226,10 +233,11 @@ class CheckpointWriter(StagedDirectory):
             self._written.update(self._pending)
             self._pending, self._pending_bytes = {}, 0
 
-    def finish(self, config: EmolaConfig, source: dict[str, Any], tokenizer_files: list[Path] = ()) -> Path:
+    def finish(self, config: EmolaConfig, source: dict[str, Any], tokenizer_files: list[Path] = (),
+               quantization=None) -> Path:
         self._flush()
         self._wait()
-        expected = set(disk_shapes(config))
+        expected = set(disk_shapes(config, quantization))
         if self._written != expected:
             missing, extra = sorted(expected - self._written), sorted(self._written - expected)
             raise ValueError(f"checkpoint incomplete: missing {missing[:5]}, unexpected {extra[:5]}")
@@ -277,9 +285,15 @@ def load_config(path: str | Path) -> EmolaConfig:
 
 
 def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
-    """The `params/` entries (orbax metadata: shape, dtype), checked against what `config` needs."""
+    """The `params/` entries (orbax metadata: shape, dtype), checked against what `config` needs.
+
+    A quantised checkpoint's decoder kernels are listed as the float32 kernels `read_params`
+    dequantises them to (their codes and scales are checked here, then hidden)."""
+    from emola_jax.quantization import SCALE_SUFFIX, checkpoint_quantization, is_quantized_path
+
     params_dir = Path(path).absolute() / PARAMS_DIR
-    expected = disk_shapes(config)
+    quantization = checkpoint_quantization(path)
+    expected = disk_shapes(config, quantization)
     try:
         with _orbax_quiet():  # a damaged index is said below, in one line, not also in orbax's warnings
             index = ocp.metadata(params_dir).metadata
@@ -299,12 +313,31 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
                 f"{params_dir}: weight {name} has shape {tuple(stored[key].shape)}, "
                 f"the config needs {tuple(expected[key].shape)}"
             )
+    if quantization is not None:
+        plain = disk_shapes(config)
+        stored = {k: plain[k] if is_quantized_path(k) else v for k, v in stored.items()
+                  if not (is_quantized_path(k[:-1] + ("kernel",)) and k[-1] == "kernel" + SCALE_SUFFIX)}
     return stored
 
 
 def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> dict[Path_, jax.Array]:
     """Only the entries named in `specs`, read with orbax's partial load: memory for those alone,
-    so an exporter can walk a checkpoint far larger than memory one layer at a time."""
+    so an exporter can walk a checkpoint far larger than memory one layer at a time. A quantised
+    checkpoint's decoder kernels come back dequantised to their spec's dtype."""
+    from emola_jax.quantization import as_array, checkpoint_quantization, is_quantized_path
+
+    quantization = checkpoint_quantization(path)
+    kernels = [k for k in specs if is_quantized_path(k)] if quantization is not None else []
+    if kernels:
+        plain = {k: s for k, s in specs.items() if not is_quantized_path(k)}
+        read = _read_entries(path, plain) if plain else {}
+        for key, q in read_quantized(path, kernels, quantization).items():
+            read[key] = as_array(jax.tree.map(jnp.asarray, q), specs[key].dtype)
+        return read
+    return _read_entries(path, specs)
+
+
+def _read_entries(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> dict[Path_, jax.Array]:
     params_dir = Path(path).absolute() / PARAMS_DIR
     device = jax.sharding.SingleDeviceSharding(jax.local_devices(backend="cpu")[0])  # this process's own
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=device) for k, s in specs.items()}
@@ -317,6 +350,18 @@ def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> d
         raise storage_error(f"could not read the weights in {params_dir}", err) from err
 
 
+def read_quantized(path: str | Path, keys: list[Path_], quantization) -> dict[Path_, Any]:
+    """The decoder kernel entries `keys` of a quantised checkpoint as `QArray`s with numpy leaves."""
+    from emola_jax.quantization import scale_path
+
+    plain = disk_shapes(load_config(path))
+    specs = {}
+    for key in keys:
+        specs.update(quantization.disk_specs(key, plain[key]))
+    read = _read_entries(path, specs)
+    return {k: quantization.from_disk(np.asarray(read[k]), np.asarray(read[scale_path(k)])) for k in keys}
+
+
 def load_pretrained(
     path: str | Path, dtype: str = "float32", sharding: jax.sharding.Sharding | None = None
 ):
@@ -324,22 +369,34 @@ def load_pretrained(
 
     Weights are cast to `dtype` as they are read (LoRA factors stay float32) and placed with
     `sharding` (default: the first device); per-layer entries are stacked for the scanned layers.
+    A quantised checkpoint's decoder kernels stay quantised (`qwix.QArray`s, dequantised in the matmul).
     """
+    from emola_jax.quantization import checkpoint_quantization, is_quantized_path
+
     path = Path(path).absolute()
     config = load_config(path).replace(dtype=dtype)
     params_dir = path / PARAMS_DIR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    expected = disk_shapes(config)
+    quantization = checkpoint_quantization(path)
+    expected = {k: s for k, s in disk_shapes(config).items()
+                if quantization is None or not is_quantized_path(k)}
     stored_params(path, config)
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in expected.items()}
+    context = ocp.Context()
+    context.pytree.loading.partial_load = quantization is not None  # codes and scales: read below
     try:
-        flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
+        with context:
+            flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
     except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
         raise storage_error(f"could not read the weights in {params_dir}", err) from err
 
     values = {}
     for path_, spec in param_shapes(config).items():
-        if is_stacked(path_):
+        if quantization is not None and is_quantized_path(path_):
+            layers = list(read_quantized(path, [layer_path(path_, i) for i in range(spec.shape[0])],
+                                         quantization).values())
+            values[path_] = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *layers), sharding)
+        elif is_stacked(path_):
             layers = [flat.pop(layer_path(path_, i)) for i in range(spec.shape[0])]
             values[path_] = jnp.stack(layers) if layers else jnp.zeros(spec.shape, spec.dtype)
         else:
@@ -352,12 +409,14 @@ def save_pretrained(
     tokenizer_files: list[Path] = (),
 ) -> Path:
     """Writes `model` (any `EmolaForConditionalGeneration`) as a checkpoint `load_pretrained` reads."""
+    from emola_jax.quantization import as_array
+
     config: EmolaConfig = model.config
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         for path, value in weights.flat(model).items():
-            if is_stacked(path):
+            if is_stacked(path):  # a quantised kernel is written dequantised, one layer at a time
                 for i in range(value.shape[0]):
-                    writer.add(layer_path(path, i), value[i])
+                    writer.add(layer_path(path, i), as_array(value[i], config.dtype))
             else:
                 writer.add(path, value)
         return writer.finish(config, source or {"format": "emola-jax"}, list(tokenizer_files))

@@ -11,6 +11,7 @@ import dataclasses
 import json
 import math
 import numbers
+import re
 import types
 import typing
 from pathlib import Path
@@ -21,6 +22,8 @@ DTYPES = ("float32", "bfloat16", "float16")  # weight storage and compute dtypes
 SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
 # insightface 2d106det: 106 (x, y) landmarks, flattened.
 LANDMARK_DIM = 212
+DEFAULT_PRIOR = "2d106det"  # the prior official EmoLA uses; its projector keeps the official names
+PRIOR_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a prior's name is part of weight paths and file names
 
 
 def check_ranges(config: Any, *, positive: tuple[str, ...] = (), above_zero: tuple[str, ...] = (),
@@ -153,8 +156,67 @@ class LoRAConfig:
 
 
 @dataclasses.dataclass(frozen=True)
+class PriorToken:
+    """One facial prior token: the registered prior whose feature feeds it (`name`) and that
+    feature's width (`dim`). Its projector is `prior_projector` for the 2d106det prior (the
+    official EmoLA weights) and `prior_projector_<name>` for any other (`projector_name`)."""
+
+    name: str = DEFAULT_PRIOR
+    dim: int = LANDMARK_DIM
+
+    def __post_init__(self):
+        if not isinstance(self.name, str) or not PRIOR_NAME.fullmatch(self.name):
+            raise ValueError(f"a prior's name is letters, digits, '_' and '-' (it names weights and files), "
+                             f"not {self.name!r}")
+        check_ranges(self, positive=("dim",))
+
+    @property
+    def projector_name(self) -> str:
+        """The projector's attribute in the model, the first part of its weight paths."""
+        return "prior_projector" if self.name == DEFAULT_PRIOR else f"prior_projector_{self.name}"
+
+
+def prior_width(priors: tuple[PriorToken, ...]) -> int:
+    """The width of several priors' features concatenated: the model's `prior_dim`."""
+    return sum(p.dim for p in priors)
+
+
+def check_priors(config: Any) -> None:
+    """Checks shared by `EmolaConfig` and the train config's model section: a non-empty list of
+    distinct priors, and something on the image side (visual tokens or a prior token)."""
+    if isinstance(config.priors, (list, PriorToken)):  # a config file may give a list or one prior
+        object.__setattr__(config, "priors", tuple(config.priors) if isinstance(config.priors, list)
+                           else (config.priors,))
+    if not isinstance(config.priors, tuple) or not all(isinstance(p, PriorToken) for p in config.priors):
+        raise ValueError(f"priors must be a list of PriorToken (name, dim), not {config.priors!r}")
+    if not config.priors:
+        raise ValueError("priors must hold at least one prior; prior_position='off' is the model without one")
+    names = [p.name for p in config.priors]
+    if len(set(names)) < len(names):
+        raise ValueError(f"priors must be distinct; {names} names one twice")
+    if config.prior_position not in ("after", "before", "off"):
+        raise ValueError(f"prior_position must be after, before or off, not {config.prior_position!r}")
+    if not config.visual_tokens and config.prior_position == "off":
+        raise ValueError("visual_tokens=false with prior_position='off' leaves no image-side token; keep one of them")
+
+
+def upgrade_prior_dim(data: dict[str, Any]) -> dict[str, Any]:
+    """A config dict as written before several priors: `"prior_dim": N` is one 2d106det prior of
+    width N (`priors`); a dict that gives both is refused."""
+    if "prior_dim" not in data:
+        return data
+    data = dict(data)
+    dim = data.pop("prior_dim")
+    if "priors" in data:
+        raise ValueError("give priors or the older prior_dim, not both")
+    data["priors"] = [{"name": DEFAULT_PRIOR, "dim": dim}]
+    return data
+
+
+@dataclasses.dataclass(frozen=True)
 class EmolaConfig:
-    """LLaVA-1.5 + facial prior token. `prior_position="off"` is plain LLaVA-1.5."""
+    """LLaVA-1.5 + facial prior tokens. `prior_position="off"` is plain LLaVA-1.5;
+    `visual_tokens=False` drops the CLIP tokens (the image side is the prior tokens alone)."""
 
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
@@ -164,16 +226,17 @@ class EmolaConfig:
     projector_bias: bool = True
     image_token_id: int = 32000
     prior_position: PriorPosition = "after"
-    prior_dim: int = LANDMARK_DIM
+    priors: tuple[PriorToken, ...] = (PriorToken(),)
+    visual_tokens: bool = True
     lora: LoRAConfig | None = None
     dtype: str = "float32"
+
+    UPGRADE = staticmethod(upgrade_prior_dim)  # `build` applies it to a config dict first
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        check_ranges(self, positive=("prior_dim",))
-        if self.prior_position not in ("after", "before", "off"):
-            raise ValueError(f"prior_position must be after, before or off, not {self.prior_position!r}")
+        check_priors(self)
         if self.vision_feature_select_strategy not in ("default", "full"):
             raise ValueError(
                 "vision_feature_select_strategy must be 'default' or 'full', "
@@ -188,6 +251,16 @@ class EmolaConfig:
             )
 
     @property
+    def prior_dim(self) -> int:
+        """Width of the model's prior input (`landmarks`): the priors' features concatenated in order."""
+        return prior_width(self.priors)
+
+    @property
+    def num_prior_tokens(self) -> int:
+        """Prior tokens per image: one per prior, none with `prior_position="off"`."""
+        return 0 if self.prior_position == "off" else len(self.priors)
+
+    @property
     def vision_layers_used(self) -> int:
         """Encoder layers that must run to reach the selected hidden state (the rest are skipped)."""
         layer = self.vision_feature_layer
@@ -195,12 +268,15 @@ class EmolaConfig:
 
     @property
     def num_visual_tokens(self) -> int:
+        """CLIP tokens per image in the sequence (0 with `visual_tokens=False`)."""
+        if not self.visual_tokens:
+            return 0
         return self.vision.num_patches + (self.vision_feature_select_strategy == "full")
 
     @property
     def image_seq_length(self) -> int:
-        """Image-token placeholders per image in `input_ids`: visual tokens plus the prior token."""
-        return self.num_visual_tokens + (self.prior_position != "off")
+        """Image-token placeholders per image in `input_ids`: visual tokens plus the prior tokens."""
+        return self.num_visual_tokens + self.num_prior_tokens
 
     def replace(self, **changes: Any) -> EmolaConfig:
         return dataclasses.replace(self, **changes)
@@ -254,6 +330,18 @@ def override(config: Any, assignments: list[str]) -> Any:
 def _set(node: Any, parts: list[str], raw: str, full_key: str) -> Any:
     names = [f.name for f in dataclasses.fields(node)]
     head = parts[0]
+    if head not in names and len(parts) == 1 and hasattr(node, "UPGRADE"):  # a key of an older format
+        try:
+            value = json.loads(raw)
+        except json.JSONDecodeError:
+            value = raw
+        upgraded = node.UPGRADE({head: value})
+        if head not in upgraded:
+            hints = typing.get_type_hints(type(node))
+            try:
+                return dataclasses.replace(node, **{k: convert(v, hints[k], full_key) for k, v in upgraded.items()})
+            except (ValueError, TypeError) as err:
+                raise ValueError(f"config key {full_key!r}: {err}") from err
     if head not in names:
         raise ValueError(f"unknown config key {full_key!r}; valid keys here: {', '.join(names)}")
     current = getattr(node, head)
@@ -352,6 +440,11 @@ def build(cls: type, data: dict[str, Any], key: str = "") -> Any:
     """A `cls` dataclass from a dict of JSON values, each field converted by its type (`convert`)."""
     hints = typing.get_type_hints(cls)
     fields = {f.name for f in dataclasses.fields(cls)}
+    if hasattr(cls, "UPGRADE"):  # keys of an older format, rewritten
+        try:
+            data = cls.UPGRADE(data)
+        except ValueError as err:
+            raise ValueError(f"config {key or cls.__name__}: {err}") from err
     unknown = sorted(set(data) - fields)
     if unknown:
         raise ValueError(f"unknown config key {key + '.' if key else ''}{unknown[0]}; "

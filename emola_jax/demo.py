@@ -3,8 +3,9 @@
 1. A tokenizer is trained on the spot; a tiny random LLaVA-1.5 is saved as transformers saves it,
    converted, and its logits checked against PyTorch's. It is the frozen base of the run.
 2. Faces are drawn whose brows, eyes and mouth follow FABA-style emotion and AU annotations
-   (training and held-out sets); their prior features come from a small ONNX graph with
-   2d106det's signature, precomputed into an ArrayRecord file.
+   (training and held-out sets); their prior features (one ArrayRecord file per prior of the
+   model) come from a small ONNX graph with 2d106det's signature, or from dlib for the dlib
+   priors (`--set 'model.priors=[{"name": "dlib68", "dim": 136}]'`), on the whole drawn face.
 3. LoRA, the prior projector and the multi-modal projector are trained on the training faces
    (`run.py train`'s loop, fed by the grain pipeline).
 4. The trained model is evaluated on the held-out faces with REGE (emotion and AU).
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-from emola_jax.config import EmolaConfig
+from emola_jax.config import EmolaConfig, PriorToken
 
 
 def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
@@ -61,7 +62,7 @@ def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> floa
 
 
 def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path, eval_file: Path,
-                   features: Path) -> tuple[float, float]:
+                   features: Path | tuple[Path, ...]) -> tuple[float, float]:
     """Largest logit difference of the transformers export and of PEFT over the unmerged base,
     against this project's model, on a held-out face with its prior token."""
     import torch
@@ -69,10 +70,11 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     from peft import PeftModel
     from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+    from converters.exporter import prior_file
     from emola_jax.checkpoint import load_pretrained
     from emola_jax.data import conversation, image
     from emola_jax.data.labels import EMOTION_QUESTION
-    from emola_jax.data.landmark_store import read_landmarks
+    from emola_jax.data.prior import PriorFeatures
     from emola_jax.demo_models import logits_with_prior
 
     model, config = load_pretrained(model_dir)
@@ -81,45 +83,47 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_QUESTION),
                                            config.image_token_id, config.image_seq_length)[None]
     pixels = image.clip_preprocess(image.load_image(eval_file.parent / record["image"]), config.vision.image_size)[None]
-    landmarks = read_landmarks(features)[record["id"]][None]
+    landmarks = PriorFeatures.open(features, priors=config.priors).get(record["id"])[None]
     mask = np.ones_like(ids)
     ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids, pixels, landmarks))
     torch_ids = ids.astype(np.int64)
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
-    merged = logits_with_prior(hf, hf_dir / "prior_projector.safetensors", torch_ids, pixels, landmarks, mask)
+    projectors = [hf_dir / prior_file(prior) for prior in config.priors]  # one per prior, in order
+    merged = logits_with_prior(hf, projectors, torch_ids, pixels, landmarks, mask)
     with torch.no_grad():
         peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
-    adapted = logits_with_prior(peft.eval(), hf_dir / "prior_projector.safetensors", torch_ids, pixels, landmarks,
-                                mask)
+    adapted = logits_with_prior(peft.eval(), projectors, torch_ids, pixels, landmarks, mask)
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
 
 @dataclasses.dataclass(frozen=True)
 class DemoInputs:
     """What the demo trains from, all on disk: a converted base (with its tokenizer), drawn faces
-    with their annotation files, and their precomputed prior features."""
+    with their annotation files, and their precomputed prior features: one file, or one per prior
+    of the model in its order."""
 
     base: Path
     faces: Path
     annotations: dict[str, Path]  # train_emotion, train_au, eval_emotion, eval_au
-    landmarks: Path
+    landmarks: Path | tuple[Path, ...]
     import_logit_diff: float | None = None  # the converted base against transformers
 
     @classmethod
-    def in_folder(cls, workdir: str | Path) -> DemoInputs:
-        """The inputs a finished demo left in `workdir` (e.g. `demo_out`)."""
+    def in_folder(cls, workdir: str | Path, priors: tuple[PriorToken, ...] = (PriorToken(),)) -> DemoInputs:
+        """The inputs a finished demo of a model with `priors` left in `workdir` (e.g. `demo_out`)."""
         from emola_jax.data.drawn_faces import annotation_files
 
         workdir = Path(workdir)
         return cls(base=workdir / "base", faces=workdir / "faces", annotations=annotation_files(workdir / "faces"),
-                   landmarks=workdir / "faces" / "landmarks.array_record")
+                   landmarks=_feature_files(workdir / "faces", priors))
 
     def training_data(self, seed: int = 0, **changes):
         """The grain pipeline over the training faces, as the demo trains."""
         from emola_jax.data.pipeline import PipelineConfig
 
         settings = dict(annotations=(str(self.annotations["train_emotion"]), str(self.annotations["train_au"])),
-                        images_root=str(self.faces), landmarks=str(self.landmarks), max_length=256,
+                        images_root=str(self.faces), max_length=256,
+                        landmarks=self.landmarks,
                         length_buckets=(128, 192, 256), batch_size=16, seed=seed, worker_count=0)
         return PipelineConfig(**{**settings, **changes})
 
@@ -129,8 +133,6 @@ def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_pe
     """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features."""
     from converters import convert
     from emola_jax.data import drawn_faces
-    from emola_jax.data.precompute import precompute_landmarks
-    from emola_jax.demo_models import toy_landmark_graph
 
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
@@ -140,12 +142,34 @@ def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_pe
     diff = _check_import(reference, base, np.random.default_rng(seed))
     files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=train_per_emotion,
                                       eval_per_emotion=eval_per_emotion, seed=seed, size=4 * config.vision.image_size)
-    graph = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N")
-    features = workdir / "faces" / "landmarks.array_record"
-    features.unlink(missing_ok=True)
-    precompute_landmarks(list(files.values()), workdir / "faces", graph, features, progress=False)
+    features = _precompute_priors(workdir, list(files.values()), config.priors)
     return DemoInputs(base=Path(base), faces=workdir / "faces", annotations=files, landmarks=features,
                       import_logit_diff=diff)
+
+
+def _feature_files(faces: Path, priors: tuple[PriorToken, ...]) -> Path | tuple[Path, ...]:
+    """One file per prior, named after it (2d106det's: landmarks.array_record); a lone file as a Path."""
+    files = tuple(faces / f"{'landmarks' if p.name == '2d106det' else p.name}.array_record" for p in priors)
+    return files[0] if len(files) == 1 else files
+
+
+def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[PriorToken, ...]):
+    """Every prior's features of the drawn faces (the whole image is the face: dlib's detector may not
+    find a drawn one); a face a prior cannot process is an error naming its record."""
+    from emola_jax.data import precompute
+    from emola_jax.demo_models import toy_landmark_graph
+
+    features = _feature_files(workdir / "faces", priors)
+    for prior, out in zip(priors, (features,) if isinstance(features, Path) else features, strict=True):
+        out.unlink(missing_ok=True)
+        onnx = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N") if prior.name == "2d106det" else None
+        summary = precompute.precompute_priors(annotations, workdir / "faces", out, prior=prior.name, onnx=onnx,
+                                               progress=False)
+        if summary.failed:
+            first = json.loads(summary.errors.read_text().splitlines()[0])
+            raise ValueError(f"the {prior.name} prior could not process {summary.failed} drawn face(s), e.g. record "
+                             f"{first['id']}: {first['reason']}")
+    return features
 
 
 def from_base(experiment, inputs: DemoInputs, seed: int = 0):

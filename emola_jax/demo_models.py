@@ -3,7 +3,7 @@
 - `toy_landmark_graph`: an ONNX graph with 2d106det's signature, so that the landmark recipes and
   `precompute-landmarks` run offline;
 - `bpe_tokenizer`: a byte-level BPE tokenizer trained on the spot, in place of Vicuna's;
-- `logits_with_prior`: EmoLA's facial prior token in PyTorch over a transformers export (the
+- `logits_with_prior`: EmoLA's facial prior tokens in PyTorch over a transformers export (the
   README's recipe as code), the reference an exported model's logits are compared with.
 
 torch, peft, onnx and tokenizers are imported where used: the library does not need them.
@@ -72,25 +72,34 @@ def toy_landmark_graph(path: str | Path, batch: int | str = 1, normalises_inside
     return Path(path)
 
 
-def logits_with_prior(model, prior_file: str | Path, ids: np.ndarray, pixels: np.ndarray, landmarks: np.ndarray,
-                      mask: np.ndarray) -> np.ndarray:
-    """Logits of an `hf` export (or a PEFT model over one) with EmoLA's prior token: the token made from
-    `landmarks` by `prior_projector.safetensors`, spliced after the visual tokens, fed as `inputs_embeds`.
-    ids `[batch, seq]` (image placeholders expanded), pixels `[batch, size, size, 3]`, mask `[batch, seq]`."""
+def logits_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pixels: np.ndarray, landmarks: np.ndarray,
+                      mask: np.ndarray, position: str = "after") -> np.ndarray:
+    """Logits of an `hf` export (or a PEFT model over one) with EmoLA's prior tokens: one token per prior
+    projector file (`prior_projector*.safetensors`, a list in the config's prior order), each made from its
+    slice of `landmarks` (the priors' features concatenated), placed `position` the visual tokens, fed as
+    `inputs_embeds`. ids `[batch, seq]` (image placeholders expanded), pixels `[batch, size, size, 3]`,
+    landmarks `[batch, prior_dim]`, mask `[batch, seq]`."""
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
 
-    prior = load_file(prior_file)
+    files = [prior_file] if isinstance(prior_file, (str, Path)) else list(prior_file)
     input_ids, mask = torch.tensor(ids), torch.tensor(mask)
     with torch.no_grad():
-        h = torch.nn.functional.gelu(torch.nn.functional.linear(
-            torch.tensor(landmarks), prior["linear_1.weight"], prior["linear_1.bias"]))
-        prior_token = torch.nn.functional.linear(h, prior["linear_2.weight"], prior["linear_2.bias"])[:, None]
+        tokens, start = [], 0
+        for file in files:
+            prior = load_file(file)
+            dim = prior["linear_1.weight"].shape[1]
+            h = torch.nn.functional.gelu(torch.nn.functional.linear(
+                torch.tensor(landmarks[:, start:start + dim]), prior["linear_1.weight"], prior["linear_1.bias"]))
+            tokens.append(torch.nn.functional.linear(h, prior["linear_2.weight"], prior["linear_2.bias"]))
+            start += dim
+        prior_tokens = torch.stack(tokens, dim=1)
         llava = model.get_base_model() if isinstance(model, PeftModel) else model
         visual = torch.stack(llava.model.get_image_features(
             pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2), return_dict=True).pooler_output)
-        image_side = torch.cat([visual, prior_token], dim=1)
+        parts = [visual, prior_tokens] if position == "after" else [prior_tokens, visual]
+        image_side = torch.cat(parts, dim=1)
         is_image = input_ids == llava.config.image_token_id
         embeds = model.get_input_embeddings()(torch.where(is_image, 0, input_ids))
         embeds[is_image] = image_side.reshape(-1, image_side.shape[-1]).to(embeds.dtype)

@@ -20,6 +20,7 @@ import jax.numpy as jnp
 
 from emola_jax import weights
 from emola_jax.config import LoRAConfig
+from emola_jax.quantization import as_array
 
 # The decoder layer's linear projections, by their names inside a layer (transformers' LlamaDecoderLayer).
 DECODER_LINEARS = (
@@ -102,6 +103,7 @@ def merge_lora(model):
     for path, value in params.items():
         if path[-1] in LORA_FACTORS:
             continue
+        value = as_array(value, config.dtype)  # a quantised (QLoRA) kernel folds into its dequantised values
         if path[-1] == "kernel" and path[:-1] + ("lora_a",) in params:
             lora_a, lora_b = params[path[:-1] + ("lora_a",)], params[path[:-1] + ("lora_b",)]
             value = fold(value, lora_a, lora_b, config.lora.scale).astype(value.dtype)

@@ -174,8 +174,9 @@ def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Arra
 
 
 def _is_value_attr(key) -> bool:
-    """The `.value` step into an `nnx.Variable` in a tree path."""
-    return isinstance(key, jax.tree_util.GetAttrKey) and key.name == "value"
+    """The `.value` step into an `nnx.Variable` in a tree path, or the step into a quantised
+    kernel's codes or scales (`qwix.QArray` fields, placed by the kernel's axes)."""
+    return isinstance(key, jax.tree_util.GetAttrKey) and key.name in ("value", "qvalue", "scale", "zero_point")
 
 
 def _key_name(key) -> str:

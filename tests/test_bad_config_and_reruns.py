@@ -261,6 +261,9 @@ TOGETHER = {
     "train": ["--coordinator, --num-processes and --process-id together", "--extend"],
     "generate": ["--landmarks or --onnx, not both"],
     "demo": [],
+    "ablation": ["--eval-emotion, --eval-au and --eval-landmarks go together"],
+    "precompute-priors": ["--onnx for 2d106det"],
+    "analyze": ["--onnx for a model with the 2d106det prior"],
 }
 
 

@@ -81,7 +81,7 @@ from emola_jax import atomic
 from emola_jax.data import precompute
 
 step, out = sys.argv[2], Path(sys.argv[3])
-precompute.precompute_landmarks.__kwdefaults__["part_size"] = 2
+precompute.precompute_priors.__kwdefaults__["part_size"] = 2  # the command's code path
 die = lambda: os.kill(os.getpid(), signal.SIGKILL)
 replace, rmtree, fsync_dir, renamed = os.replace, shutil.rmtree, atomic.fsync_dir, []
 

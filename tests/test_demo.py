@@ -1,16 +1,10 @@
 """The README's main job runs end to end on a fresh folder: import, data, training, evaluation, export."""
 
 import json
-import subprocess
-import sys
-from pathlib import Path
-
-ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_trains_a_model_that_reads_faces_and_exports_it(tmp_path):
-    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "demo", "--workdir", str(tmp_path)],
-                            capture_output=True, text=True, cwd=tmp_path)
+def test_demo_trains_a_model_that_reads_faces_and_exports_it(demo_run):
+    tmp_path, result = demo_run  # the run is shared with the tests that need a trained model
     assert result.returncode == 0, result.stderr[-3000:]
     summary = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
     assert float(summary["max_abs_logit_diff_vs_transformers"]) < 1e-4

@@ -157,9 +157,10 @@ def test_run_round_trip(changes, text):
 
 
 def test_emola_run_config_names_the_prior_and_leaves_the_rest_to_the_run_files():
-    config = _run_config(prior_position="after", prior_dim=212, lora=LoRAConfig(rank=4, alpha=8.0))
+    config = _run_config(prior_position="after", lora=LoRAConfig(rank=4, alpha=8.0))
     data = _json(hf_config.run_to_hf(config, "float32"))
     assert data["architectures"] == ["EmoLlavaLlamaForCausalLM"] and data["landmark_feature_hidden_size"] == 212
+    assert hf_config.priors_from_hf(data) == config.priors
     assert hf_config.run_from_hf(data, config.vision) == config.replace(prior_position="off", lora=None)
 
 

@@ -6,7 +6,7 @@ Batches are dicts of numpy arrays (`B = batch_size // process_count` rows per pr
     labels          int32   [B, L]  aligned with input_ids (not shifted); -100 except answers + </s>
     attention_mask  int32   [B, L]  1 real, 0 padding (right padding)
     pixel_values    float32 [B, S, S, 3]  CLIP-normalised, channels-last, S = vision.image_size
-    landmarks       float32 [B, 212]
+    landmarks       float32 [B, P]  P = model prior_dim: the priors' features concatenated in config order
     ids             str     [B]     the records' ids (kept on the host: which examples made a step)
 
 L is the smallest length bucket that holds the longest row of the batch (`max_length` is always
@@ -31,7 +31,7 @@ from typing import Any, Literal
 import grain
 import numpy as np
 
-from emola_jax.config import LANDMARK_DIM, EmolaConfig, check_ranges
+from emola_jax.config import EmolaConfig, check_ranges
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
 from emola_jax.data.prior import PriorFeatures
@@ -48,14 +48,16 @@ class PipelineConfig:
     Give `annotations` (one path or several; image and `.npy` paths relative to `images_root`,
     default each file's folder) or `tfds_dir` (a built dataset version folder) with `split`
     (tfds split expression, e.g. "fold2+fold3"). `landmarks` is the ArrayRecord file from
-    `precompute-landmarks`; None reads each record's official `.npy` (annotations) or the stored
-    vector (tfds). `truncate=False` makes a sample longer than `max_length` a bad record;
+    `precompute-priors`, or several, one per prior of the model in its order (each file's footer
+    must name that prior and width); None reads each record's official `.npy` (annotations) or the
+    stored vector (tfds), 2d106det features for a model with that prior alone. `truncate=False`
+    makes a sample longer than `max_length` a bad record;
     `truncate=True` cuts it as LLaVA's collator does (never into the image tokens).
     """
 
     annotations: str | tuple[str, ...] = ()
     images_root: str | None = None
-    landmarks: str | None = None
+    landmarks: str | tuple[str, ...] | None = None
     tfds_dir: str | None = None
     split: str = "train"
     max_length: int = 2048
@@ -74,6 +76,10 @@ class PipelineConfig:
     def __post_init__(self):
         paths = (self.annotations,) if isinstance(self.annotations, (str, Path)) else tuple(self.annotations)
         object.__setattr__(self, "annotations", tuple(str(p) for p in paths))
+        if isinstance(self.landmarks, (list, tuple)):  # several files: one per prior
+            object.__setattr__(self, "landmarks", tuple(str(p) for p in self.landmarks) or None)
+        elif isinstance(self.landmarks, Path):
+            object.__setattr__(self, "landmarks", str(self.landmarks))
         object.__setattr__(self, "length_buckets", tuple(int(b) for b in self.length_buckets))
         if bool(self.annotations) == bool(self.tfds_dir):
             raise ValueError("give either annotations (JSON files) or tfds_dir (a built tfds dataset), not both")
@@ -85,6 +91,13 @@ class PipelineConfig:
             raise ValueError(f"length_buckets must all be at least 1, not {self.length_buckets}")
         if self.num_epochs is not None and self.num_epochs < 1:
             raise ValueError("num_epochs must be positive, or None for an endless stream")
+
+    @property
+    def landmark_files(self) -> tuple[str, ...]:
+        """`landmarks` as a tuple of paths (empty: none given)."""
+        if self.landmarks is None:
+            return ()
+        return (self.landmarks,) if isinstance(self.landmarks, str) else self.landmarks
 
     @property
     def buckets(self) -> tuple[int, ...]:
@@ -153,8 +166,8 @@ class AnnotationSource:
     def __init__(self, config: PipelineConfig, tokenizer, model_config: EmolaConfig):
         self.bad = BadRecords()
         self.files = config.annotations
-        prior = PriorFeatures.open(config.landmarks or None, BadRecord)
         needs_prior = model_config.prior_position != "off"
+        prior = PriorFeatures.open(config.landmark_files, BadRecord, model_config.priors) if needs_prior else None
         self.ids: list[str] = []
         self.images: list[str] = []
         self.tokens: list[np.ndarray] = []
@@ -171,7 +184,7 @@ class AnnotationSource:
                     seen.add(rid)
                     path = _image_path(rid, record, root)
                     feature = (prior.get(rid, record.get("landmark"), root) if needs_prior
-                               else np.zeros(LANDMARK_DIM, np.float32))
+                               else np.zeros(model_config.prior_dim, np.float32))
                     turns = conversation.conversation_turns(rid, record.get("conversations"))
                     ids, labels = conversation.training_ids(tokenizer, rid, turns, model_config.image_token_id, 1)
                     _check_length(rid, ids, model_config, config)
@@ -185,7 +198,7 @@ class AnnotationSource:
                 self.tokens.append(ids)
                 self.labels.append(labels)
                 features.append(feature)
-        self.landmarks = np.stack(features) if features else np.zeros((0, LANDMARK_DIM), np.float32)
+        self.landmarks = np.stack(features) if features else np.zeros((0, model_config.prior_dim), np.float32)
         if self.bad:
             log.warning("%d of %d records left out: %s", len(self.bad), len(self.bad) + len(self.ids),
                         "; ".join(reason for _, reason in self.bad.items[:3]) + ("; ..." if len(self.bad) > 3 else ""))
@@ -276,8 +289,8 @@ class _MakeExample:
         tokens, labels = conversation.training_ids(self.tokenizer, rid, turns, self.image_token_id, 1)
         _check_length(rid, tokens, self.model_config, self.config)
         if self.model_config.prior_position == "off":
-            landmarks = np.zeros(LANDMARK_DIM, np.float32)
-        else:  # a landmark file given now replaces the feature stored at build time
+            landmarks = np.zeros(self.model_config.prior_dim, np.float32)
+        else:  # landmark files given now replace the feature stored at build time (2d106det's)
             landmarks = self.prior.get(rid, optional=True)
             if landmarks is None:
                 if not bool(record["has_landmarks"]):
@@ -318,8 +331,8 @@ class _Collate:
     A bad record's marker (on_bad_record='skip', found while reading) becomes an all-padding row:
     nothing of it is seen or scored, and every process keeps the same rows of every global batch."""
 
-    def __init__(self, buckets: tuple[int, ...], pad_id: int, image_size: int):
-        self.buckets, self.pad_id, self.image_size = buckets, pad_id, image_size
+    def __init__(self, buckets: tuple[int, ...], pad_id: int, image_size: int, prior_dim: int):
+        self.buckets, self.pad_id, self.image_size, self.prior_dim = buckets, pad_id, image_size, prior_dim
 
     def __call__(self, examples: Sequence[dict]) -> dict[str, np.ndarray]:
         good = [e for e in examples if "_bad" not in e]
@@ -333,7 +346,7 @@ class _Collate:
         labels = np.full((rows, length), IGNORE_INDEX, np.int32)
         mask = np.zeros((rows, length), np.int32)
         pixels = np.zeros((rows, self.image_size, self.image_size, 3), np.float32)
-        landmarks = np.zeros((rows, LANDMARK_DIM), np.float32)
+        landmarks = np.zeros((rows, self.prior_dim), np.float32)
         for i, example in enumerate(examples):
             if "_bad" in example:
                 continue
@@ -401,12 +414,14 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
         raise ValueError(f"process_index {process_index} is outside 0..{process_count - 1}")
     source = source if source is not None else make_source(config, tokenizer, model_config)
     rows = config.batch_size // process_count
-    prior = PriorFeatures.open(config.landmarks if config.landmarks and config.tfds_dir else None, BadRecord)
+    prior = (PriorFeatures.open(config.landmark_files, BadRecord, model_config.priors)
+             if config.tfds_dir and model_config.prior_position != "off" else None)
     stream = grain.MapDataset.source(source)
     if training and config.shuffle:
         stream = stream.shuffle(seed=config.seed)
     stream = stream.repeat(config.num_epochs if training else 1)
-    collate = _Collate(config.buckets, conversation.pad_token_id(tokenizer), model_config.vision.image_size)
+    collate = _Collate(config.buckets, conversation.pad_token_id(tokenizer), model_config.vision.image_size,
+                       model_config.prior_dim)
     make = _MakeExample(config, model_config, tokenizer=tokenizer if config.tfds_dir else None, prior=prior)
     # batched before the workers: each worker makes whole batches, which come back in order
     batches = ProcessRows(stream, rows, process_index, process_count, drop_remainder=training).map(

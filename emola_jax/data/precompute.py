@@ -1,13 +1,17 @@
-"""`run.py precompute-landmarks`: the prior feature of every annotated image, into one ArrayRecord.
+"""`run.py precompute-priors` (and `precompute-landmarks`, its 2d106det case): the prior feature of
+every annotated image, into one ArrayRecord file whose footer names the prior and its width.
 
-Images are decoded by a thread pool (OpenCV releases the GIL) a few batches ahead of batched
-onnxruntime inference. Finished features go to numbered part files beside the output (each
-written atomically); at the end the previous output and the parts are merged into the output,
-again atomically, and the parts removed. A rerun skips every id already in the output or a part,
-so a killed run loses at most the features not yet in a part; it also removes what a run killed
-during the merge leaves: the merged file's temporary, or parts already merged into the output.
-An unreadable, truncated or empty image is one line (id, path, reason) of `<out stem>.errors.jsonl`
-and is skipped; a run where no input at all could be read is an error.
+Images are decoded (and, for the dlib priors, their shape points found) by a thread pool a few
+batches ahead of the batched model call. Finished features go to numbered part files beside the
+output (each written atomically); at the end the previous output and the parts are merged into
+the output, again atomically, and the parts removed. A rerun skips every id already in the output
+or a part, so a killed run loses at most the features not yet in a part; it also removes what a
+run killed during the merge leaves: the merged file's temporary, or parts already merged into the
+output. An output or part of another prior or width is refused. A record's `bbox` is the face box
+of the priors and recipes that take one (all but the official 2d106det recipe); without it the
+face is the whole image. An unreadable, truncated or empty image, or a face the prior cannot
+process, is one line (id, path, reason) of `<out stem>.errors.jsonl` and is skipped; a run where
+no input at all could be read is an error.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ import numpy as np
 from tqdm import tqdm
 
 from emola_jax.atomic import STAGING_GLOB, make_folder, staging_path
-from emola_jax.data import landmark_store, landmarks
+from emola_jax.data import landmark_store, landmarks, priors
 from emola_jax.data.prior import read_npy
 from emola_jax.data.records import read_annotation_list
 
@@ -45,9 +49,10 @@ class Summary:
     failed: int
     out: Path
     errors: Path
+    what: str = "landmarks"  # the prior's name, or "landmarks" for 2d106det
 
     def line(self) -> str:
-        text = f"landmarks: written {self.written}, skipped {self.skipped} (already done), failed {self.failed}"
+        text = f"{self.what}: written {self.written}, skipped {self.skipped} (already done), failed {self.failed}"
         if self.failed:
             text += f" (listed in {self.errors})"
         return text + f" -> {self.out}"
@@ -83,8 +88,8 @@ def read_jobs(annotations: Iterable[str | Path], root: str | Path, key: str = "i
 class _Output:
     """Part files of finished features, merged into `out` at the end."""
 
-    def __init__(self, out: Path, part_size: int):
-        self.out, self.part_size = out, part_size
+    def __init__(self, out: Path, part_size: int, info: landmark_store.StoreInfo):
+        self.out, self.part_size, self.info = out, part_size, info
         self.parts_dir = out.with_name(out.name + ".parts")
         self.pending: list[tuple[str, np.ndarray]] = []
         # a merge killed before its rename leaves the merged file's temporary beside `out`
@@ -93,8 +98,14 @@ class _Output:
         if self.parts_dir.is_dir():  # a part killed while being written is only ever a hidden temporary
             for stale in self.parts_dir.glob(STAGING_GLOB):
                 stale.unlink()
-        out_ids = {key for key, _ in landmark_store.iter_file(out)} if out.exists() else set()
-        part_ids = {part: {key for key, _ in landmark_store.iter_file(part)} for part in self.parts()}
+        for path in ([out] if out.exists() else []) + self.parts():
+            found = landmark_store.read_info(path)
+            found.check(path, info.prior, info.dim)
+            if found.recipe not in (None, info.recipe):  # one file, one recipe: features would not compare
+                raise ValueError(f"{path} holds {found.prior} features of the {found.recipe} recipe, not "
+                                 f"{info.recipe}")
+        out_ids = {key for key, _ in self.iter_file(out)} if out.exists() else set()
+        part_ids = {part: {key for key, _ in self.iter_file(part)} for part in self.parts()}
         self._drop_merged_parts({part: ids for part, ids in part_ids.items() if ids & out_ids}, out_ids)
         self.done: set[str] = out_ids.union(*(ids for part, ids in part_ids.items() if part.exists()))
 
@@ -104,18 +115,25 @@ class _Output:
         if not overlapping:
             return
         wanted = set().union(*overlapping.values())
-        merged = {key: feature for key, feature in landmark_store.iter_file(self.out) if key in wanted}
+        merged = {key: feature for key, feature in self.iter_file(self.out) if key in wanted}
         for part, ids in overlapping.items():
             missing = sorted(ids - out_ids)
             if missing:
                 raise ValueError(f"{part} holds records that are in {self.out} and records that are not (e.g. "
                                  f"{missing[0]}), so it is not a merged part; remove {part} or {self.out}")
-            for key, feature in landmark_store.iter_file(part):
+            for key, feature in self.iter_file(part):
                 if not np.array_equal(feature, merged[key], equal_nan=True):
                     raise ValueError(f"record id {key} has one feature in {self.out} and another in {part}; "
                                      "remove the wrong file")
         for part in overlapping:
             part.unlink()
+
+    def iter_file(self, path: Path):
+        """A file of this run's prior and width (another is refused, naming it)."""
+        return landmark_store.iter_file(path, self.info.prior, self.info.dim)
+
+    def write_file(self, path: Path, items) -> None:
+        landmark_store.write_file(path, items, prior=self.info.prior, dim=self.info.dim, recipe=self.info.recipe)
 
     def parts(self) -> list[Path]:
         return sorted(self.parts_dir.glob("part-*.array_record")) if self.parts_dir.is_dir() else []
@@ -131,7 +149,7 @@ class _Output:
         self.parts_dir.mkdir(parents=True, exist_ok=True)
         existing = self.parts()
         number = int(existing[-1].name.split("-")[1].split(".")[0]) + 1 if existing else 0
-        landmark_store.write_file(self.parts_dir / f"part-{number:05d}.array_record", self.pending)
+        self.write_file(self.parts_dir / f"part-{number:05d}.array_record", self.pending)
         self.pending = []
 
     def finalise(self) -> None:
@@ -145,13 +163,13 @@ class _Output:
         def merged() -> Iterator[tuple[str, np.ndarray]]:
             seen: set[str] = set()
             for source in sources:
-                for key, feature in landmark_store.iter_file(source):
+                for key, feature in self.iter_file(source):
                     if key in seen:
                         raise ValueError(f"record id {key} is in more than one of {', '.join(map(str, sources))}")
                     seen.add(key)
                     yield key, feature
 
-        landmark_store.write_file(self.out, merged())
+        self.write_file(self.out, merged())
         shutil.rmtree(self.parts_dir, ignore_errors=True)  # a kill before or during this: see _drop_merged_parts
 
 
@@ -175,19 +193,21 @@ class _ErrorLog:
 
 
 def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterator[tuple[Job, np.ndarray | str]]],
-         part_size: int, progress: bool, inputs: str) -> Summary:
-    """`inputs`: what the jobs read ("images"), for the error when none of them could be read."""
+         part_size: int, progress: bool, inputs: str, info: landmark_store.StoreInfo) -> Summary:
+    """`inputs`: what the jobs read ("images"), for the error when none of them could be read;
+    `info`: the prior, width and recipe the output's footer gets."""
     out = Path(out)
     if out.is_dir():
         raise ValueError(f"{out} is a folder; the output is the ArrayRecord file to write, e.g. "
                          f"{out / 'features.array_record'}")
     make_folder(out.parent)
-    output = _Output(out, part_size)
+    output = _Output(out, part_size, info)
     todo = [job for job in jobs if job.id not in output.done]
     errors = _ErrorLog(errors_path(out))
     written = 0
+    what = "landmarks" if info.prior == landmark_store.DEFAULT_PRIOR else info.prior
     try:
-        with tqdm(total=len(todo), unit="img", desc="landmarks", disable=not progress) as bar:
+        with tqdm(total=len(todo), unit="img", desc=what, disable=not progress) as bar:
             for job, result in compute(todo):
                 if isinstance(result, str):
                     errors.add(job, result)
@@ -202,37 +222,32 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
         raise ValueError(f"none of the {len(jobs)} {inputs} could be read ({errors.first}); each reason is listed "
                          f"in {errors.path}")
     output.finalise()
-    return Summary(written, len(jobs) - len(todo), errors.count, out, errors.path)
+    return Summary(written, len(jobs) - len(todo), errors.count, out, errors.path, what)
 
 
-def _prepare(recipe: str, normalisation: tuple[float, float] | None, job: Job):
-    """The model input of one image, or the reason it has none (a string)."""
+def _prepare(extractor: priors.Extractor, job: Job):
+    """What the extractor's `finish` needs of one image, or the reason it has none (a string)."""
     import cv2
 
     try:
         bgr = landmarks.read_bgr(job.path)
-        if recipe == "official":
-            return landmarks.official_array(bgr), None
-        prepared = landmarks.insightface_array(bgr, *normalisation, bbox=job.bbox)
-        return prepared.blob, prepared.inverse
+        return extractor.prepare(bgr, job.bbox if extractor.takes_box else None, f"record {job.id} ({job.path})")
     except (ValueError, cv2.error) as err:
         return str(err)
 
 
-def precompute_landmarks(
-    annotations: str | Path | list[str | Path], images_root: str | Path, onnx: str | Path, out: str | Path, *,
-    recipe: str = "official", batch_size: int = 32, threads: int | None = None, part_size: int = 1024,
-    progress: bool = True,
+def precompute_priors(
+    annotations: str | Path | list[str | Path], images_root: str | Path, out: str | Path, *,
+    prior: str = "2d106det", onnx: str | Path | None = None, recipe: str | None = None, batch_size: int = 32,
+    threads: int | None = None, part_size: int = 1024, progress: bool = True,
 ) -> Summary:
-    """Features of every distinct record id of `annotations` into the ArrayRecord file `out`."""
-    if recipe not in landmarks.RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(landmarks.RECIPES)}, not {recipe!r}")
+    """Features of prior `prior` (`data/priors.py`; `onnx` and `recipe` as `priors.open_extractor`
+    takes them) of every distinct record id of `annotations` into the ArrayRecord file `out`."""
     if batch_size < 1:
         raise ValueError("batch size must be at least 1")
     annotations = [annotations] if isinstance(annotations, (str, Path)) else list(annotations)
     jobs = read_jobs(annotations, images_root)
-    session = landmarks.open_session(onnx, spinning=False)  # the decoding threads need the cores
-    normalisation = landmarks.graph_normalisation(onnx) if recipe == "insightface" else None
+    extractor = priors.open_extractor(prior, onnx=onnx, recipe=recipe)
     threads = threads or min(8, os.cpu_count() or 1)
 
     def compute(todo: list[Job]) -> Iterator[tuple[Job, np.ndarray | str]]:
@@ -244,25 +259,32 @@ def precompute_landmarks(
                     job = next(pending, None)
                     if job is None:
                         return
-                    queue.append((job, pool.submit(_prepare, recipe, normalisation, job)))
+                    queue.append((job, pool.submit(_prepare, extractor, job)))
 
             refill()
             while queue:
                 batch = [queue.popleft() for _ in range(min(batch_size, len(queue)))]
                 refill()
                 results = [(job, future.result()) for job, future in batch]
-                good = [(job, r) for job, r in results if not isinstance(r, str)]
-                features = iter(())
-                if good:
-                    outputs = landmarks.run_session(session, np.stack([r[0] for _, r in good]))
-                    if recipe == "insightface":
-                        outputs = [landmarks.insightface_points(o, r[1])
-                                   for o, (_, r) in zip(outputs, good, strict=True)]
-                    features = iter(outputs)
+                good = [r for _, r in results if not isinstance(r, str)]
+                features = iter(extractor.finish(good) if good else ())
                 for job, result in results:
                     yield job, result if isinstance(result, str) else next(features)
 
-    return _run(jobs, out, compute, part_size, progress, "images")
+    info = landmark_store.StoreInfo(extractor.prior.name, extractor.prior.dim, extractor.recipe)
+    return _run(jobs, out, compute, part_size, progress, "images", info)
+
+
+def precompute_landmarks(
+    annotations: str | Path | list[str | Path], images_root: str | Path, onnx: str | Path, out: str | Path, *,
+    recipe: str = "official", batch_size: int = 32, threads: int | None = None, part_size: int = 1024,
+    progress: bool = True,
+) -> Summary:
+    """The 2d106det case of `precompute_priors`: landmark features from the graph `onnx`."""
+    if recipe not in landmarks.RECIPES:
+        raise ValueError(f"recipe must be one of {', '.join(landmarks.RECIPES)}, not {recipe!r}")
+    return precompute_priors(annotations, images_root, out, prior="2d106det", onnx=onnx, recipe=recipe,
+                             batch_size=batch_size, threads=threads, part_size=part_size, progress=progress)
 
 
 def import_npy(
@@ -286,4 +308,5 @@ def import_npy(
             else:
                 yield job, feature
 
-    return _run(jobs, out, compute, part_size, progress, "landmark files")
+    return _run(jobs, out, compute, part_size, progress, "landmark files",
+                landmark_store.StoreInfo(recipe="official"))

@@ -12,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import jax
@@ -22,7 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
 from emola_jax.atomic import make_folder
-from emola_jax.checkpoint import load_pretrained, load_tokenizer
+from emola_jax.checkpoint import load_config, load_pretrained, load_tokenizer
 from emola_jax.data import conversation, image
 from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION
 from emola_jax.data.prior import PriorFeatures
@@ -53,10 +53,13 @@ class Evaluator:
     """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None,
-                 landmarks: str | Path | None = None):
-        """`landmarks`: an ArrayRecord file of prior features by record id (`precompute-landmarks`);
-        without it, each record's own `.npy` file (the official layout) is read."""
-        self.prior = PriorFeatures.open(landmarks)
+                 landmarks: str | Path | Sequence[str | Path] | None = None):
+        """`landmarks`: ArrayRecord files of prior features by record id (`precompute-priors`), one
+        per prior of the model, in its order (each checked against it before the weights load);
+        without them, each record's own `.npy` file (the official layout) is read."""
+        config = load_config(checkpoint)
+        self.prior = (PriorFeatures.open(landmarks, priors=config.priors)
+                      if config.prior_position != "off" else PriorFeatures())
         # devices grouped by process, so that process p's rows are the p-th slice of the batch
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.asarray(devices), ("data",))
@@ -105,23 +108,45 @@ class Evaluator:
         """One answer, for `run.py generate`."""
         if self.config.prior_position != "off" and landmarks is None:
             raise ValueError("this model uses a facial prior token: give --landmarks FILE.npy or --onnx MODEL.onnx")
+        if landmarks is not None and np.size(landmarks) != self.config.prior_dim:
+            raise ValueError(f"the prior feature has {np.size(landmarks)} values; this model's priors "
+                             f"({', '.join(p.name for p in self.config.priors)}) take {self.config.prior_dim}")
         if landmarks is not None and not np.isfinite(landmarks).all():
             raise ValueError(f"the prior feature holds {int((~np.isfinite(landmarks)).sum())} values that are NaN or "
                              "infinite; a landmark feature is finite")
+        pixels = image.clip_preprocess(image.load_image(image_path), self.config.vision.image_size)[None]
+        landmarks = None if self.config.prior_position == "off" else np.asarray(landmarks, np.float32).reshape(1, -1)
+        return self.answer_batch(question, pixels, landmarks)[0][0]
+
+    def check_room(self, question: str) -> np.ndarray:
+        """The prompt's token ids; ValueError when the prompt and `max_new_tokens` exceed the context."""
         row = self.tokens(question)
         context = self.config.text.max_position_embeddings
         if len(row) + self.generation.max_new_tokens > context:
             raise ValueError(f"the prompt is {len(row)} tokens (with the image's {self.config.image_seq_length}); with "
                              f"--max-new-tokens {self.generation.max_new_tokens} that exceeds the model's context of "
                              f"{context} positions")
-        ids, mask = left_pad([row], self.generation.pad_token_id, bucket(len(row)))
-        pixels = image.clip_preprocess(image.load_image(image_path), self.config.vision.image_size)[None]
-        landmarks = None if self.config.prior_position == "off" else np.asarray(landmarks, np.float32).reshape(1, -1)
+        return row
+
+    def answer_batch(self, question: str, pixels: np.ndarray, landmarks: np.ndarray | None,
+                     rows: int | None = None) -> list[tuple[str, bool]]:
+        """The answer to `question` about each of `n` images, and whether it ended with EOS.
+
+        `pixels` `[n, size, size, 3]` as `image.clip_preprocess` gives them; `landmarks`
+        `[n, prior_dim]` (None for a model without a prior token). `rows` pads the batch with
+        copies of its first image up to that many rows, so that batches of up to `rows` images
+        share one compile. Every process computes the same answers."""
+        row = self.check_room(question)
+        count = len(pixels)
+        if rows is not None and rows < count:
+            raise ValueError(f"{count} images do not fit a batch of {rows} rows")
+        fill = lambda x: None if x is None else np.concatenate([x, np.repeat(x[:1], (rows or count) - count, 0)])
+        ids, mask = left_pad([row] * (rows or count), self.generation.pad_token_id, bucket(len(row)))
         replicated = NamedSharding(self.mesh, PartitionSpec())
-        ids, pixels, mask, landmarks = jax.device_put((ids, pixels, mask, landmarks), replicated)
+        ids, pixels, mask, landmarks = jax.device_put((ids, fill(pixels), mask, fill(landmarks)), replicated)
         self.key, key = jax.random.split(self.key)
         tokens = np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))
-        return self.decode_with_stop(tokens[0])[0]
+        return [self.decode_with_stop(tokens_row) for tokens_row in tokens[:count]]
 
     def decode_with_stop(self, row: np.ndarray) -> tuple[str, bool]:
         """The answer text, and whether it ended with EOS (False: cut at max_new_tokens)."""
@@ -139,7 +164,7 @@ def evaluate_model(
     checkpoint: str | Path, annotations: str | Path, task: str, out: str | Path, *,
     images_root: str | Path | None = None, batch_size: int = 8, protocol: str = "official",
     dtype: str = "float32", generation: GenerationConfig | None = None, progress: bool = True,
-    official_prompt: bool = True, landmarks: str | Path | None = None,
+    official_prompt: bool = True, landmarks: str | Path | Sequence[str | Path] | None = None,
 ) -> dict:
     """Predictions for every record of `annotations` (resuming), then metrics and report.
 

@@ -1,4 +1,4 @@
-"""EmoLA: LLaVA-1.5 with one facial prior token spliced in beside the visual tokens."""
+"""EmoLA: LLaVA-1.5 with facial prior tokens (one per configured prior) spliced in beside the visual tokens."""
 
 from __future__ import annotations
 
@@ -39,7 +39,10 @@ class EmolaForConditionalGeneration(nnx.Module):
 
     `input_ids` already holds `config.image_seq_length` image-token ids per image (576 visual + 1
     prior at 336 px); the model fills those positions with the projected CLIP features and the
-    prior token, in the order `config.prior_position` says.
+    prior tokens, in the order `config.prior_position` says. `landmarks` is `[batch, prior_dim]`:
+    the features of `config.priors` concatenated in order, each projected by its own MLP
+    (`PriorToken.projector_name`: `prior_projector` for 2d106det, `prior_projector_<name>` else).
+    With `config.visual_tokens` off the image side is the prior tokens alone (no CLIP call).
     """
 
     def __init__(self, config: EmolaConfig, *, rngs: nnx.Rngs):
@@ -50,11 +53,10 @@ class EmolaForConditionalGeneration(nnx.Module):
         self.multi_modal_projector = MlpProjector(
             vision.hidden_size, text.hidden_size, use_bias=config.projector_bias, dtype=dtype, rngs=rngs
         )
-        self.prior_projector = (
-            None
-            if config.prior_position == "off"
-            else MlpProjector(config.prior_dim, text.hidden_size, use_bias=True, dtype=dtype, rngs=rngs)
-        )
+        if config.prior_position != "off":
+            for prior in config.priors:
+                setattr(self, prior.projector_name,
+                        MlpProjector(prior.dim, text.hidden_size, use_bias=True, dtype=dtype, rngs=rngs))
         self.language_model = LlamaModel(text, config.lora, dtype=dtype, rngs=rngs)
         self.lm_head = (
             None
@@ -70,18 +72,30 @@ class EmolaForConditionalGeneration(nnx.Module):
             hidden = hidden[:, 1:]  # drop CLS
         return self.multi_modal_projector(hidden)
 
+    def prior_tokens(self, landmarks: jax.Array, dtype) -> jax.Array:
+        """`landmarks [batch, prior_dim]` split by the priors' dims, each projected by its own MLP:
+        `[batch, num_prior_tokens, embed]` in config order."""
+        tokens, start = [], 0
+        for prior in self.config.priors:
+            feature = landmarks[:, start:start + prior.dim].astype(dtype)
+            tokens.append(getattr(self, prior.projector_name)(feature))
+            start += prior.dim
+        return jnp.stack(tokens, axis=1)
+
     def image_side_embeddings(self, pixel_values: jax.Array, landmarks: jax.Array | None):
-        """Visual tokens plus the prior token: `[batch, image_seq_length, embed]`."""
-        visual = self.image_features(pixel_values)
-        if self.prior_projector is None:
+        """Visual tokens and the prior tokens: `[batch, image_seq_length, embed]`."""
+        config = self.config
+        visual = self.image_features(pixel_values) if config.visual_tokens else None
+        if config.prior_position == "off":
             return visual
         if landmarks is None:
-            raise ValueError(
-                f"this model places a facial prior token {self.config.prior_position} the visual tokens: "
-                "pass landmarks [batch, 212]"
-            )
-        prior = self.prior_projector(landmarks.astype(visual.dtype))[:, None, :]  # [batch, 1, embed]
-        parts = (visual, prior) if self.config.prior_position == "after" else (prior, visual)
+            raise ValueError(f"this model places {config.num_prior_tokens} facial prior token(s) "
+                             f"{config.prior_position} the visual tokens: pass landmarks [batch, {config.prior_dim}]")
+        dtype = jnp.dtype(config.dtype) if visual is None else visual.dtype
+        prior = self.prior_tokens(landmarks, dtype)
+        if visual is None:
+            return prior
+        parts = (visual, prior) if config.prior_position == "after" else (prior, visual)
         return jnp.concatenate(parts, axis=1)
 
     def embed(
@@ -118,7 +132,7 @@ class EmolaForConditionalGeneration(nnx.Module):
         remat: bool | str = False,
         dropout_key: jax.Array | None = None,
     ) -> jax.Array:
-        """input_ids `[batch, seq]`, pixel_values `[batch, height, width, 3]`, landmarks `[batch, 212]`.
+        """input_ids `[batch, seq]`, pixel_values `[batch, height, width, 3]`, landmarks `[batch, prior_dim]`.
 
         Training passes `right_padded=True` (causal-only attention, see `LlamaModel`) and
         `dropout_key` (LoRA dropout); the frozen vision tower is never rematerialised.
@@ -220,8 +234,8 @@ def _check_padding(mask: np.ndarray, side: str) -> None:
 
 def _check_landmarks(config: EmolaConfig, landmarks, batch: int) -> None:
     if landmarks is None:
-        raise ValueError(f"this model places a facial prior token {config.prior_position} the visual tokens: "
-                         f"pass landmarks [batch, {config.prior_dim}]")
+        raise ValueError(f"this model places {config.num_prior_tokens} facial prior token(s) {config.prior_position} "
+                         f"the visual tokens: pass landmarks [batch, {config.prior_dim}]")
     values = _host(landmarks, "landmarks")
     if values.shape != (batch, config.prior_dim):
         raise ValueError(f"landmarks have shape {values.shape}; this model takes [{batch}, {config.prior_dim}]")
@@ -242,6 +256,8 @@ def _check_image_tokens(ids: np.ndarray, config: EmolaConfig, with_images: bool,
     row, count = int(rows[0]), int(counts[rows[0]])
     if not with_images:
         raise ValueError(f"row {row} of input_ids holds {count} image tokens but no pixel_values were given")
-    prior = "" if config.prior_position == "off" else " plus the prior token"
+    n = config.num_prior_tokens
+    parts = (["visual tokens"] if config.visual_tokens else []) + (
+        ["the prior token"] if n == 1 else [f"the {n} prior tokens"] if n else [])
     raise ValueError(f"row {row} of input_ids holds {count} image tokens; this model expects exactly {expected} "
-                     f"per row (visual tokens{prior})")
+                     f"per row ({' plus '.join(parts)})")

@@ -12,6 +12,7 @@ from flax import nnx
 from flax.nnx import spmd
 
 from emola_jax.config import LoRAConfig
+from emola_jax.quantization import as_array
 from emola_jax.sharding import axes_metadata
 
 
@@ -19,7 +20,8 @@ class Linear(nnx.Module):
     """`y = x @ kernel + bias`, plus `scale * (x @ lora_a) @ lora_b` when an adapter is attached.
 
     The adapter factors are `nnx.LoRAParam`s, so `nnx.split(model, nnx.LoRAParam, ...)` separates
-    them from the frozen base; `W + BA` is never formed here. `axes` are the kernel's logical axes
+    them from the frozen base; `W + BA` is never formed here. The kernel may be a `qwix.QArray`
+    (`emola_jax.quantization`, a QLoRA base). `axes` are the kernel's logical axes
     `(in, out)`; the bias takes `out`, the factors `(in, "rank")` and `("rank", out)`.
     """
 
@@ -60,7 +62,7 @@ class Linear(nnx.Module):
         key is this layer's own: callers fold their module index into their key for each child."""
         if x.ndim > 2:  # as one [tokens, in] matrix: the weight gradients are then plain GEMMs
             return self(x.reshape(-1, x.shape[-1]), dropout_key).reshape(*x.shape[:-1], -1)
-        y = x @ self.kernel[...]
+        y = x @ as_array(self.kernel[...], x.dtype)  # a quantised kernel is dequantised inside the matmul
         if self.bias is not None:
             y = y + self.bias[...]
         if self.lora_a is not None:

@@ -5,14 +5,25 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Literal
 
-from emola_jax.config import DTYPES, LANDMARK_DIM, EmolaConfig, LoRAConfig, PriorPosition, check_ranges
+from emola_jax.config import (
+    DTYPES,
+    EmolaConfig,
+    LoRAConfig,
+    PriorPosition,
+    PriorToken,
+    check_priors,
+    check_ranges,
+    prior_width,
+    upgrade_prior_dim,
+)
+from emola_jax.quantization import QUANTIZATIONS
 from emola_jax.sharding import MeshConfig
 
 # (path regex, learning rate): the first pattern a weight's '/'-joined path matches decides;
 # `None` freezes it; weights no pattern matches are frozen.
 EMOLA_TRAINABLE: tuple[tuple[str, float | None], ...] = (
     (r"language_model/.*/lora_[ab]", 1e-4),
-    (r"prior_projector/.*", 1e-4),
+    (r"prior_projector(_[^/]+)?/.*", 1e-4),  # every prior's projector (`PriorToken.projector_name`)
     (r"multi_modal_projector/.*", 2e-5),
 )
 
@@ -34,6 +45,9 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     remat: Literal["none", "full", "dots"] = "full"
     attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
+    # QLoRA: the frozen decoder kernels stored quantised on device (emola_jax/quantization.py)
+    base_quantization: Literal["none", "int8", "nf4"] = "none"
+    quantization_block_size: int = 64  # inputs per scale (0: one scale per output channel)
     mesh: MeshConfig = MeshConfig()
     on_nonfinite: Literal["skip", "stop"] = "skip"
     checkpoint_every: int = 500
@@ -46,6 +60,12 @@ class TrainConfig:
             raise ValueError(f"train.on_nonfinite must be skip or stop, not {self.on_nonfinite!r}")
         if self.schedule not in ("cosine", "constant"):
             raise ValueError(f"train.schedule must be cosine or constant, not {self.schedule!r}")
+        if self.base_quantization not in QUANTIZATIONS:
+            raise ValueError(f"train.base_quantization {self.base_quantization!r} is unknown; choose one of "
+                             f"{', '.join(QUANTIZATIONS)}")
+        if not isinstance(self.quantization_block_size, int) or self.quantization_block_size < 0:
+            raise ValueError(f"train.quantization_block_size must be a whole number at least 0 (0: one scale per "
+                             f"output channel), not {self.quantization_block_size!r}")
         check_ranges(self, positive=("steps", "grad_accum_steps", "checkpoint_every", "keep_checkpoints", "log_every"),
                      fraction=("warmup_ratio",), at_least_zero=("weight_decay", "adam_eps"),
                      above_zero=("max_grad_norm",))
@@ -68,15 +88,21 @@ class FromBase:
 
     lora: LoRAConfig | None = LoRAConfig()
     prior_position: PriorPosition = "after"
-    prior_dim: int = LANDMARK_DIM
+    priors: tuple[PriorToken, ...] = (PriorToken(),)
+    visual_tokens: bool = True
     dtype: str = "float32"
+
+    UPGRADE = staticmethod(upgrade_prior_dim)  # `"prior_dim": N` of older files
 
     def __post_init__(self):
         if self.dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
-        if self.prior_position not in ("after", "before", "off"):
-            raise ValueError(f"prior_position must be after, before or off, not {self.prior_position!r}")
-        check_ranges(self, positive=("prior_dim",))
+        check_priors(self)
+
+    @property
+    def prior_dim(self) -> int:
+        """Width of the prior input, as `EmolaConfig.prior_dim`."""
+        return prior_width(self.priors)
 
     @classmethod
     def of(cls, model: EmolaConfig) -> FromBase:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import jax
 import numpy as np
+import qwix
 from flax import nnx
 from jax.sharding import Mesh
 
@@ -24,10 +25,12 @@ from emola_jax.checkpoint import (
     load_config,
     param_shapes,
     read_params,
+    read_quantized,
     stored_params,
 )
 from emola_jax.config import EmolaConfig, differences
 from emola_jax.models import EmolaForConditionalGeneration
+from emola_jax.quantization import Quantization, check_base, is_quantized_path
 from emola_jax.sharding import logical_axes_table, param_sharding
 from emola_jax.train.config import Experiment, FromBase
 from emola_jax.weights import path_name
@@ -61,6 +64,10 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
     """The sharded model to train and the names of the weights that did not come from the base."""
     config, base_config = training_config(experiment)
     shapes = param_shapes(config)
+    quantization = Quantization.of(experiment.train.base_quantization, experiment.train.quantization_block_size)
+    if quantization is not None:
+        quantization.check(shapes)
+    stored_as = check_base(quantization, experiment.train.base) if base_config is not None else None
     in_base: set = set()
     if base_config is not None:
         stored = set(stored_params(experiment.train.base, base_config))
@@ -70,15 +77,27 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
                 in_base.add(path)
     fresh = [path for path in shapes if path not in in_base]
     axes = logical_axes_table(abstract_model(config))
-    values = {path: _read_base(experiment.train.base, path, shapes[path], mesh, axes)
+    values = {path: _read_base(experiment.train.base, path, shapes[path], mesh, axes, quantization, stored_as)
               for path in shapes if path in in_base}
     values.update(_init_fresh(config, fresh, experiment.train.seed, mesh, axes))
+    if quantization is not None:  # kernels not read from the base (a run from random weights)
+        for path in fresh:
+            if is_quantized_path(path):
+                values[path] = _placed(quantization.quantize(values[path]), path, mesh, axes)
 
     return weights.from_flat(abstract_model(config), values), [path_name(p) for p in fresh]
 
 
-def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: dict) -> jax.Array:
-    """One weight (all its layers), cast to the run's dtype and placed in its sharding."""
+def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: dict,
+               quantization: Quantization | None = None, stored_as: Quantization | None = None):
+    """One weight (all its layers), cast to the run's dtype and placed in its sharding; a decoder
+    kernel of a QLoRA run is a `QArray`, read as stored or quantised on its devices as it arrives."""
+    if quantization is not None and is_quantized_path(path):
+        keys = [layer_path(path, i) for i in range(spec.shape[0])]
+        if stored_as is not None:
+            q = jax.tree.map(lambda *x: np.stack(x), *read_quantized(base, keys, stored_as).values())
+            return _placed(q, path, mesh, axes)
+        return _placed(quantization.quantize(_read_base(base, path, spec, mesh, axes)), path, mesh, axes)
     if is_stacked(path):
         keys = [layer_path(path, i) for i in range(spec.shape[0])]
         per_layer = jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
@@ -89,6 +108,17 @@ def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: di
     host = host.astype(spec.dtype)
     sharding = param_sharding(path, spec.shape, mesh, axes)
     return jax.make_array_from_callback(spec.shape, sharding, lambda index: host[index])
+
+
+def _placed(q: qwix.QArray, path, mesh: Mesh, axes: dict) -> qwix.QArray:
+    """A quantised kernel's codes and scales, each placed by the kernel's logical axes."""
+    def place(x):
+        sharding = param_sharding(path, x.shape, mesh, axes)
+        if isinstance(x, jax.Array):
+            return jax.device_put(x, sharding)
+        return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+    return qwix.QArray(place(q.qvalue), place(q.scale), None, q.qtype)
 
 
 def _init_fresh(config: EmolaConfig, paths: list, seed: int, mesh: Mesh, axes: dict) -> dict:

@@ -226,6 +226,8 @@ def save_final_model(trainer: Trainer, experiment: Experiment, workdir: Path) ->
     tokenizer = Path(cfg.base) / TOKENIZER_DIR if cfg.base else None
     files = sorted(tokenizer.iterdir()) if tokenizer is not None and tokenizer.is_dir() else []
     source = {"format": "emola-jax", "trained_from": cfg.base, "steps": cfg.steps, **_preprocessing(experiment.data)}
+    if cfg.base_quantization != "none":  # the kernels are written as the dequantised values it trained over
+        source["base_quantization"] = {"method": cfg.base_quantization, "block_size": cfg.quantization_block_size}
     return save_pretrained(trainer.model(), workdir / FINAL_MODEL, overwrite=True, tokenizer_files=files,
                            source=source)
 

@@ -1,0 +1,213 @@
+"""Face priors: named extractors that turn a face image into the feature the prior token is made of.
+
+A prior is its name, its output width and how to open its extractor. Registered here:
+
+- `2d106det`: insightface's 106-point landmark graph (an ONNX file), 212 values, with the
+  `official` (EmoLA's) or `insightface` recipe of `data/landmarks.py`.
+- `dlib68`: dlib's 68-point shape predictor (iBUG 300-W points), 136 values: (x, y) interleaved,
+  each point relative to the face box, `((x - x1) / (x2 - x1), (y - y1) / (y2 - y1))`, so that
+  the feature does not depend on the image's size.
+- `dlib-face-descriptor`: dlib's ResNet face recognition model, 128 values, on the face as
+  `compute_face_descriptor` aligns it from dlib's 5-point shape predictor (dlib's own example
+  pairs the two); default padding, no jitter, so the feature is deterministic.
+
+Face boxes are `(x1, y1, x2, y2)` in pixels, right and bottom edges exclusive (insightface's
+and the detectors' convention); dlib's inclusive rectangle is `(x1, y1, x2 - 1, y2 - 1)`. Without
+a box the face is the whole image: dataset records are already aligned, cropped faces, the
+official 2d106det recipe uses the whole image too, and a detector would silently lose the faces
+it misses (drawn faces, tight crops) or pick another face; the whole image always exists, so a
+record's feature never depends on whether a detector fired. A box is given for faces in ordinary
+photographs (`run.py analyze` passes detected boxes).
+
+Extraction runs in two stages so that `run.py precompute-priors` can overlap decoding with
+inference: `prepare` (one image, thread-safe, may raise ValueError naming the image) and
+`finish` (a list of prepared images -> `[N, dim]`, on one thread).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from emola_jax.config import LANDMARK_DIM
+from emola_jax.data import dlib_models, landmarks
+
+Box = tuple[float, float, float, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class Prior:
+    """A registered prior: `name`, output width `dim`, whether its extractor needs an ONNX file,
+    the recipes it accepts (the first is the default) and how its extractor is opened."""
+
+    name: str
+    dim: int
+    summary: str
+    opener: Callable[..., Extractor] = dataclasses.field(repr=False, compare=False)
+    needs_onnx: bool = False
+    recipes: tuple[str, ...] = ("default",)
+
+
+class Extractor:
+    """Turns face images into `[N, dim]` float32 features of one prior."""
+
+    prior: Prior
+    recipe: str
+    takes_box: bool = True  # False: the recipe always uses the whole image
+
+    def prepare(self, bgr: np.ndarray, box: Box | None = None, name: str = "image") -> Any:
+        """What `finish` needs of one BGR uint8 `[H, W, 3]` image (`name` is used in errors)."""
+        raise NotImplementedError
+
+    def finish(self, prepared: list) -> np.ndarray:
+        """`[len(prepared), dim]` float32 features."""
+        raise NotImplementedError
+
+    def features(self, images: Sequence[np.ndarray], boxes: Sequence[Box | None] | None = None,
+                 names: Sequence[str] | None = None) -> np.ndarray:
+        """`[N, dim]` features of N BGR uint8 `[H, W, 3]` images, one box (or None: the whole
+        image) per image. ValueError naming the image (`names[i]`, else its index) when its face
+        cannot be processed."""
+        boxes = [None] * len(images) if boxes is None else list(boxes)
+        names = [f"image {i}" for i in range(len(images))] if names is None else list(names)
+        if not len(boxes) == len(names) == len(images):
+            raise ValueError(f"{len(images)} images need as many boxes and names, not {len(boxes)} and {len(names)}")
+        if not images:
+            return np.zeros((0, self.prior.dim), np.float32)
+        return self.finish([self.prepare(b, box, n) for b, box, n in zip(images, boxes, names, strict=True)])
+
+    def file_features(self, paths: Sequence[str | Path], boxes: Sequence[Box | None] | None = None) -> np.ndarray:
+        """`[N, dim]` features of image files (read as `landmarks.read_bgr` reads them)."""
+        return self.features([landmarks.read_bgr(p) for p in paths], boxes, [str(p) for p in paths])
+
+
+def check_box(box: Box | None, shape: tuple[int, ...], name: str) -> Box:
+    """`box` as floats, or the whole image for None; ValueError naming `name` for an empty box or
+    an image too small to hold a face."""
+    height, width = shape[:2]
+    if height < 8 or width < 8:
+        raise ValueError(f"{name}: an image of {width}x{height} pixels is too small for a face")
+    if box is None:
+        return (0.0, 0.0, float(width), float(height))
+    if len(box) != 4 or not all(np.isfinite(v) for v in box):
+        raise ValueError(f"{name}: a face box is (x1, y1, x2, y2), not {box!r}")
+    x1, y1, x2, y2 = map(float, box)
+    if x2 - x1 < 2 or y2 - y1 < 2:
+        raise ValueError(f"{name}: face box {box!r} is empty (x2 must exceed x1 and y2 exceed y1)")
+    return (x1, y1, x2, y2)
+
+
+class LandmarkGraph(Extractor):
+    """2d106det (or any graph with its signature) through `data/landmarks.py`."""
+
+    def __init__(self, prior: Prior, onnx: str | Path | None = None, recipe: str = "official",
+                 threads: int | None = None):
+        if onnx is None:
+            raise ValueError(f"the {prior.name} prior runs an ONNX graph: give its file (2d106det.onnx)")
+        self.prior, self.recipe, self.takes_box = prior, recipe, recipe != "official"
+        self.session = landmarks.open_session(onnx, threads, spinning=False)  # decoding threads need the cores
+        self.normalisation = landmarks.graph_normalisation(onnx) if recipe == "insightface" else None
+
+    def prepare(self, bgr, box=None, name="image"):
+        if self.recipe == "official":
+            if box is not None:
+                raise ValueError(f"{name}: the official 2d106det recipe resizes the whole image and takes no face "
+                                 "box; crop the face first or use the insightface recipe")
+            return landmarks.official_array(bgr), None
+        prepared = landmarks.insightface_array(bgr, *self.normalisation, bbox=box)
+        return prepared.blob, prepared.inverse
+
+    def finish(self, prepared):
+        outputs = landmarks.run_session(self.session, np.stack([blob for blob, _ in prepared]))
+        if self.recipe == "insightface":
+            outputs = np.stack([landmarks.insightface_points(o, inverse)
+                                for o, (_, inverse) in zip(outputs, prepared, strict=True)])
+        return outputs
+
+
+def _dlib_shape(bgr: np.ndarray, box: Box | None, name: str, points: int):
+    """dlib's `points`-point shape of the face in `box`: `(rgb, shape, box)`."""
+    box = check_box(box, bgr.shape, name)
+    rgb = np.ascontiguousarray(bgr[..., ::-1])
+    rect = dlib_models.rectangle((box[0], box[1], box[2] - 1, box[3] - 1))
+    try:
+        shape = dlib_models.shape_predictor(points)(rgb, rect)
+    except RuntimeError as err:  # dlib's own error type
+        raise ValueError(f"{name}: dlib's shape predictor failed on face box {box}: {err}") from None
+    return rgb, shape, box
+
+
+class Dlib68(Extractor):
+    """dlib's 68-point shape predictor, points relative to the face box (see the module's doc)."""
+
+    def __init__(self, prior: Prior, onnx=None, recipe: str = "default", threads=None):
+        self.prior, self.recipe = prior, recipe
+
+    def prepare(self, bgr, box=None, name="image"):
+        _, shape, (x1, y1, x2, y2) = _dlib_shape(bgr, box, name, 68)
+        points = np.array([(p.x, p.y) for p in shape.parts()], np.float64)
+        points = (points - (x1, y1)) / (x2 - x1, y2 - y1)
+        return points.astype(np.float32).reshape(-1)
+
+    def finish(self, prepared):
+        return np.stack(prepared).astype(np.float32)
+
+
+class DlibFaceDescriptor(Extractor):
+    """dlib's ResNet face descriptor on the face aligned from 5 shape points."""
+
+    def __init__(self, prior: Prior, onnx=None, recipe: str = "default", threads=None):
+        self.prior, self.recipe = prior, recipe
+        self.model = dlib_models.face_recognition_model()
+
+    def prepare(self, bgr, box=None, name="image"):
+        rgb, shape, _ = _dlib_shape(bgr, box, name, 5)  # the shape predictor is safe across threads
+        return rgb, shape, name
+
+    def finish(self, prepared):
+        out = []
+        with dlib_models.FACE_RECOGNITION_LOCK:  # the network keeps its activations in itself
+            for rgb, shape, name in prepared:
+                try:
+                    descriptor = np.asarray(self.model.compute_face_descriptor(rgb, shape), np.float32)
+                except RuntimeError as err:
+                    raise ValueError(f"{name}: dlib's face recognition model failed: {err}") from None
+                if descriptor.shape != (self.prior.dim,) or not np.isfinite(descriptor).all():
+                    raise ValueError(f"{name}: dlib's face recognition model gave no finite {self.prior.dim}-value "
+                                     "descriptor")
+                out.append(descriptor)
+        return np.stack(out)
+
+
+PRIORS: dict[str, Prior] = {prior.name: prior for prior in (
+    Prior("2d106det", LANDMARK_DIM, "insightface's 106 landmarks (ONNX graph), raw output or image pixels",
+          LandmarkGraph, needs_onnx=True, recipes=landmarks.RECIPES),
+    Prior("dlib68", 136, "dlib's 68 landmarks, (x, y) interleaved, relative to the face box", Dlib68),
+    Prior("dlib-face-descriptor", 128, "dlib's ResNet face recognition descriptor (5-point alignment)",
+          DlibFaceDescriptor),
+)}
+
+
+def get(name: str) -> Prior:
+    """The registered prior `name`; ValueError listing the known ones otherwise."""
+    if name not in PRIORS:
+        raise ValueError(f"unknown face prior {name!r}; known: {', '.join(PRIORS)}")
+    return PRIORS[name]
+
+
+def open_extractor(name: str, *, onnx: str | Path | None = None, recipe: str | None = None,
+                   threads: int | None = None) -> Extractor:
+    """An extractor of prior `name`. `onnx`: the graph file of a prior that runs one (required
+    there, refused elsewhere); `recipe`: one of the prior's recipes (default: its first);
+    `threads`: onnxruntime's intra-op threads. ValueError for anything else."""
+    prior = get(name)
+    recipe = recipe or prior.recipes[0]
+    if recipe not in prior.recipes:
+        raise ValueError(f"the {name} prior's recipes are {', '.join(prior.recipes)}, not {recipe!r}")
+    if onnx is not None and not prior.needs_onnx:
+        raise ValueError(f"the {name} prior runs dlib's own model and takes no ONNX file")
+    return prior.opener(prior, onnx=onnx, recipe=recipe, threads=threads)

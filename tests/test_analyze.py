@@ -1,0 +1,133 @@
+"""Faces in ordinary photos: detection and alignment equal dlib's own, and `run.py analyze` on real
+photographs (scikit-image's astronaut, insightface's group photo t1.jpg) with the demo's trained model."""
+
+import importlib.util
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from emola_jax.data import dlib_models
+from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, FaceFinder, insightface_detector
+from emola_jax.data.image import decode_rgb
+from tests.processes import RUN, cpu_env
+
+dlib = pytest.importorskip("dlib")
+skimage_data = pytest.importorskip("skimage.data")
+
+
+def _group_photo() -> Path:
+    spec = importlib.util.find_spec("insightface")
+    if spec is None:
+        pytest.skip("insightface (its group photo t1.jpg) is not installed")
+    return Path(next(iter(spec.submodule_search_locations))) / "data" / "images" / "t1.jpg"
+
+
+def _dlib_faces(rgb: np.ndarray, rects, size: int = CHIP_SIZE, padding: float = CHIP_PADDING):
+    """Boxes (largest first), 5 points and face chips computed by dlib itself."""
+    predictor = dlib.shape_predictor(str(dlib_models.model_path("shape5")))
+    rects = sorted(rects, key=lambda r: -(r.width() * r.height()))
+    shapes = [predictor(rgb, r) for r in rects]
+    return ([(r.left(), r.top(), r.right(), r.bottom()) for r in rects],
+            [np.array([(p.x, p.y) for p in s.parts()], np.float32) for s in shapes],
+            [dlib.get_face_chip(rgb, s, size=size, padding=padding) for s in shapes])
+
+
+@pytest.mark.parametrize("photo", ["astronaut", "t1"])
+def test_hog_faces_equal_dlib(photo):
+    rgb = skimage_data.astronaut() if photo == "astronaut" else decode_rgb(_group_photo())
+    boxes, points, chips = _dlib_faces(rgb, dlib.get_frontal_face_detector()(rgb, 1))
+    faces = FaceFinder("hog").find(rgb)
+    assert len(boxes) == (2 if photo == "astronaut" else 6)  # the astronaut's face and her mission patch
+    assert [f.detection.box for f in faces] == boxes
+    for face, want_points, want_chip in zip(faces, points, chips, strict=True):
+        np.testing.assert_array_equal(face.points, want_points)
+        assert face.chip.shape == (CHIP_SIZE, CHIP_SIZE, 3)
+        np.testing.assert_array_equal(face.chip, want_chip)
+
+
+def test_cnn_detector_crop_options_and_limits_equal_dlib():
+    rgb = skimage_data.astronaut()
+    detector = dlib.cnn_face_detection_model_v1(str(dlib_models.model_path("cnn_detector")))
+    boxes, _, chips = _dlib_faces(rgb, [d.rect for d in detector(rgb, 0)], size=150, padding=0.5)
+    faces = FaceFinder("cnn", upsample=0, chip_size=150, chip_padding=0.5).find(rgb)
+    assert len(faces) == 1 and [f.detection.box for f in faces] == boxes
+    np.testing.assert_array_equal(faces[0].chip, chips[0])
+
+    group = decode_rgb(_group_photo())
+    every = FaceFinder("hog").detect(group)
+    assert FaceFinder("hog", max_faces=2).detect(group) == every[:2]
+    assert every[0].area >= every[1].area >= every[-1].area
+    with pytest.raises(ValueError, match="detector must be one of hog, cnn, insightface"):
+        FaceFinder("mtcnn")
+    with pytest.raises(ValueError, match="chip padding"):
+        FaceFinder(chip_padding=-0.1)
+
+
+def test_insightface_detector_needs_its_pack(tmp_path):
+    with pytest.raises(FileNotFoundError, match="model pack 'buffalo_l' is not installed at"):
+        insightface_detector("buffalo_l", tmp_path)
+    pack = Path("~/.insightface/models/buffalo_l").expanduser()
+    if not any(pack.glob("*.onnx")):
+        pytest.skip("insightface's buffalo_l pack is not installed here")
+    faces = FaceFinder("insightface").find(skimage_data.astronaut())
+    assert faces and faces[0].chip.shape == (CHIP_SIZE, CHIP_SIZE, 3)
+
+
+def test_analyze_command_on_photos(demo_run, tmp_path):
+    """The whole command as a user runs it: photos as files (PNG and JPEG bytes), one with several
+    faces, one with none, one unreadable; every box and crop is dlib's, every reading is the official
+    scoring's reading of the answer written beside it."""
+    from emola_jax.data.labels import EMOTIONS
+    from emola_jax.eval import scoring
+
+    workdir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    Image.fromarray(skimage_data.astronaut()).save(photos / "astronaut.png")
+    shutil.copy(_group_photo(), photos / "group.jpg")
+    Image.fromarray(skimage_data.coffee()).save(photos / "coffee.png")
+    (photos / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not a picture")
+    out = tmp_path / "out"
+    result = subprocess.run(
+        [*RUN, "analyze", *(str(photos / n) for n in ("astronaut.png", "group.jpg", "coffee.png", "broken.jpg")),
+         "--ckpt", str(workdir / "run" / "model"), "--onnx", str(workdir / "landmark_model.onnx"),
+         "--out", str(out), "--max-new-tokens", "24", "--batch-size", "4", "--no-progress"],
+        capture_output=True, text=True, env=cpu_env(1), timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert f"{photos / 'coffee.png'}: no face found" in result.stdout
+    skipped = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
+    assert len(skipped) == 1 and skipped[0].startswith(f"skipped {photos / 'broken.jpg'}: ")
+    assert "8 faces in 3 photos (1 without a face, 1 unreadable)" in result.stdout
+
+    lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    by_photo = {}
+    for line in lines:
+        by_photo.setdefault(Path(line["photo"]).name, []).append(line)
+    assert by_photo["coffee.png"] == [{"photo": str(photos / "coffee.png"), "faces": 0,
+                                       "seconds": by_photo["coffee.png"][0]["seconds"]}]
+    assert list(by_photo["broken.jpg"][0]) == ["photo", "error"]
+    assert not (out / "coffee.png").exists() and not (out / "broken.png").exists()
+    for name, stem in (("astronaut.png", "astronaut"), ("group.jpg", "group")):
+        rgb = decode_rgb(photos / name)
+        boxes, _, chips = _dlib_faces(rgb, dlib.get_frontal_face_detector()(rgb, 1))
+        faces = by_photo[name]
+        assert [f["box"] for f in faces] == [list(b) for b in boxes]
+        for number, (face, chip) in enumerate(zip(faces, chips, strict=True), 1):
+            assert face["face"] == number and face["crop"] == f"faces/{stem}-{number}.png"
+            np.testing.assert_array_equal(np.asarray(Image.open(out / face["crop"])), chip)
+            assert face["emotion_answer"] and face["au_answer"]
+            assert face["emotion"] == EMOTIONS[scoring.emotion_of(face["emotion_answer"])]
+            assert face["aus"] == [f"AU{a}" for a in sorted(scoring.aus_of(face["au_answer"]), key=int)]
+            assert set(face["seconds"]) == {"decode", "detect", "align", "prior"}
+        labelled = np.asarray(Image.open(out / f"{stem}.png"))
+        assert labelled.shape == rgb.shape and (labelled != rgb).any()  # boxes and labels drawn on it
+    page = (out / "index.html").read_text()
+    for line in lines:
+        assert str(Path(line["photo"])) in page
+    assert page.count("<tr>") == 2 + 8  # a header row per photo with faces, a row per face
