@@ -289,7 +289,7 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
 
     A quantised checkpoint's decoder kernels are listed as the float32 kernels `read_params`
     dequantises them to (their codes and scales are checked here, then hidden)."""
-    from emola_jax.quantization import SCALE_SUFFIX, checkpoint_quantization, is_quantized_path
+    from emola_jax.quantization import checkpoint_quantization, is_quantized_path, is_scale_path
 
     params_dir = Path(path).absolute() / PARAMS_DIR
     quantization = checkpoint_quantization(path)
@@ -315,8 +315,7 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
             )
     if quantization is not None:
         plain = disk_shapes(config)
-        stored = {k: plain[k] if is_quantized_path(k) else v for k, v in stored.items()
-                  if not (is_quantized_path(k[:-1] + ("kernel",)) and k[-1] == "kernel" + SCALE_SUFFIX)}
+        stored = {k: plain[k] if is_quantized_path(k) else v for k, v in stored.items() if not is_scale_path(k)}
     return stored
 
 

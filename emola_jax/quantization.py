@@ -155,6 +155,11 @@ def scale_path(path: Path_) -> Path_:
     return (*path[:-1], path[-1] + SCALE_SUFFIX)
 
 
+def is_scale_path(path: Path_) -> bool:
+    """The `kernel_scale` entry stored beside a quantised kernel's codes."""
+    return path[-1] == "kernel" + SCALE_SUFFIX and is_quantized_path((*path[:-1], "kernel"))
+
+
 def checkpoint_quantization(checkpoint: str | Path) -> Quantization | None:
     """The quantisation a checkpoint's decoder kernels are stored in (None: unquantised)."""
     file = Path(checkpoint) / QUANTIZATION_FILE
