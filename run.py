@@ -189,17 +189,46 @@ def _train(args: argparse.Namespace) -> None:
     assignments = list(args.set)
     if args.steps is not None:
         assignments.append(f"train.steps={args.steps}")
-    if args.mesh is not None:
-        from emola_jax.sharding import MeshConfig
-
-        mesh = MeshConfig.parse(args.mesh)
-        assignments += [f"train.mesh.{axis}={getattr(mesh, axis)}" for axis in ("data", "fsdp", "tensor")]
+    assignments += _mesh_assignments(args.mesh)
     experiment = override(configs.load(args.config), assignments)
     check_apart("--workdir", args.workdir, {"train.base": experiment.train.base})
     summary = train(experiment, args.workdir, until=args.until, extend=args.extend)
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")
+
+
+def _mesh_assignments(text: str | None) -> list[str]:
+    """`--mesh data=2,fsdp=4` as `--set train.mesh.*` assignments (every axis, ICI and DCN)."""
+    if text is None:
+        return []
+    import dataclasses
+
+    from emola_jax.sharding import MeshConfig
+
+    mesh = MeshConfig.parse(text)
+    return [f"train.mesh.{field.name}={getattr(mesh, field.name)}" for field in dataclasses.fields(mesh)]
+
+
+def _plan(args: argparse.Namespace) -> None:
+    import configs
+    from emola_jax import plan
+    from emola_jax.config import override
+
+    assignments = list(args.set)
+    assignments += _mesh_assignments(args.mesh)
+    for key, value in (("train.remat", args.remat), ("train.base_quantization", args.quantize)):
+        if value is not None:
+            assignments.append(f"{key}={value}")
+    experiment = override(configs.load(args.config), assignments)
+    if args.evaluate and args.num_slices > 1:
+        raise ValueError("--evaluate plans one slice (evaluation replicates the model on every chip)")
+    if not args.evaluate and (args.prompt_length or args.new_tokens):
+        raise ValueError("--prompt-length and --new-tokens go with --evaluate (training plans take --seq)")
+    plan.run(experiment, args.topology, num_slices=args.num_slices, batch=args.batch, seq=args.seq,
+             search=not args.no_search, max_batch=args.max_batch, evaluate=args.evaluate,
+             prompt_length=args.prompt_length or 640, max_new_tokens=args.new_tokens or 128,
+             device_gib=args.device_gib, log=lambda line: print(line, flush=True))
 
 
 def _ranged(kind: type, wanted: str, low: float, *, above: bool = False):
@@ -492,7 +521,8 @@ def _train_command(commands) -> None:
     parser.add_argument("--until", type=positive_int, metavar="STEP",
                         help="stop after this step (and its checkpoint), as a preemption would; rerun to go on "
                         "(default: train.steps)")
-    parser.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest; "
+    parser.add_argument("--mesh", help="mesh axis sizes, e.g. data=8,fsdp=1,tensor=1 (one may be -1: the rest), "
+                        "and across TPU slices dcn_data, dcn_fsdp, dcn_tensor (e.g. data=1,fsdp=-1,dcn_data=2; "
                         "default: the config's train.mesh)")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set train.remat=dots (repeatable; default: none)")
@@ -593,6 +623,47 @@ def _analyze_command(commands) -> None:
     parser.set_defaults(func=_analyze)
 
 
+def _plan_command(commands) -> None:
+    parser = _command(
+        commands, "plan", help="will a run fit a TPU pod? the real step compiled for a TPU topology, no TPU needed",
+        description="Compile the real train step of a config (or with --evaluate the generate step) for a TPU "
+        "topology with libtpu's compile-only client, as MaxText's train_compile.py does, and print per chip: "
+        "weights, optimiser state, temporaries and the total against the chip's HBM (the compiler refuses a step "
+        "that cannot fit), the largest per-chip batch that fits, FLOPs per step, and a roofline time and MFU from "
+        "the chip's published peak FLOP/s and HBM bandwidth. It is a compiler plan, not a timing. Needs libtpu: "
+        "pip install 'jax[tpu]==<your jax version>' (installs on any machine).",
+        epilog="required: --topology. Each compile of a 7B step takes minutes on a small CPU; the batch search "
+        "takes about 2 log2(batch) compiles (--no-search skips it).",
+    )
+    parser.add_argument("--topology", required=True,
+                        help="v5e:2x2, v4:2x2x1, v5p:2x2x2 (jax's names), v5e-8, v5p-8, v5e-1 (Cloud's), or cpu "
+                        "(this machine's devices; required)")
+    parser.add_argument("--num-slices", type=positive_int, default=1,
+                        help="slices joined over the data-centre network (set the mesh's dcn_* sizes to match)")
+    parser.add_argument("--config", default="emola_7b", help="config name in configs/ or a path")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config field, e.g. --set model.lora.rank=8 (repeatable; default: none)")
+    parser.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=-1 or data=2,fsdp=4,dcn_data=2 (default: the "
+                        "config's train.mesh)")
+    parser.add_argument("--batch", type=positive_int, default=4, help="rows per chip")
+    parser.add_argument("--seq", type=positive_int, default=2048, help="tokens per row (training)")
+    parser.add_argument("--remat", choices=["none", "full", "dots", "offload"],
+                        help="train.remat (default: the config's); offload: full, with the layer inputs in host memory")
+    parser.add_argument("--quantize", choices=["none", "int8", "nf4"],
+                        help="the frozen base as stored on the chip (train.base_quantization; default: the config's)")
+    parser.add_argument("--no-search", action="store_true", help="skip the search for the largest batch")
+    parser.add_argument("--max-batch", type=positive_int, default=64, help="largest per-chip batch searched")
+    parser.add_argument("--device-gib", type=positive_float,
+                        help="memory per device to compare with (default: the chip's HBM; needed for --topology cpu)")
+    generating = parser.add_argument_group("evaluation", "--evaluate plans the generate step instead; "
+                                            "--prompt-length and --new-tokens go with --evaluate")
+    generating.add_argument("--evaluate", action="store_true", help="plan prefill + decode loop, as evaluate runs it")
+    generating.add_argument("--prompt-length", type=positive_int,
+                            help="prompt tokens: 577 image positions and the question (default: 640)")
+    generating.add_argument("--new-tokens", type=positive_int, help="tokens decoded (default: 128)")
+    parser.set_defaults(func=_plan)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description=__doc__, formatter_class=_HelpFormatter)
     parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
@@ -607,11 +678,26 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_command(commands)
     _analyze_command(commands)
     _ablation_command(commands)
+    _plan_command(commands)
     return parser
+
+
+def _skip_absent_tpu() -> None:
+    """With libtpu installed (the `dev` extra brings it for `plan`), jax starts the TPU runtime on
+    every machine, which prints warnings about a missing TPU on one without; there, jax is told
+    to use the other platforms. A TPU machine, or a JAX_PLATFORMS set by the user, is left alone."""
+    import os
+
+    import jax
+    from jax._src import hardware_utils
+
+    if "JAX_PLATFORMS" not in os.environ and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
+        jax.config.update("jax_platforms", "cuda,cpu")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    _skip_absent_tpu()
     from emola_jax import distributed
 
     try:

@@ -160,12 +160,23 @@ def _adapter_file(adapter_format: str) -> str:
     return f"adapter_model.{adapter_format}"
 
 
-def _plan_peft(config: EmolaConfig, adapter_format: str) -> list[Item]:
+def _plan_peft(config: EmolaConfig, dtype: np.dtype, adapter_format: str) -> list[Item]:
+    """The LoRA factors (float32) and the multi-modal projector (`modules_to_save`, in `dtype`) in
+    the adapter file; each prior's projector beside it, as in an `hf` export: together they are
+    everything a run trains, so the adapter over the llava-hf model the run started from computes
+    the trained model, not only its LoRA part."""
     file = _adapter_file(adapter_format)
-    return [
-        _item(file, tables.PEFT_LLAVA_HF, rule, layer, np.float32)
-        for rule, layer in _walk(tables.rules(config)) if rule.is_lora
-    ]
+    priors = _priors(config)
+    items = []
+    for rule, layer in _walk(tables.rules(config)):
+        if rule.is_lora:
+            items.append(_item(file, tables.PEFT_LLAVA_HF, rule, layer, np.float32))
+        elif rule.path[0] in tables.PEFT_MODULES_TO_SAVE:
+            items.append(_item(file, tables.PEFT_LLAVA_HF, rule, layer, dtype))
+        elif rule.path[0] in priors:
+            prior = priors[rule.path[0]]
+            items.append(_item(prior_file(prior), tables.prior_file_layout(prior), rule, layer, dtype))
+    return items
 
 
 def _plan_emola(config: EmolaConfig, dtype: np.dtype, adapter_format: str) -> list[Item]:
@@ -326,7 +337,7 @@ def plan_export(
     if fmt == "hf":
         items = _plan_hf(config, np.dtype(dtype), merge, parse_size(max_shard_size))
     elif fmt == "peft":
-        items = _plan_peft(config, adapter_format)
+        items = _plan_peft(config, dtype, adapter_format)
     else:
         items = _plan_emola(config, np.dtype(dtype), adapter_format)
     return config.replace(dtype=dtype), items
@@ -398,7 +409,7 @@ def _write_configs(folder: Path, ckpt: Path, fmt: str, config: EmolaConfig, item
         base = source.get("src") if source.get("format") == "llava-hf" else None
         _write_json(folder / ADAPTER_CONFIG, to_peft_config(
             config.lora, target_modules=target_regex(config.lora, r"(.*\.)?language_model\.layers"),
-            task_type=None, base=base))
+            task_type=None, base=base, modules_to_save=list(tables.PEFT_MODULES_TO_SAVE)))
     else:
         _write_json(folder / ADAPTER_CONFIG, to_peft_config(
             config.lora, target_modules=list(config.lora.targets), task_type="CAUSAL_LM", base=source.get("base")))

@@ -177,8 +177,13 @@ CLIP_VISION_ONLY = Layout("CLIPVisionModel (embeddings.*, encoder.*)", (("model.
 PEFT_EMOLA = Layout("PEFT adapter on LLaVA", (("model.language_model.", "base_model.model.model."),))
 # PEFT on transformers' LlavaForConditionalGeneration (module names model.language_model.layers.*).
 PEFT_LLAVA_HF = Layout(
-    "PEFT adapter on llava-hf", (("model.language_model.", "base_model.model.model.language_model."),)
+    "PEFT adapter on llava-hf", (("model.language_model.", "base_model.model.model.language_model."),
+                                 ("model.multi_modal_projector.", "base_model.model.model.multi_modal_projector."))
 )
+# modules a PEFT export carries whole (`modules_to_save`): what EmoLA trains beside the adapters
+# inside transformers' LLaVA; PEFT saves them under their module path, without its wrapper's
+# `modules_to_save.default.`
+PEFT_MODULES_TO_SAVE = ("multi_modal_projector",)
 
 
 def prior_file_layout(prior: PriorToken) -> Layout:

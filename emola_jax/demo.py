@@ -63,8 +63,9 @@ def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> floa
 
 def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path, eval_file: Path,
                    features: Path | tuple[Path, ...]) -> tuple[float, float]:
-    """Largest logit difference of the transformers export and of PEFT over the unmerged base,
-    against this project's model, on a held-out face with its prior token."""
+    """Largest logit difference of the transformers export, and of the PEFT adapter (with the prior
+    projectors beside it) over `base_dir`, the llava-hf model the run started from, against this
+    project's model, on a held-out face with its prior token."""
     import torch
     from flax import nnx
     from peft import PeftModel
@@ -92,7 +93,8 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     merged = logits_with_prior(hf, projectors, torch_ids, pixels, landmarks, mask)
     with torch.no_grad():
         peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
-    adapted = logits_with_prior(peft.eval(), projectors, torch_ids, pixels, landmarks, mask)
+    adapted = logits_with_prior(peft.eval(), [peft_dir / prior_file(prior) for prior in config.priors], torch_ids,
+                                pixels, landmarks, mask)
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
 
@@ -232,7 +234,7 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
 
     # 5. export to PyTorch and reload
     hf_dir = export(result["model"], workdir / "export" / "hf", fmt="hf", progress=False)
-    base_dir = export(result["model"], workdir / "export" / "hf-base", fmt="hf", merge=False, progress=False)
+    base_dir = workdir / "llava-hf"  # the transformers model the run's base was converted from
     peft_dir = export(result["model"], workdir / "export" / "peft", fmt="peft", progress=False)
     merged_diff, peft_diff = _check_exports(Path(result["model"]), hf_dir, base_dir, peft_dir,
                                             files["eval_emotion"], features)

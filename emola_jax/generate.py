@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from functools import partial
 
 import jax
 import jax.numpy as jnp
@@ -72,9 +71,10 @@ def generate(
     return _generate(model, input_ids, pixel_values, attention_mask, landmarks, key, config)
 
 
-@partial(nnx.jit, static_argnames=("config",))
-def _generate(model, input_ids, pixel_values, attention_mask, landmarks, key, config: GenerationConfig) -> jax.Array:
-    """`generate` after its checks: one prefill of the prompt, then a `while_loop` of decode steps."""
+def generate_step(model, input_ids, pixel_values, attention_mask, landmarks, key,
+                  config: GenerationConfig) -> jax.Array:
+    """`generate` after its checks, to be traced: one prefill of the prompt, then a `while_loop`
+    of decode steps (what `generate` jits, and what `emola_jax.plan` compiles for a TPU)."""
     batch, prompt_len = input_ids.shape
     lm = model.language_model
     embeds = model.embed(input_ids, pixel_values, landmarks)
@@ -106,3 +106,6 @@ def _generate(model, input_ids, pixel_values, attention_mask, landmarks, key, co
 
     state = (jnp.int32(1), first, cache, first == config.eos_token_id, out, key)
     return jax.lax.while_loop(cond, body, state)[4]
+
+
+_generate = nnx.jit(generate_step, static_argnames=("config",))

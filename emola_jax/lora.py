@@ -116,9 +116,10 @@ def merge_lora(model):
 
 
 def to_peft_config(lora: LoRAConfig, *, target_modules: str | list[str], task_type: str | None,
-                   base: str | None) -> dict[str, Any]:
+                   base: str | None, modules_to_save: list[str] | None = None) -> dict[str, Any]:
     """PEFT's `adapter_config.json` for `lora` (the fields PEFT 0.4, which the official EmoLA code
-    pins, and today's PEFT both read). `target_modules` in the form the target layout needs."""
+    pins, and today's PEFT both read). `target_modules` in the form the target layout needs;
+    `modules_to_save` names modules the adapter file carries whole (trained beside LoRA)."""
     return {
         "base_model_name_or_path": base,
         "bias": "none",
@@ -129,7 +130,7 @@ def to_peft_config(lora: LoRAConfig, *, target_modules: str | list[str], task_ty
         "layers_to_transform": None,
         "lora_alpha": int(lora.alpha) if float(lora.alpha).is_integer() else lora.alpha,
         "lora_dropout": float(lora.dropout),
-        "modules_to_save": None,
+        "modules_to_save": modules_to_save,
         "peft_type": "LORA",
         "r": lora.rank,
         "revision": None,

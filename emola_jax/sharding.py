@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 import jax
 import numpy as np
 from flax import nnx
+from jax.experimental import mesh_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from emola_jax.weights import Path_, path_name
@@ -34,25 +35,41 @@ def axes_metadata(axes: Axes) -> dict:
     return {"out_sharding": tuple(axes), "eager_sharding": False}
 
 
-# logical axis -> mesh axes (None: replicated); an axis declared `None` is replicated too
-LOGICAL_RULES: dict[str, str | tuple[str, ...] | None] = {
-    "batch": ("data", "fsdp"),
-    "embed": "fsdp",
-    "heads": "tensor",
-    "mlp": "tensor",
-    "vocab": "tensor",
-    "layers": None,
-    "rank": None,
-    "norm": None,
-}
+BATCH_AXES = ("data", "fsdp")  # the mesh axes that split the rows of a batch
+
+# (logical axis, mesh axes), applied in this order: each rule gives a dimension of that logical
+# axis the mesh axes the weight does not use yet, as far as they divide it (MaxText's rule list).
+# The rules after the first block are ZeRO-3's: a weight whose `embed` axis did not take `fsdp`
+# (LoRA-B `[rank, heads|mlp]`, the projectors' hidden layer) is split over `fsdp` by its other
+# axis, so every trainable weight and its Adam moments shrink as 1/fsdp. Logical axes named by no
+# rule (`layers`, `rank`, `norm`, `None`) stay whole.
+LOGICAL_RULES: tuple[tuple[str, tuple[str, ...]], ...] = (
+    ("batch", BATCH_AXES),
+    ("embed", ("fsdp",)),
+    ("heads", ("tensor",)),
+    ("mlp", ("tensor",)),
+    ("vocab", ("tensor",)),
+    ("heads", ("fsdp",)),
+    ("mlp", ("fsdp",)),
+    ("vocab", ("fsdp",)),
+)
+LOGICAL_AXES = frozenset({name for name, _ in LOGICAL_RULES} | {"layers", "rank", "norm"})
+
 
 @dataclasses.dataclass(frozen=True)
 class MeshConfig:
-    """Mesh axis sizes; one of them may be -1 (all devices the others leave)."""
+    """Mesh axis sizes. `data`, `fsdp`, `tensor` are the axes inside one slice (ICI; one of them
+    may be -1: the devices the others leave); `dcn_*` split the same axes across slices joined by
+    the data-centre network (MaxText's `dcn_*_parallelism`), so each mesh axis has
+    `ici size x dcn size` devices. Keep `fsdp` and `tensor` inside a slice: their collectives run
+    every layer, while data parallelism across slices all-reduces the gradients once a step."""
 
     data: int = -1
     fsdp: int = 1
     tensor: int = 1
+    dcn_data: int = 1
+    dcn_fsdp: int = 1
+    dcn_tensor: int = 1
 
     def __post_init__(self):
         for axis in MESH_AXES:
@@ -60,19 +77,32 @@ class MeshConfig:
             if not (isinstance(size, int) and (size >= 1 or size == -1)):
                 raise ValueError(f"mesh axis {axis} must be a size of at least 1, or -1 (the devices left), "
                                  f"not {size!r}")
+            size = getattr(self, f"dcn_{axis}")
+            if not (isinstance(size, int) and size >= 1):
+                raise ValueError(f"mesh axis dcn_{axis} must be a number of slices of at least 1, not {size!r}")
 
     @classmethod
     def parse(cls, text: str) -> MeshConfig:
-        """`data=2,fsdp=2,tensor=2` (axes left out keep their defaults)."""
+        """`data=2,fsdp=2,tensor=2[,dcn_data=2]` (axes left out keep their defaults)."""
+        names = [f.name for f in dataclasses.fields(cls)]
         sizes = {}
         for part in filter(None, text.split(",")):
             name, _, value = part.partition("=")
-            if name not in MESH_AXES or not value.lstrip("-").isdigit():
-                raise ValueError(f"mesh {text!r}: expected axis=size with axes {', '.join(MESH_AXES)}")
+            if name not in names or not value.lstrip("-").isdigit():
+                raise ValueError(f"mesh {text!r}: expected axis=size with axes {', '.join(names)}")
             sizes[name] = int(value)
         return dataclasses.replace(cls(), **sizes)
 
+    @property
+    def slices(self) -> int:
+        """How many slices the mesh spans (the product of the `dcn_*` sizes)."""
+        return self.dcn_data * self.dcn_fsdp * self.dcn_tensor
+
+    def dcn_shape(self) -> tuple[int, int, int]:
+        return self.dcn_data, self.dcn_fsdp, self.dcn_tensor
+
     def shape(self, device_count: int) -> tuple[int, int, int]:
+        """The ICI sizes `(data, fsdp, tensor)` inside one slice of `device_count` devices."""
         sizes = [self.data, self.fsdp, self.tensor]
         if sizes.count(-1) > 1:
             raise ValueError(f"mesh {self}: at most one axis may be -1")
@@ -86,15 +116,50 @@ class MeshConfig:
         return tuple(sizes)
 
 
+def slice_count(devices: Sequence[jax.Device]) -> int:
+    """How many TPU slices `devices` span (1 where devices carry no slice index: CPUs, GPUs, one slice)."""
+    return len({getattr(d, "slice_index", 0) for d in devices})
+
+
 def make_mesh(config: MeshConfig, devices: Sequence[jax.Device] | None = None) -> Mesh:
-    """All devices of all processes, ordered by process so each host's rows of the batch are local."""
+    """The `(data, fsdp, tensor)` mesh over all devices of all processes.
+
+    On TPUs it follows the machine: inside a slice, `mesh_utils.create_device_mesh` lays the axes
+    on the ICI torus (the last axis on the closest chips); across slices,
+    `create_hybrid_device_mesh` puts the `dcn_*` part of each axis between slices. On CPUs and
+    GPUs devices are taken in process order (each host's rows of the batch stay local), the
+    `dcn_*` part of each axis outermost; a mesh smaller than the devices uses the first ones.
+
+    Raises ValueError when the sizes do not fit the devices, or the devices span a number of
+    slices other than the `dcn_*` sizes' product.
+    """
     devices = list(devices if devices is not None else jax.devices())
+    on_tpu = devices[0].platform == "tpu"
+    slices = slice_count(devices)
+    if on_tpu and slices != config.slices:
+        raise ValueError(f"the TPU devices span {slices} slice(s); the mesh's dcn_data x dcn_fsdp x dcn_tensor is "
+                         f"{config.slices}: set them to multiply to {slices}")
+    if len(devices) % config.slices:
+        raise ValueError(f"{len(devices)} devices do not split into {config.slices} slices (mesh {config})")
+    ici = config.shape(len(devices) // config.slices)
+    dcn = config.dcn_shape()
+    if on_tpu:
+        if math.prod(ici) * config.slices != len(devices):
+            raise ValueError(f"mesh {dict(zip(MESH_AXES, ici, strict=True))} per slice x {config.slices} slices "
+                             f"uses {math.prod(ici) * config.slices} of the {len(devices)} TPU devices; on TPUs a "
+                             "mesh takes every device (set one axis to -1)")
+        grid = (mesh_utils.create_hybrid_device_mesh(ici, dcn, devices, allow_split_physical_axes=True)
+                if slices > 1 else mesh_utils.create_device_mesh(ici, devices, allow_split_physical_axes=True))
+        return Mesh(grid, MESH_AXES)
     devices.sort(key=lambda d: (d.process_index, d.id))
-    shape = config.shape(len(devices))
-    if math.prod(shape) < len(devices):
-        print(f"mesh {dict(zip(MESH_AXES, shape, strict=True))} uses {math.prod(shape)} of the {len(devices)} devices")
-        devices = devices[: math.prod(shape)]
-    return Mesh(np.asarray(devices, dtype=object).reshape(shape), MESH_AXES)
+    used = math.prod(ici) * config.slices
+    if used < len(devices):
+        sizes = {a: i * d for a, i, d in zip(MESH_AXES, ici, dcn, strict=True)}
+        print(f"mesh {sizes} uses {used} of the {len(devices)} devices")
+        devices = devices[:used]
+    # [dcn_data, dcn_fsdp, dcn_tensor, data, fsdp, tensor] -> each axis as (dcn, ici), dcn outer
+    grid = np.asarray(devices, dtype=object).reshape(*dcn, *ici).transpose(0, 3, 1, 4, 2, 5)
+    return Mesh(grid.reshape([i * d for i, d in zip(ici, dcn, strict=True)]), MESH_AXES)
 
 
 def logical_axes_table(model: nnx.Module) -> dict[Path_, Axes]:
@@ -114,21 +179,25 @@ def logical_axes_table(model: nnx.Module) -> dict[Path_, Axes]:
 
 
 def partition_spec(axes: Sequence[str | None], shape: Sequence[int], mesh: Mesh) -> PartitionSpec:
-    """Logical axes -> mesh axes; a dimension the mesh axes do not divide stays replicated."""
-    used: set[str] = set()
-    spec = []
-    for name, size in zip(axes, shape, strict=True):
-        if name is not None and name not in LOGICAL_RULES:
+    """Logical axes -> mesh axes by `LOGICAL_RULES`, in their order. A mesh axis of size 1 is
+    skipped, each mesh axis serves one dimension, and a dimension takes a mesh axis only where
+    the product of its mesh axes divides its size (else it stays whole on that axis)."""
+    for name in axes:
+        if name is not None and name not in LOGICAL_AXES:
             raise ValueError(f"logical axis {name!r} has no rule in LOGICAL_RULES")
-        mesh_axes = LOGICAL_RULES[name] if name else None
-        mesh_axes = (mesh_axes,) if isinstance(mesh_axes, str) else tuple(mesh_axes or ())
-        mesh_axes = tuple(a for a in mesh_axes if a not in used and mesh.shape[a] > 1)
-        if mesh_axes and size % math.prod(mesh.shape[a] for a in mesh_axes) == 0:
-            used.update(mesh_axes)
-            spec.append(mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes)
-        else:
-            spec.append(None)
-    return PartitionSpec(*spec)
+    taken: list[list[str]] = [[] for _ in axes]
+    used: set[str] = set()
+    for logical, mesh_axes in LOGICAL_RULES:
+        for dim, (name, size) in enumerate(zip(axes, shape, strict=True)):
+            if name != logical:
+                continue
+            for axis in mesh_axes:
+                if axis in used or mesh.shape.get(axis, 1) == 1:
+                    continue
+                if size % math.prod(mesh.shape[a] for a in (*taken[dim], axis)) == 0:
+                    taken[dim].append(axis)
+                    used.add(axis)
+    return PartitionSpec(*(None if not t else t[0] if len(t) == 1 else tuple(t) for t in taken))
 
 
 def param_sharding(path: Sequence[str], shape: Sequence[int], mesh: Mesh,
@@ -162,7 +231,7 @@ def state_shardings(state, mesh: Mesh, axes: Mapping[Path_, Axes]):
 
 def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     """Rows over `data` x `fsdp`, everything else whole."""
-    return NamedSharding(mesh, PartitionSpec(LOGICAL_RULES["batch"], *([None] * (ndim - 1))))
+    return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
 def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:

@@ -39,8 +39,8 @@ def test_clip_tower_matches_every_hidden_state(tmp_path, kind):
     expected = _hidden_states(reference, pixels)
     model, vision = load_clip_vision(tmp_path)
     assert vision.num_hidden_layers == 3 and vision.num_patches == 9
-    for layers, hidden in enumerate(expected):
-        np.testing.assert_allclose(np.asarray(model(pixels, layers)), hidden, atol=1e-4, rtol=0)
+    for layers, hidden in enumerate(expected):  # hidden states reach |44|: float32 sums in another order differ
+        np.testing.assert_allclose(np.asarray(model(pixels, layers)), hidden, atol=1e-4, rtol=1e-5)  # by ~1e-5 of that
 
 
 def test_clip_rejects_wrong_image_size(tmp_path):

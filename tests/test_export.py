@@ -107,7 +107,8 @@ def test_hf_config_reads_back_as_the_same_model(tmp_path, name):
 
 
 def _lora_checkpoint(tmp_path, *, use_rslora: bool):
-    """A llava-hf model converted, then given random non-zero LoRA factors (as after training)."""
+    """A llava-hf model converted, then given random non-zero LoRA factors and a changed
+    multi-modal projector (as after EmoLA's training, which trains both)."""
     config = ref.llava_config()
     hf = ref.build_llava(config, seed=5)
     hf.save_pretrained(tmp_path / "src")
@@ -119,6 +120,9 @@ def _lora_checkpoint(tmp_path, *, use_rslora: bool):
     for path, var in nnx.to_flat_state(nnx.state(model)):
         if path[-1] in ("lora_a", "lora_b"):
             var.set_value(np.float32(0.3) * rng.standard_normal(var.get_value().shape, np.float32))
+        elif path[0] == "multi_modal_projector":
+            value = values[tuple(path)]
+            var.set_value(value + np.float32(0.2) * rng.standard_normal(value.shape, np.float32))
         else:
             var.set_value(values[tuple(path)])
     ckpt = save_pretrained(model, tmp_path / "lora", source={"format": "llava-hf", "src": str(tmp_path / "src")})
@@ -140,6 +144,8 @@ def test_merged_hf_and_peft_adapter_match_unmerged_model(tmp_path, use_rslora):
     adapter_config = json.loads((adapter / "adapter_config.json").read_text())
     assert (adapter_config["r"], adapter_config["lora_alpha"], adapter_config["use_rslora"]) == (4, 6, use_rslora)
     assert adapter_config["base_model_name_or_path"] == str(tmp_path / "src")
+    assert adapter_config["modules_to_save"] == ["multi_modal_projector"]  # trained beside the adapters
+    # over the llava-hf model the run came from (its own projector) and over the --no-merge export
     for base_dir in (tmp_path / "src", export(ckpt, tmp_path / "base_hf", merge=False, progress=False)):
         peft = PeftModel.from_pretrained(_load_hf(base_dir), adapter).eval()
         lora_layers = [n for n, _ in peft.named_modules() if n.endswith("lora_A")]
@@ -148,11 +154,13 @@ def test_merged_hf_and_peft_adapter_match_unmerged_model(tmp_path, use_rslora):
 
     # the adapter file holds exactly the keys and shapes PEFT itself writes for this adapter config
     own = get_peft_model(ref.build_llava(config), LoraConfig(
-        r=4, lora_alpha=6, use_rslora=use_rslora, target_modules=adapter_config["target_modules"]))
+        r=4, lora_alpha=6, use_rslora=use_rslora, target_modules=adapter_config["target_modules"],
+        modules_to_save=["multi_modal_projector"]))
     own.save_pretrained(tmp_path / "peft_own")
     expected_keys = _tensors([tmp_path / "peft_own" / "adapter_model.safetensors"])
     got = _tensors([adapter / "adapter_model.safetensors"])
     assert {k: v.shape for k, v in got.items()} == {k: v.shape for k, v in expected_keys.items()}
+    assert any("multi_modal_projector" in k for k in got)
     assert all(v.dtype == np.float32 for v in got.values())
 
 
@@ -209,7 +217,7 @@ def test_emola_to_hf_with_prior_token_and_peft_match_the_model(emola_run, emola_
     base = export(emola_ckpt, tmp_path / "base", merge=False, progress=False)
     adapter = export(emola_ckpt, tmp_path / "peft", fmt="peft", progress=False)
     peft = PeftModel.from_pretrained(_load_hf(base), adapter).eval()
-    got = logits_with_prior(peft, base / exporter.PRIOR_PROJECTOR_FILE, ids, pixels, landmarks, mask)
+    got = logits_with_prior(peft, adapter / exporter.PRIOR_PROJECTOR_FILE, ids, pixels, landmarks, mask)
     np.testing.assert_allclose(got[valid], expected[valid], atol=EMOLA_RUN_TOL, rtol=0)
 
 

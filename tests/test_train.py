@@ -70,7 +70,7 @@ def llava_base(tmp_path_factory):
     return config, directory / "base"
 
 
-@pytest.mark.parametrize("attention", ["xla", "blockwise"])
+@pytest.mark.parametrize("attention", ["xla", "blockwise", "splash"])  # splash: Pallas interpret mode
 def test_loss_and_lora_gradients_match_peft(llava_base, attention):
     config, base = llava_base
     llava = ref.build_llava(config)  # the same weights as the converted base, unwrapped
@@ -225,30 +225,35 @@ def _specs(model, mesh) -> dict[str, tuple]:
             for p, v in nnx.to_flat_state(state)}
 
 
-# The intended placement of the tiny EmoLA (every size divides by 2) on a (2, 2, 2) mesh: the decoder's
-# `embed` over fsdp and `heads`/`mlp`/`vocab` over tensor, LoRA factors like their kernels with the
-# rank whole, the scanned `layers` axis whole; the vision tower and both projectors replicated.
+# The intended placement of the tiny EmoLA (every size divides by 4) on a (2, 2, 2) mesh: the decoder's
+# `embed` over fsdp and `heads`/`mlp`/`vocab` over tensor, the scanned `layers` axis whole. A trainable
+# weight whose `embed` axis did not take fsdp (LoRA-B of q/k/v/gate/up, LoRA-A of o/down, the projectors'
+# hidden layer) splits its other axis over tensor and fsdp both (ZeRO-3); the vision tower is replicated.
+BOTH = ("tensor", "fsdp")
 TINY_DECODER_LAYER = {
     "input_layernorm/scale": (None,),
     "post_attention_layernorm/scale": (None,),
     **{f"self_attn/{n}_proj/{w}": spec for n in "qkv" for w, spec in
-       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}.items()},
+       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, BOTH)}.items()},
     "self_attn/o_proj/kernel": ("tensor", "fsdp"),
-    "self_attn/o_proj/lora_a": ("tensor", None),
+    "self_attn/o_proj/lora_a": (BOTH, None),
     "self_attn/o_proj/lora_b": (None, "fsdp"),
     **{f"mlp/{n}_proj/{w}": spec for n in ("gate", "up") for w, spec in
-       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, "tensor")}.items()},
+       {"kernel": ("fsdp", "tensor"), "lora_a": ("fsdp", None), "lora_b": (None, BOTH)}.items()},
     "mlp/down_proj/kernel": ("tensor", "fsdp"),
-    "mlp/down_proj/lora_a": ("tensor", None),
+    "mlp/down_proj/lora_a": (BOTH, None),
     "mlp/down_proj/lora_b": (None, "fsdp"),
 }
+TINY_PROJECTOR = {"linear_1/kernel": (None, BOTH), "linear_1/bias": (BOTH,), "linear_2/kernel": BOTH,
+                  "linear_2/bias": ("fsdp",)}
 TINY_SPECS = {
     "language_model/embed_tokens/embedding": ("tensor", "fsdp"),
     "language_model/norm/scale": (None,),
     "lm_head/kernel": ("fsdp", "tensor"),
     **{f"language_model/layers/{k}": (None, *v) for k, v in TINY_DECODER_LAYER.items()},
+    **{f"{root}/{k}": v for root in ("multi_modal_projector", "prior_projector") for k, v in TINY_PROJECTOR.items()},
 }
-REPLICATED_ROOTS = ("vision_tower/", "multi_modal_projector/", "prior_projector/")
+REPLICATED_ROOTS = ("vision_tower/",)
 
 
 def test_declared_axes_place_the_tiny_model():

@@ -100,7 +100,9 @@ class Evaluator:
         sharding = NamedSharding(self.mesh, PartitionSpec("data"))
         place = lambda x: None if x is None else jax.make_array_from_process_local_data(sharding, x)  # noqa: E731
         self.key, key = jax.random.split(self.key)
-        tokens = generate(self.model, place(ids), place(pixels), place(mask), place(landmarks), key, self.generation)
+        with jax.set_mesh(self.mesh):  # kernels under shard_map (splash attention) read the mesh here
+            tokens = generate(self.model, place(ids), place(pixels), place(mask), place(landmarks), key,
+                              self.generation)
         tokens = np.asarray(multihost_utils.process_allgather(tokens, tiled=True))
         return [self.decode_with_stop(row) for row in tokens]
 
@@ -145,7 +147,8 @@ class Evaluator:
         replicated = NamedSharding(self.mesh, PartitionSpec())
         ids, pixels, mask, landmarks = jax.device_put((ids, fill(pixels), mask, fill(landmarks)), replicated)
         self.key, key = jax.random.split(self.key)
-        tokens = np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))
+        with jax.set_mesh(self.mesh):
+            tokens = np.asarray(generate(self.model, ids, pixels, mask, landmarks, key, self.generation))
         return [self.decode_with_stop(tokens_row) for tokens_row in tokens[:count]]
 
     def decode_with_stop(self, row: np.ndarray) -> tuple[str, bool]:

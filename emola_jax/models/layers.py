@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 from flax.nnx import spmd
+from jax.ad_checkpoint import checkpoint_name
 
 from emola_jax.config import LoRAConfig
 from emola_jax.quantization import as_array
@@ -89,13 +90,15 @@ class RMSNorm(nnx.Module):
 
 
 class MlpProjector(nnx.Module):
-    """LLaVA's `mlp2x_gelu`: Linear -> GELU (exact) -> Linear. Serves both projectors of EmoLA,
-    which are small and replicated on every device."""
+    """LLaVA's `mlp2x_gelu`: Linear -> GELU (exact) -> Linear. Serves both projectors of EmoLA.
+    They train, so their weights and Adam moments are split like the decoder's: the hidden layer
+    as an `mlp` axis, the output in the decoder's `embed` space."""
 
     def __init__(self, in_features: int, out_features: int, *, use_bias: bool, dtype: jnp.dtype, rngs: nnx.Rngs):
-        replicated = (None, None)
-        self.linear_1 = Linear(in_features, out_features, axes=replicated, use_bias=use_bias, dtype=dtype, rngs=rngs)
-        self.linear_2 = Linear(out_features, out_features, axes=replicated, use_bias=use_bias, dtype=dtype, rngs=rngs)
+        self.linear_1 = Linear(in_features, out_features, axes=(None, "mlp"), use_bias=use_bias, dtype=dtype,
+                               rngs=rngs)
+        self.linear_2 = Linear(out_features, out_features, axes=("mlp", "embed"), use_bias=use_bias, dtype=dtype,
+                               rngs=rngs)
 
     def __call__(self, x: jax.Array) -> jax.Array:
         return self.linear_2(jax.nn.gelu(self.linear_1(x), approximate=False))
@@ -111,10 +114,16 @@ def stack_layers(make_layer, num_layers: int, rngs: nnx.Rngs) -> nnx.Module:
     return nnx.merge(graphdef, states)
 
 
+LAYER_INPUT = "layer_input"  # each scanned layer's input, named for the offload policy
 REMAT_POLICIES = {
     "none": None,
     "full": jax.checkpoint_policies.nothing_saveable,  # recompute each layer in the backward pass
     "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,  # keep matmul outputs
+    # as full, with the layer inputs (the only residuals full remat keeps, [layers, batch, seq, embed])
+    # moved to the host's pinned memory during the forward pass and back for the backward pass
+    "offload": jax.checkpoint_policies.save_and_offload_only_these_names(
+        names_which_can_be_saved=[], names_which_can_be_offloaded=[LAYER_INPUT], offload_src="device",
+        offload_dst="pinned_host"),
 }
 
 
@@ -147,6 +156,7 @@ def scan_layers(
     def body(carry, xs):
         layer_state, index = xs
         layer = nnx.merge(graphdef, layer_state)
+        carry = checkpoint_name(carry, LAYER_INPUT)
         if dropout_key is None:
             return layer(carry, *args), None
         return layer(carry, *args, dropout_key=jax.random.fold_in(dropout_key, index)), None

@@ -10,6 +10,7 @@ from emola_jax.config import LoRAConfig, TextConfig
 from emola_jax.lora import adapter_for
 from emola_jax.models.layers import Linear, RMSNorm, scan_layers, stack_layers
 from emola_jax.models.rope import apply_rope, rope_cos_sin
+from emola_jax.models.splash import splash_attention
 from emola_jax.sharding import axes_metadata
 
 
@@ -24,15 +25,16 @@ def _key(key: jax.Array | None, i: int) -> jax.Array | None:
 
 
 # Kernels for causal self-attention over right-padded rows; `resolve_attention` picks one for "auto".
-ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise")
+ATTENTION_IMPLEMENTATIONS = ("auto", "xla", "cudnn", "blockwise", "splash")
 
 
 class LlamaAttention(nnx.Module):
     """Self-attention with three entry points, each with one return type: `__call__` over a whole
     sequence (training, scoring), `prefill` and `decode` over a KV cache (generation).
 
-    `implementation` (static, resolved: xla, cudnn or blockwise) is the kernel of causal-only
-    attention; `LlamaModel.set_attention` chooses it.
+    `implementation` (static, resolved: xla, cudnn, blockwise or splash) is the kernel of
+    causal-only attention, and of the prompt's attention in `prefill` where it is splash;
+    `LlamaModel.set_attention` chooses it.
     """
 
     def __init__(self, config: TextConfig, lora: LoRAConfig | None, *, implementation: str, dtype: jnp.dtype,
@@ -81,7 +83,10 @@ class LlamaAttention(nnx.Module):
         q, k, v = self._qkv(x, cos, sin)
         k_cache, v_cache = cache
         k, v = _heads_first(k, k_cache.dtype), _heads_first(v, v_cache.dtype)
-        out = causal_blockwise_attention(q, k, v, key_valid)
+        if self.implementation == "splash":
+            out = splash_attention(q, k, v, key_valid)
+        else:
+            out = causal_blockwise_attention(q, k, v, key_valid)
         cache = (jax.lax.dynamic_update_slice_in_dim(k_cache, k, 0, axis=2),
                  jax.lax.dynamic_update_slice_in_dim(v_cache, v, 0, axis=2))
         return self._out(out), cache
@@ -121,24 +126,30 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
-def resolve_attention(implementation: str, dtype: jnp.dtype) -> str:
-    """`auto`: cuDNN flash attention on GPUs in 16-bit, block-causal einsums on CPU, XLA elsewhere."""
+def resolve_attention(implementation: str, dtype: jnp.dtype, platform: str | None = None) -> str:
+    """`auto`: the Pallas splash kernel on TPUs, cuDNN flash attention on GPUs in 16-bit,
+    block-causal einsums on CPU, XLA elsewhere. `platform` is where the model will run (default:
+    the default backend; a plan for a TPU topology names `tpu`)."""
     if implementation not in ATTENTION_IMPLEMENTATIONS:
         choices = ", ".join(ATTENTION_IMPLEMENTATIONS)
         raise ValueError(f"attention {implementation!r} is unknown; choose one of {choices}")
     if implementation != "auto":
         return implementation
-    backend = jax.default_backend()
+    backend = platform or jax.default_backend()
+    if backend == "tpu":
+        return "splash"
     if backend == "gpu" and jnp.dtype(dtype) in (jnp.bfloat16, jnp.float16):
         return "cudnn"
     return "blockwise" if backend == "cpu" else "xla"
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, implementation: str) -> jax.Array:
-    """Causal self-attention without a padding mask, by a resolved implementation (xla, cudnn or
-    blockwise). q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`."""
+    """Causal self-attention without a padding mask, by a resolved implementation (xla, cudnn,
+    blockwise or splash). q `[batch, seq, heads, head_dim]`, k and v `[batch, seq, kv_heads, head_dim]`."""
     if implementation == "blockwise":
         return causal_blockwise_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3), None)
+    if implementation == "splash":
+        return splash_attention(q, k.transpose(0, 2, 1, 3), v.transpose(0, 2, 1, 3))
     return jax.nn.dot_product_attention(
         q, k, v, is_causal=True, implementation=None if implementation == "xla" else implementation
     )
@@ -237,10 +248,11 @@ class LlamaModel(nnx.Module):
         )
         self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps, dtype=dtype)
 
-    def set_attention(self, implementation: str) -> None:
+    def set_attention(self, implementation: str, platform: str | None = None) -> None:
         """Chooses the kernel of causal-only attention (one of `ATTENTION_IMPLEMENTATIONS`),
-        resolved here once for this model's dtype. It is static: set it before `nnx.split`/jit."""
-        self.layers.self_attn.implementation = resolve_attention(implementation, self.embed_tokens.dtype)
+        resolved here once for this model's dtype and `platform` (`resolve_attention`). It is
+        static: set it before `nnx.split`/jit."""
+        self.layers.self_attn.implementation = resolve_attention(implementation, self.embed_tokens.dtype, platform)
 
     def __call__(
         self,

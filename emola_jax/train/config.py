@@ -43,8 +43,8 @@ class TrainConfig:
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    remat: Literal["none", "full", "dots"] = "full"
-    attention: Literal["auto", "xla", "cudnn", "blockwise"] = "auto"
+    remat: Literal["none", "full", "dots", "offload"] = "full"
+    attention: Literal["auto", "xla", "cudnn", "blockwise", "splash"] = "auto"
     # QLoRA: the frozen decoder kernels stored quantised on device (emola_jax/quantization.py)
     base_quantization: Literal["none", "int8", "nf4"] = "none"
     quantization_block_size: int = 64  # inputs per scale (0: one scale per output channel)

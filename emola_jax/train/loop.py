@@ -124,7 +124,8 @@ class Trainer:
         rows = {name: value.reshape(-1, *value.shape[2:]) for name, value in arrays.items()}  # [accum * rows, ...]
         check_inputs(self.config, rows["input_ids"], rows.get("pixel_values"), rows["attention_mask"],
                      rows.get("landmarks"), padding="right")  # on the host: the jitted step cannot see values
-        self.state, metrics = self._step(self.state, self.frozen, _stacked_global(arrays, self.mesh))
+        with jax.set_mesh(self.mesh):  # kernels under shard_map (splash attention) read the mesh here
+            self.state, metrics = self._step(self.state, self.frozen, _stacked_global(arrays, self.mesh))
         return metrics
 
     def model(self) -> EmolaForConditionalGeneration:
