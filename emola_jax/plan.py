@@ -39,22 +39,24 @@ GIB = 2**30
 
 @dataclasses.dataclass(frozen=True)
 class Chip:
-    """One TPU chip's published figures: HBM, peak dense bf16 FLOP/s, HBM bandwidth."""
+    """One TPU chip's published figures (HBM, peak dense bf16 FLOP/s, HBM bandwidth) and the HBM
+    the TPU compiler lets a program use (`usable_gib`, what it names in its out-of-memory refusal)."""
 
     name: str
     hbm_gib: float
+    usable_gib: float
     peak_flops: float
     hbm_bandwidth: float  # bytes/s
     source: str
 
 
-# Google Cloud's TPU system-architecture pages, per chip (v4 and v5p: both TensorCores of a chip,
-# one jax device in megacore mode).
+# Published figures: Google Cloud's TPU system-architecture pages, per chip (v4 and v5p: both
+# TensorCores of a chip, one jax device in megacore mode). Usable HBM: libtpu 0.0.42's refusals.
 CHIPS = {
-    "v4": Chip("TPU v4", 32, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
-    "v5e": Chip("TPU v5e", 16, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
-    "v5p": Chip("TPU v5p", 95, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
-    "v6e": Chip("TPU v6e (Trillium)", 32, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
+    "v4": Chip("TPU v4", 32, 30.75, 275e12, 1200e9, "https://cloud.google.com/tpu/docs/v4"),
+    "v5e": Chip("TPU v5e", 16, 15.75, 197e12, 819e9, "https://cloud.google.com/tpu/docs/v5e"),
+    "v5p": Chip("TPU v5p", 95, 95.74, 459e12, 2765e9, "https://cloud.google.com/tpu/docs/v5p"),
+    "v6e": Chip("TPU v6e (Trillium)", 32, 31.25, 918e12, 1640e9, "https://cloud.google.com/tpu/docs/v6e"),
 }
 # Cloud names (`v5e-8`: chips for v5e/v6e, TensorCores for v4/v5p) -> jax topology shapes
 _CHIP_GRIDS_2D = {4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16", 256: "16x16"}
@@ -145,7 +147,7 @@ class Plan:
     refused: str | None = None
 
     def fits(self, chip: Chip | None, device_gib: float | None = None) -> bool:
-        capacity = device_gib if device_gib is not None else (chip.hbm_gib if chip else None)
+        capacity = capacity_gib(chip, device_gib)
         return self.refused is None and (capacity is None or self.total <= capacity * GIB)
 
     def roofline(self, chip: Chip) -> tuple[float, str, float]:
@@ -155,6 +157,11 @@ class Plan:
         seconds = max(compute, memory)
         mfu = self.model_flops / (seconds * chip.peak_flops) if seconds else 0.0
         return seconds, "compute" if compute >= memory else "HBM", mfu
+
+
+def capacity_gib(chip: Chip | None, device_gib: float | None = None) -> float | None:
+    """The memory a plan must fit in: `device_gib` where given, else what the chip's compiler allows."""
+    return device_gib if device_gib is not None else (chip.usable_gib if chip else None)
 
 
 def bytes_per_chip(tree, shardings) -> int:
@@ -409,7 +416,7 @@ def _gib(value: int) -> str:
 def describe(plan: Plan, target_: Target, *, what: str, device_gib: float | None = None, tokens: int = 0) -> list[str]:
     """The plan as lines for a person: memory per chip against the chip's HBM, FLOPs, roofline."""
     chip = target_.chip
-    capacity = device_gib if device_gib is not None else (chip.hbm_gib if chip else None)
+    capacity = capacity_gib(chip, device_gib)
     verdict = "fits" if plan.fits(chip, device_gib) else "does NOT fit"
     lines = [f"{what}, {plan.batch} row(s) per chip:"]
     if plan.refused:
@@ -418,7 +425,7 @@ def describe(plan: Plan, target_: Target, *, what: str, device_gib: float | None
             lines.append(f"  needs at least {_gib(plan.total)} per chip: weights {_gib(plan.weights)}, optimiser "
                          f"state {_gib(plan.optimizer)} and the compiler's temporaries {_gib(plan.temporaries)}")
         return lines
-    of = f" of {capacity:g} GiB" if capacity else ""
+    of = f" of {capacity:g} GiB" + (" usable" if device_gib is None else "") if capacity else ""
     lines += [f"  weights          {_gib(plan.weights):>12}   (frozen base + trainable master copies)",
               f"  optimiser state  {_gib(plan.optimizer):>12}",
               f"  temporaries      {_gib(plan.temporaries):>12}",
@@ -448,6 +455,7 @@ def run(experiment: Experiment, topology: str, *, num_slices: int = 1, batch: in
     chips = len(target_.devices)
     if target_.chip:
         log(f"{target_.name}: {chips} x {target_.chip.name} ({target_.chip.hbm_gib:g} GiB HBM, "
+            f"{target_.chip.usable_gib:g} usable, "
             f"{target_.chip.peak_flops / 1e12:g} TFLOP/s bf16, {target_.chip.hbm_bandwidth / 1e9:g} GB/s per chip; "
             f"figures from {target_.chip.source})")
     else:

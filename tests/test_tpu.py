@@ -282,8 +282,8 @@ def test_run_plan_for_a_v5e_slice_through_run_py():
                   "--seq", "256", "--max-batch", "4")
     assert result.returncode == 0, result.stderr
     out = result.stdout
-    assert "v5e-4: 4 x TPU v5e (16 GiB HBM" in out
-    total = re.search(r"total +([\d.]+) [GM]iB of 16 GiB: fits", out)
+    assert "v5e-4: 4 x TPU v5e (16 GiB HBM, 15.75 usable" in out
+    total = re.search(r"total +([\d.]+) [GM]iB of 15.75 GiB usable: fits", out)
     assert total and float(total.group(1)) > 0
     assert re.search(r"FLOPs per step +[\d.]+e\+\d+", out)
     assert re.search(r"roofline +[\d.]+ ms", out)
@@ -297,7 +297,7 @@ def test_run_plan_evaluate_and_cpu_through_run_py():
                   "--prompt-length", "64", "--new-tokens", "8", "--no-search")
     assert result.returncode == 0, result.stderr
     assert "generate step (prefill 64 + 8 new tokens)" in result.stdout
-    assert re.search(r"total +[\d.]+ [GM]iB of 16 GiB: fits", result.stdout)
+    assert re.search(r"total +[\d.]+ [GM]iB of 15.75 GiB usable: fits", result.stdout)
     result = _run("plan", "--config", "tiny", "--topology", "cpu", "--device-gib", "1", "--no-search",
                   "--seq", "64", "--batch", "1")
     assert result.returncode == 0, result.stderr
@@ -343,3 +343,17 @@ def test_a_refusal_reads_as_what_the_step_needs():
     result = plan._plan(None, refusal, 4, 2 << 30, 1 << 30, {})
     assert result.total == 3 * 2**30 + int(22.72 * 2**30) and not result.fits(plan.CHIPS["v5e"])
     assert "needs at least 25.72 GiB per chip" in "\n".join(plan.describe(result, plan.Target("t", (), None), what="x"))
+
+
+@pytest.mark.parametrize("topology, generation", [("v4-8", "v4"), ("v5e-1", "v5e"), ("v5p-8", "v5p"), ("v6e-8", "v6e")])
+def test_usable_hbm_is_what_the_compiler_allows(topology, generation):
+    """A program needing 298 GiB of temporaries is refused by each chip's compiler, naming the HBM
+    it allows: the figure a plan's total is held against."""
+    target = plan.target(topology)
+    mesh = jax.sharding.Mesh([target.devices[0]], ("x",))
+    x = jax.ShapeDtypeStruct((200_000,), jnp.float32, sharding=jax.sharding.NamedSharding(
+        mesh, jax.sharding.PartitionSpec()))
+    compiled, refusal = plan._compile(lambda v: jnp.sort(v[:, None] * v[None, :], axis=0)[::7].sum(0), (x,), mesh)
+    assert compiled is None
+    available = re.search(r"exceeds available HBM \(([\d.]+)G\)", refusal)
+    assert float(available.group(1)) == plan.CHIPS[generation].usable_gib
