@@ -281,19 +281,34 @@ def quantize_model(model, quantization: Quantization):
 def convert_quantized(src: str | Path, out: str | Path, quantization: Quantization, *, overwrite: bool = False,
                       **convert_args) -> Path:
     """`run.py convert --quantize`: converts `src` (`converters.convert`, one tensor at a time) into
-    a hidden sibling of `out`, then quantises that one weight entry at a time into `out`; the
-    unquantised copy is removed, also on failure. Host memory stays near one layer's kernel."""
+    a staging folder of `out`, then quantises that one weight entry at a time into `out`; the
+    unquantised copy is removed, also on failure. Host memory stays near one layer's kernel.
+
+    The copy lives in `out`'s own staging folder (`.OUT.tmp-unquantized-*`, locked while this runs),
+    so a killed run's copy is removed by the next command that writes `out`, as any staging
+    leftover. Raises ValueError when `out` is, holds or lies inside one of the inputs (plain
+    `convert`'s guard), before anything is read.
+    """
+    import os
     import shutil
     import uuid
 
     from converters import convert
+    from emola_jax.atomic import check_apart, lock_staging, remove_dead_staging, staging_path
 
+    check_apart("OUT", out, {"the source": src, "--clip": convert_args.get("clip"),
+                             "--base": convert_args.get("base")})
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
-    staging = out.parent / f".{out.name}.unquantized-{uuid.uuid4().hex[:8]}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    remove_dead_staging(out)  # a killed run's unquantised copy
+    holder = staging_path(out, f"unquantized-{uuid.uuid4().hex[:8]}")
+    holder.mkdir()
+    lock = lock_staging(holder)
     try:
-        convert(src, staging, **convert_args)
-        return quantize_checkpoint(staging, out, quantization, overwrite=overwrite)
+        unquantized = convert(src, holder / "checkpoint", **convert_args)
+        return quantize_checkpoint(unquantized, out, quantization, overwrite=overwrite)
     finally:
-        shutil.rmtree(staging, ignore_errors=True)
+        shutil.rmtree(holder, ignore_errors=True)
+        os.close(lock)

@@ -5,6 +5,8 @@ then `run.py train` on the quantised base as a user runs them."""
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -187,7 +189,7 @@ def _train_args(bases: Path, workdir: Path, base: str, *settings: str) -> list[s
 
 def test_convert_quantize_then_train_and_load_as_a_user_does(bases, tmp_path, capsys):
     assert json.loads((bases / "nf4" / "quantization.json").read_text()) == {"method": "nf4", "block_size": 16}
-    assert not list(bases.glob(".nf4.unquantized-*"))  # the unquantised copy is gone
+    assert not list(bases.glob(".nf4.*"))  # the unquantised copy is gone
 
     # the stored codes are those a quantisation on load makes; the logits stay near the float base's
     stored, config = load_pretrained(bases / "nf4")
@@ -216,6 +218,30 @@ def test_convert_quantize_then_train_and_load_as_a_user_does(bases, tmp_path, ca
                                 "train.quantization_block_size=32")) == 1
     assert "train.quantization_block_size 32 does not divide the input dimension 48 of language_model/layers/" in \
         capsys.readouterr().err
+
+
+def test_convert_quantize_guards_its_source_and_cleans_a_killed_runs_copy(bases, tmp_path, capsys):
+    """`convert --quantize --overwrite` into the source (or its parent) is refused as plain `convert`
+    refuses it, the source untouched; the unquantised copy a killed run left is removed by the rerun."""
+    hf = bases / "hf"
+    before = sorted((p.name, p.stat().st_size) for p in hf.iterdir())
+    for out in (hf, bases):
+        capsys.readouterr()
+        assert run.main(["convert", str(hf), str(out), "--quantize", "nf4", "--block-size", "16", "--overwrite"]) == 1
+        assert capsys.readouterr().err.strip().startswith(f"error: OUT {out} ")
+        assert sorted((p.name, p.stat().st_size) for p in hf.iterdir()) == before
+    # a process that dies the moment the quantisation starts (as under `kill -9`) leaves the whole
+    # unquantised copy; the rerun removes it, then writes OUT
+    args = ["convert", str(hf), str(tmp_path / "nf4"), "--quantize", "nf4", "--block-size", "16"]
+    dies = ("import os, sys, run; from emola_jax import quantization; "
+            "quantization.quantize_checkpoint = lambda *a, **k: os._exit(9); sys.exit(run.main(sys.argv[1:]))")
+    killed = subprocess.run([sys.executable, "-c", dies, *args], cwd=ROOT, capture_output=True, text=True)
+    assert killed.returncode == 9
+    [left] = tmp_path.glob(".nf4.tmp-unquantized-*")
+    assert (left / "checkpoint" / "config.json").is_file() and not (tmp_path / "nf4").exists()
+    assert run.main(args) == 0
+    assert not list(tmp_path.glob(".nf4.*"))
+    assert json.loads((tmp_path / "nf4" / "quantization.json").read_text())["method"] == "nf4"
 
 
 @pytest.mark.slow
