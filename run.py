@@ -689,8 +689,11 @@ def _skip_absent_tpu() -> None:
     import os
 
     import jax
-    from jax._src import hardware_utils
 
+    try:  # jax's own TPU probe (private; a jax without it leaves the platforms as they are)
+        from jax._src import hardware_utils
+    except ImportError:
+        return
     if "JAX_PLATFORMS" not in os.environ and hardware_utils.num_available_tpu_chips_and_device_id()[0] == 0:
         jax.config.update("jax_platforms", "cuda,cpu")
 
