@@ -308,9 +308,23 @@ def model_for(experiment: Experiment, target_: Target, quantization: Quantizatio
     return model, config, axes
 
 
-def plan_train(experiment: Experiment, target_: Target, batch_per_chip: int, seq: int) -> Plan:
+@dataclasses.dataclass(frozen=True)
+class TrainProgram:
+    """A train step compiled for a target: `compiled` (None where the compiler refused it, with
+    its sentence in `refusal`), the abstract placed arguments `(state, frozen, batch)`, the mesh."""
+
+    compiled: object | None
+    refusal: str | None
+    args: tuple
+    mesh: object
+    config: EmolaConfig
+    model: object
+
+
+def compile_train(experiment: Experiment, target_: Target, batch_per_chip: int, seq: int) -> TrainProgram:
     """The train step of `experiment` (its `train.*` settings: mesh, remat, attention,
-    base_quantization) at `batch_per_chip` rows of `seq` tokens, compiled for `target_`."""
+    base_quantization) at `batch_per_chip` rows of `seq` tokens, compiled for `target_`, with
+    the state donated and the frozen base an input only, as `Trainer` jits it."""
     cfg = experiment.train
     quantization = Quantization.of(cfg.base_quantization, cfg.quantization_block_size)
     model, config, axes = model_for(experiment, target_, quantization)
@@ -318,24 +332,35 @@ def plan_train(experiment: Experiment, target_: Target, batch_per_chip: int, seq
     graphdef, template, params, frozen = train_step.split_trainable(model, cfg)
     optimizer, _ = train_step.make_optimizer(cfg, params)
     state = jax.eval_shape(functools.partial(train_step.init_state, optimizer=optimizer, seed=0), params)
-    state_sharding, frozen_sharding = state_shardings(state, mesh, axes), state_shardings(frozen, mesh, axes)
-    rows = batch_per_chip * mesh.shape["data"] * mesh.shape["fsdp"]
-    batch = train_batch(config, rows, seq, mesh)
+    state_sharding = state_shardings(state, mesh, axes)
+    batch = train_batch(config, batch_per_chip * mesh.shape["data"] * mesh.shape["fsdp"], seq, mesh)
+    args = (_abstract(state, state_sharding), _abstract(frozen, state_shardings(frozen, mesh, axes)), batch)
     step = train_step.make_train_step(graphdef, template, optimizer, cfg)
-    compiled, refusal = _compile(
-        step, (_abstract(state, state_sharding), _abstract(frozen, frozen_sharding), batch), mesh,
-        donate_argnums=(0,), out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))
-    if compiled is not None:  # in the layouts the compiler chose
-        state_formats, frozen_formats, _ = compiled.input_formats[0]
+    compiled, refusal = _compile(step, args, mesh, donate_argnums=(0,),
+                                 out_shardings=(state_sharding, NamedSharding(mesh, PartitionSpec())))
+    return TrainProgram(compiled, refusal, args, mesh, config, model)
+
+
+def plan_train(experiment: Experiment, target_: Target, batch_per_chip: int, seq: int) -> Plan:
+    """`compile_train`'s step as a `Plan`: its bytes per chip, in the layouts the compiler chose
+    (by shard shapes where it refused the step), and its cost."""
+    program = compile_train(experiment, target_, batch_per_chip, seq)
+    state, frozen, _ = program.args
+    shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
+    if program.compiled is not None:
+        state_formats, frozen_formats, _ = program.compiled.input_formats[0]
         weights = placed_bytes(frozen, frozen_formats) + placed_bytes(state["params"], state_formats["params"])
         optimizer_bytes = placed_bytes(state["opt_state"], state_formats["opt_state"])
     else:
-        weights = bytes_per_chip(frozen, frozen_sharding) + bytes_per_chip(state["params"], state_sharding["params"])
-        optimizer_bytes = bytes_per_chip(state["opt_state"], state_sharding["opt_state"])
+        weights = (bytes_per_chip(frozen, shardings(frozen))
+                   + bytes_per_chip(state["params"], shardings(state["params"])))
+        optimizer_bytes = bytes_per_chip(state["opt_state"], shardings(state["opt_state"]))
+    mesh = program.mesh
     gathered = bytes_per_chip(frozen, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), frozen))
-    cost = step_cost(config, batch_per_chip, seq, remat=cfg.remat, weight_bytes=gathered // mesh.shape["tensor"],
-                     trainable_bytes=bytes_per_chip(state["params"], state_sharding["params"]))
-    return _plan(compiled, refusal, batch_per_chip, weights, optimizer_bytes, cost)
+    cost = step_cost(program.config, batch_per_chip, seq, remat=experiment.train.remat,
+                     weight_bytes=gathered // mesh.shape["tensor"],
+                     trainable_bytes=bytes_per_chip(state["params"], shardings(state["params"])))
+    return _plan(program.compiled, program.refusal, batch_per_chip, weights, optimizer_bytes, cost)
 
 
 def train_batch(config: EmolaConfig, rows: int, seq: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:

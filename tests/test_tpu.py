@@ -196,30 +196,18 @@ def _tiny_experiment(mesh: MeshConfig):
 
 
 def _compiled_step(experiment, devices, batch_per_chip=2, seq=256):
-    target = plan.Target("test", tuple(devices), plan.CHIPS["v5e"])
-    model, config, axes = plan.model_for(experiment, target, None)
-    assert model.language_model.layers.self_attn.implementation == "splash"
-    cfg = experiment.train
-    mesh = make_mesh(cfg.mesh, devices)
-    graphdef, template, params, frozen = train_step.split_trainable(model, cfg)
-    optimizer, _ = train_step.make_optimizer(cfg, params)
-    state = jax.eval_shape(functools.partial(train_step.init_state, optimizer=optimizer, seed=0), params)
-    state_sharding, frozen_sharding = state_shardings(state, mesh, axes), state_shardings(frozen, mesh, axes)
-    batch = plan.train_batch(config, batch_per_chip * mesh.shape["data"] * mesh.shape["fsdp"], seq, mesh)
-    step = train_step.make_train_step(graphdef, template, optimizer, cfg)
-    args = (plan._abstract(state, state_sharding), plan._abstract(frozen, frozen_sharding), batch)
-    compiled, refusal = plan._compile(step, args, mesh, donate_argnums=(0,),
-                                      out_shardings=(state_sharding, jax.sharding.NamedSharding(
-                                          mesh, jax.sharding.PartitionSpec())))
-    assert refusal is None
-    return compiled, args, state, frozen, mesh, axes
+    program = plan.compile_train(experiment, plan.Target("test", tuple(devices), plan.CHIPS["v5e"]), batch_per_chip,
+                                 seq)
+    assert program.model.language_model.layers.self_attn.implementation == "splash"
+    assert program.refusal is None
+    return program.compiled, program.args, program.args[0], program.mesh
 
 
 @pytest.mark.parametrize("slices", [1, 2])
 def test_tiny_step_compiled_for_v5e_places_every_array_as_intended(slices):
     devices = _devices("v5e:2x2", slices)
     mesh_config = MeshConfig(data=1, fsdp=4, dcn_data=slices)
-    compiled, args, state, frozen, mesh, axes = _compiled_step(_tiny_experiment(mesh_config), devices)
+    compiled, args, state, mesh = _compiled_step(_tiny_experiment(mesh_config), devices)
     assert dict(mesh.shape) == {"data": slices, "fsdp": 4, "tensor": 1}
     hlo = compiled.as_text()
     assert "tpu_custom_call" in hlo  # the splash kernel, compiled for the TPU
