@@ -56,6 +56,10 @@ def _ablation(args: argparse.Namespace) -> None:
     if args.eval_emotion or args.eval_au:
         if not (args.eval_emotion and args.eval_au and args.eval_landmarks):
             raise ValueError("give --eval-emotion, --eval-au and --eval-landmarks together (or none: the demo's faces)")
+        if experiment.train.base is None:
+            raise ValueError(f"config {args.config} is a whole tiny model scored on the demo's faces; the --eval-* "
+                             "files go with a config that trains from a real base (train.base), e.g. --config "
+                             "emola_7b")
         eval_sets = ablation.EvalSets({"emotion": args.eval_emotion, "au": args.eval_au}, args.eval_images_root,
                                       tuple(args.eval_landmarks))
     elif experiment.train.base is not None:
@@ -76,11 +80,27 @@ def _generation_config(args: argparse.Namespace, tokenizer):
 
 
 def _join(args: argparse.Namespace) -> None:
-    """Joins the multi-process run the distributed flags describe (nothing without them)."""
+    """Joins the multi-process run the distributed flags describe (nothing without them); processes
+    started with different settings (`_settings`) all stop there, each difference named."""
     from emola_jax.distributed import initialize_distributed
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
-                           peer_timeout=args.peer_timeout)
+                           peer_timeout=args.peer_timeout, settings=_settings(args))
+
+
+def _settings(args: argparse.Namespace) -> dict:
+    """The settings every process of a run must share: the command and every option as parsed
+    (argv-level; a train config is resolved after the join), named as given (`--steps`, `CKPT`),
+    paths as written; --process-id, which differs, left out."""
+    import json
+
+    names = getattr(args, "setting_names", {})
+    settings = {"the command": args.command}
+    for dest, value in vars(args).items():
+        if dest in ("command", "func", "process_id", "setting_names"):
+            continue
+        settings[names.get(dest, "--" + dest.replace("_", "-"))] = json.loads(json.dumps(value, default=str))
+    return settings
 
 
 def _evaluate(args: argparse.Namespace) -> None:
@@ -126,20 +146,54 @@ def _generate(args: argparse.Namespace) -> None:
     import jax
 
     from emola_jax.checkpoint import load_config, load_tokenizer
+    from emola_jax.data.image import decode_rgb
     from emola_jax.data.prior import image_feature
     from emola_jax.eval import evaluate
 
     if args.landmarks is not None and args.onnx is not None:
         raise ValueError("give --landmarks or --onnx, not both")
     config = load_config(args.ckpt)
-    landmarks = (image_feature(args.image, npy=args.landmarks, onnx=args.onnx, priors=config.priors)
-                 if config.prior_position != "off" else None)
+    priors = config.priors if config.prior_position != "off" else ()
+    if args.save_prior is not None:
+        from emola_jax.atomic import check_apart
+
+        if not priors:
+            raise ValueError(f"--save-prior: the model at {args.ckpt} has no prior token")
+        check_apart("--save-prior", args.save_prior, {"--image": args.image, "CKPT": args.ckpt,
+                                                      "--landmarks": args.landmarks, "--onnx": args.onnx},
+                    writes=[f"{p.name}.npy" for p in priors])
+    landmarks = image_feature(args.image, npy=args.landmarks, onnx=args.onnx, priors=priors) if priors else None
+    if priors and landmarks is None:
+        raise ValueError(f"the model's priors ({', '.join(p.name for p in priors)}) include 2d106det, which runs a "
+                         "landmark model: give --onnx MODEL.onnx, or --landmarks FILE.npy per prior")
+    decode_rgb(args.image)  # a bad image is one line naming it, before any model loads
     _join(args)
+    if args.save_prior is not None and landmarks is not None and jax.process_index() == 0:
+        _save_prior(args.save_prior, priors, landmarks)
     tokenizer = load_tokenizer(args.ckpt)
-    evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer))
+    evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer),
+                                   records=False)
     answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
     if jax.process_index() == 0:
         print(answer)
+
+
+def _save_prior(folder: Path, priors, feature) -> None:
+    """`FOLDER/<prior>.npy`, one per prior of the model: what `generate --landmarks` takes back."""
+    import io
+
+    import numpy as np
+
+    from emola_jax.atomic import atomic_file, make_folder
+
+    make_folder(folder)
+    start = 0
+    for prior in priors:
+        buffer = io.BytesIO()
+        np.save(buffer, feature[start:start + prior.dim])
+        start += prior.dim
+        with atomic_file(folder / f"{prior.name}.npy") as staging:
+            staging.write_bytes(buffer.getvalue())
 
 
 def _analyze(args: argparse.Namespace) -> None:
@@ -150,9 +204,9 @@ def _analyze(args: argparse.Namespace) -> None:
                       upsample=args.upsample, min_score=args.min_score, max_faces=args.max_faces,
                       chip_size=args.chip_size, chip_padding=args.chip_padding, batch_size=args.batch_size,
                       threads=args.threads, generation=_generation_config(args, load_tokenizer(args.ckpt)),
-                      dtype=args.dtype, progress=not args.no_progress)
-    print(f"{summary['faces']} faces in {summary['photos'] - summary['unreadable']} photos "
-          f"({summary['without_face']} without a face, {summary['unreadable']} unreadable): "
+                      dtype=args.dtype, progress=not args.no_progress, overwrite=args.overwrite)
+    print(f"{summary['faces']} faces in {summary['photos'] - summary['skipped']} photos "
+          f"({summary['without_face']} without a face, {summary['skipped']} skipped): "
           f"{summary['out']}/index.html")
 
 
@@ -319,7 +373,11 @@ def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--distributed", action="store_true",
                        help="a TPU pod or cluster that jax detects by itself")
     group.add_argument("--peer-timeout", type=positive_float, default=60.0, metavar="SECONDS",
-                       help="a process silent this long is lost, and the others stop, naming it")
+                       help="a process silent this long is lost, and the others stop, naming it; at the start, "
+                       "how long the processes wait for each other")
+    # how `_settings` names each option when the processes' settings differ (the flag, or a positional's metavar)
+    parser.set_defaults(setting_names={action.dest: max(action.option_strings, key=len) if action.option_strings
+                                       else (action.metavar or action.dest.upper()) for action in parser._actions})
 
 
 def _convert_command(commands) -> None:
@@ -440,8 +498,8 @@ def _precompute_landmarks_command(commands) -> None:
         help="prior features of every annotated image (ONNX landmark model) -> one ArrayRecord file",
         description="Run a landmark model with 2d106det's signature over every distinct record id of the annotation "
         "files (batched onnxruntime, images decoded by a thread pool) and write the 212-value features, keyed by id, "
-        "to OUT. A rerun skips ids already written; unreadable images are listed in OUT's .errors.jsonl and skipped. "
-        "The same as precompute-priors --prior 2d106det.",
+        "to OUT. A rerun skips ids already written; unreadable or oversized images and features with NaN or infinite "
+        "values are listed in OUT's .errors.jsonl and not stored. The same as precompute-priors --prior 2d106det.",
         epilog="required: --annotations, --out, and either --onnx together with --images-root (run a model) or "
         "--import-npy (convert .npy files), not both. --recipe, --batch-size and --threads go with --onnx.",
     )
@@ -458,8 +516,9 @@ def _precompute_priors_command(commands) -> None:
         description="Run a registered face prior over every distinct record id of the annotation files (images "
         "decoded by a thread pool, the model called in batches) and write its features, keyed by id, to OUT, whose "
         "footer names the prior and its width. The face is the whole image, or a record's bbox [x1, y1, x2, y2] "
-        "for the priors and recipes that take a box. A rerun skips ids already written; unreadable images and "
-        "faces the prior cannot process are listed in OUT's .errors.jsonl and skipped. Priors: "
+        "for the priors and recipes that take a box. A rerun skips ids already written; unreadable or oversized "
+        "images, faces the prior cannot process (a box outside its image) and features with NaN or infinite values "
+        "are listed in OUT's .errors.jsonl and not stored. Priors: "
         + "; ".join(f"{p.name} ({p.dim} values): {p.summary}" for p in PRIORS.values()) + ".",
         epilog="required: --prior, --annotations, --out and --images-root; --onnx for 2d106det (or --import-npy "
         "instead of --onnx and --images-root). --recipe goes with 2d106det.",
@@ -548,6 +607,8 @@ def _generate_command(commands) -> None:
     prior.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the 2d106det feature "
                        "on the fly with the official recipe; the dlib priors are computed on the whole image "
                        "without it (default: none)")
+    prior.add_argument("--save-prior", type=Path, metavar="FOLDER", help="write the prior feature the answer used "
+                       "as FOLDER/<prior>.npy, one per prior of the model, as --landmarks takes them (default: none)")
     _add_decoding_flags(parser.add_argument_group("decoding"))
     _add_distributed_flags(parser)
     parser.set_defaults(func=_generate)
@@ -594,13 +655,17 @@ def _analyze_command(commands) -> None:
         description="For every face in every PHOTO: its box, its crop aligned as the training images were "
         "(dlib's face chip), its prior feature, the model's answers to the emotion and the AU question, and the "
         "emotion class and AUs the official scoring reads from them. Writes OUT/<photo>.png (faces boxed and "
-        "labelled), OUT/faces/, OUT/results.jsonl and OUT/index.html. Needs the faces extra: "
-        "pip install -e '.[faces]'.",
+        "labelled), OUT/faces/ (crops, and each prior's feature as .npy), OUT/results.jsonl and OUT/index.html. A "
+        "photo that is unreadable, oversized, or whose face gives a non-finite prior feature is skipped, named in "
+        "one line. Needs the faces extra: pip install -e '.[faces]'.",
         epilog="required: PHOTO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
     )
     parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
     parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer)")
-    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, results.jsonl, index.html")
+    parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, results.jsonl, index.html; "
+                        "written whole when every photo is done")
+    parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty (once "
+                        "the new one is complete)")
     parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) for the prior token, run on each "
                         "aligned face with the official recipe (default: none)")
     faces = parser.add_argument_group("faces")

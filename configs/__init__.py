@@ -10,8 +10,9 @@ CONFIG_DIR = Path(__file__).resolve().parent
 
 
 def load(name_or_path: str) -> Any:
-    """`tiny`, `emola_7b`, `ablations/tokens`, or a path to any file with a `get_config()`; a
-    `:ARG` suffix (`ablations/tokens:row=both,task=au`) is passed on as `get_config(ARG)`."""
+    """`tiny`, `emola_7b`, `ablations/tokens`, a path to any file with a `get_config()`, or a run's
+    `WORKDIR/experiment.json`; a `:ARG` suffix (`ablations/tokens:row=both,task=au`) is passed on as
+    `get_config(ARG)`."""
     name_or_path, _, arg = name_or_path.partition(":")
     path = Path(name_or_path)
     if not path.suffix:
@@ -19,6 +20,14 @@ def load(name_or_path: str) -> Any:
     if not path.is_file():
         known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
         raise FileNotFoundError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
+    if path.suffix == ".json":  # a run's settings as a workdir keeps them (WORKDIR/experiment.json)
+        if arg:
+            raise ValueError(f"config {path} is a run's settings and takes no :ARG")
+        from emola_jax.train import rerun
+
+        return rerun.read(path)
+    if path.suffix != ".py":
+        raise ValueError(f"config {path} is neither a Python file with get_config() nor a run's experiment.json")
     spec = importlib.util.spec_from_file_location(f"emola_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

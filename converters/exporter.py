@@ -40,13 +40,13 @@ from emola_jax.atomic import check_apart
 from emola_jax.checkpoint import (
     LAYER_AXIS_PARENT,
     PAD_TO_SQUARE,
-    SOURCE_FILE,
     TOKENIZER_DIR,
     Path_,
     StagedDirectory,
     layer_path,
     load_config,
     read_params,
+    read_source,
     stored_params,
 )
 from emola_jax.config import DTYPES, EmolaConfig, PriorToken
@@ -302,13 +302,6 @@ def _check_paths(ckpt: Path, out: Path) -> None:
     check_apart("OUT", out, {"the checkpoint": ckpt})
 
 
-def _source(ckpt: Path) -> dict[str, Any]:
-    try:
-        return json.loads((ckpt / SOURCE_FILE).read_text())
-    except (FileNotFoundError, json.JSONDecodeError):
-        return {}
-
-
 def plan_export(
     ckpt: str | Path, fmt: str, *, dtype: str | None = None, merge: bool = True,
     max_shard_size: str | int = "5GB", adapter_format: str = "safetensors",
@@ -366,7 +359,7 @@ def export(
                                 adapter_format=adapter_format)
     _check_paths(ckpt, out)
     stored = stored_params(ckpt, config)
-    source = _source(ckpt)
+    source = read_source(ckpt)
     scale = config.lora.scale if config.lora is not None else 0.0
     priors = json.dumps([dataclasses.asdict(p) for p in config.priors])
     metadata = {prior_file(p): {**_PT, "prior_position": config.prior_position, "prior_name": p.name,

@@ -270,7 +270,8 @@ def run_table(table: str, workdir: str | Path, experiment, *, seed: int = 0, eva
     on_demo = eval_sets is None
     if on_demo:
         data_dir = workdir / "data"
-        inputs = demo.prepare(data_dir, experiment.model.replace(priors=everything), seed)
+        model = experiment.model.replace(priors=everything)
+        inputs = demo.prepared(data_dir, model, seed) or demo.prepare(data_dir, model, seed)  # runs need this base
         eval_sets = EvalSets({t: inputs.annotations[f"eval_{t}"] for t in TASKS}, inputs.faces,
                              inputs.landmarks if isinstance(inputs.landmarks, tuple) else (inputs.landmarks,))
     results = []

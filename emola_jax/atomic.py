@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import glob
+import json
 import os
 import shutil
 import time
@@ -53,6 +54,48 @@ def write_text(path: str | Path, text: str) -> None:
     """`path` holds `text`, whole, or keeps what it held."""
     with atomic_file(path) as tmp:
         tmp.write_text(text)
+
+
+def not_utf8(err: UnicodeDecodeError) -> str:
+    """What a decoding error says, without the codec's wording."""
+    return f"byte 0x{err.object[err.start]:02x} is not UTF-8 text (save the file as UTF-8)"
+
+
+def read_jsonl(path: str | Path, *, appended: bool = False) -> Iterator[tuple[int, Any]]:
+    """`(line number, value)` for each non-blank line of the JSON-lines file `path`; a line that
+    is not UTF-8 JSON is a ValueError naming the file and line.
+
+    `appended`: a file the project appends to as it works (predictions, metrics, logs). A missing
+    file then holds nothing yet, and a last line without its newline is an append a kill cut
+    short: it is left out (`cut_torn_line` removes it before the next append)."""
+    path = Path(path)
+    if appended and not path.exists():
+        return
+    with open(path, "rb") as f:
+        for number, line in enumerate(f, start=1):
+            if appended and not line.endswith(b"\n"):
+                return
+            if not line.strip():
+                continue
+            try:
+                yield number, json.loads(line.decode("utf-8"))
+            except UnicodeDecodeError as err:
+                raise ValueError(f"{path}, line {number}: {not_utf8(err)}") from None
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
+
+
+def cut_torn_line(path: str | Path) -> None:
+    """Cuts off a last line without its newline (an append a kill cut short), so that the next
+    append starts a line of its own."""
+    path = Path(path)
+    if not path.exists():
+        return
+    data = path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end != len(data):
+        with open(path, "r+b") as f:
+            f.truncate(end)
 
 
 def make_folder(path: str | Path) -> Path:

@@ -6,9 +6,11 @@ Layout of a checkpoint directory:
     params/          orbax checkpoint; scanned layers are stored one entry per layer
                      (`language_model/layers/7/self_attn/q_proj/kernel`), so that a converter can
                      write, and an exporter read, one layer at a time
-    source.json      where the weights came from (format, files, original config), and whether
+    source.json      where the weights came from (format, files, original config), whether
                      the images they were trained on were padded to a square (`pad_to_square`,
-                     absent when unknown), which an export to LLaVA's format must repeat
+                     absent when unknown), which an export to LLaVA's format must repeat, and the
+                     recipe of each prior's training features (`prior_recipes`), which the
+                     features it is evaluated on must share
     tokenizer/       tokenizer and processor files, when the source carried them
 
 The writer stages everything in a sibling temporary folder and renames it into place last, so
@@ -42,6 +44,7 @@ from emola_jax.weights import Path_, path_name
 LAYER_AXIS_PARENT = "layers"
 CONFIG_FILE, PARAMS_DIR, SOURCE_FILE, TOKENIZER_DIR = "config.json", "params", "source.json", "tokenizer"
 PAD_TO_SQUARE = "pad_to_square"  # source.json: training images padded to a square (`clip_preprocess(pad=...)`)
+PRIOR_RECIPES = "prior_recipes"  # source.json: {prior: recipe} of the feature stores it was trained on
 
 
 def abstract_model(config: EmolaConfig):
@@ -269,11 +272,28 @@ def storage_error(what: str, err: BaseException) -> ValueError:
     """One line for a failure inside orbax or tensorstore: `what`, then the first line of the
     library's message, cut at 200 characters (theirs can run to pages: registries, whole trees)."""
     first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+    first = first.split(" See full TensorStore details")[0]  # followed by a method's repr, not the details
     return ValueError(f"{what}: {first if len(first) <= 200 else first[:197] + '...'}")
+
+
+def read_source(path: str | Path) -> dict[str, Any]:
+    """A checkpoint's `source.json` ({} when it has none); ValueError naming the file when torn."""
+    file = Path(path) / SOURCE_FILE
+    if not file.is_file():
+        return {}
+    try:
+        source = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file} is torn ({err}); copy the checkpoint again") from None
+    if not isinstance(source, dict):
+        raise ValueError(f"{file} is not a checkpoint's source record (a JSON object)")
+    return source
 
 
 def load_config(path: str | Path) -> EmolaConfig:
     config_file = Path(path) / CONFIG_FILE
+    if not Path(path).is_dir():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
     if not config_file.is_file():
         raise FileNotFoundError(f"{path} is not an emola-jax checkpoint: {CONFIG_FILE} is missing")
     if not (Path(path) / PARAMS_DIR).is_dir():
@@ -346,7 +366,7 @@ def _read_entries(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) ->
         with context:
             return dict(_flatten(ocp.load(params_dir, _nest(target))))
     except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
-        raise storage_error(f"could not read the weights in {params_dir}", err) from err
+        raise storage_error(f"could not read the weights in {params_dir} (damaged or cut short?)", err) from err
 
 
 def read_quantized(path: str | Path, keys: list[Path_], quantization) -> dict[Path_, Any]:
@@ -387,7 +407,7 @@ def load_pretrained(
         with context:
             flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
     except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
-        raise storage_error(f"could not read the weights in {params_dir}", err) from err
+        raise storage_error(f"could not read the weights in {params_dir} (damaged or cut short?)", err) from err
 
     values = {}
     for path_, spec in param_shapes(config).items():
@@ -426,7 +446,13 @@ def load_tokenizer(checkpoint: str | Path):
     from transformers import AutoTokenizer
 
     path = Path(checkpoint) / TOKENIZER_DIR
+    if not Path(checkpoint).is_dir():
+        raise FileNotFoundError(f"checkpoint {checkpoint} does not exist")
     if not path.is_dir():
         raise FileNotFoundError(f"{checkpoint} carries no tokenizer ({TOKENIZER_DIR}/ is missing)")
-    # LLaVA tokenises with the slow sentencepiece tokenizer; use it whenever the model file is there.
-    return AutoTokenizer.from_pretrained(path, use_fast=not (path / "tokenizer.model").is_file())
+    try:  # LLaVA tokenises with the slow sentencepiece tokenizer; use it whenever the model file is there
+        return AutoTokenizer.from_pretrained(path, use_fast=not (path / "tokenizer.model").is_file())
+    except Exception as err:  # noqa: BLE001 - tokenizers and transformers raise many types for a bad file
+        first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
+        raise ValueError(f"the tokenizer in {path} cannot be read ({first[:200]}); copy it again from the "
+                         "checkpoint it came from") from None

@@ -106,6 +106,9 @@ class TextConfig:
     mlp_bias: bool = False
     hidden_act: str = "silu"
 
+    # a field whose None means "derived from the others": compared by its resolved value (`differences`)
+    DERIVED = {"head_dim": "resolved_head_dim"}
+
     def __post_init__(self):
         check_ranges(self, positive=("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                                      "num_attention_heads", "num_key_value_heads", "head_dim",
@@ -301,13 +304,15 @@ class EmolaConfig:
 
 
 def differences(ours: Any, theirs: Any, prefix: str = "", skip: frozenset = frozenset()) -> list[str]:
-    """`field: theirs there, ours here` for every leaf field of two config dataclasses that differs.
+    """`field: theirs there, ours here` for every leaf field of two config dataclasses that differs
+    (a field a class lists in `DERIVED` by the value it resolves to, so None equals its default).
     `skip` holds dotted field names (`train.log_every`, or a whole group: `train.mesh`) left out."""
     out = []
     for field in dataclasses.fields(ours):
         if f"{prefix}{field.name}" in skip:
             continue
-        mine, other = getattr(ours, field.name), getattr(theirs, field.name)
+        derived = getattr(ours, "DERIVED", {}).get(field.name, field.name)  # e.g. head_dim None: its value
+        mine, other = getattr(ours, derived), getattr(theirs, derived)
         if dataclasses.is_dataclass(mine) and type(mine) is type(other):
             out += differences(mine, other, f"{prefix}{field.name}.", skip)
         elif mine != other:

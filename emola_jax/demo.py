@@ -23,7 +23,10 @@ from pathlib import Path
 
 import numpy as np
 
+from emola_jax import atomic
 from emola_jax.config import EmolaConfig, PriorToken
+
+PREPARED = "prepared.json"  # written last by `prepare`: what the folder was prepared with
 
 
 def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
@@ -61,6 +64,26 @@ def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> floa
     return float(np.abs(ours - theirs).max())
 
 
+def held_out_inputs(model_dir: Path, eval_file: Path, features: Path | tuple[Path, ...]):
+    """The first held-out face of `eval_file` asked the emotion question, as numpy arrays: ids `[1, seq]`
+    (image placeholders expanded), pixels `[1, size, size, 3]`, landmarks `[1, prior_dim]`, mask `[1, seq]`."""
+    from transformers import AutoTokenizer
+
+    from emola_jax.checkpoint import load_config
+    from emola_jax.data import conversation, image
+    from emola_jax.data.labels import EMOTION_QUESTION
+    from emola_jax.data.prior import PriorFeatures
+
+    config = load_config(model_dir)
+    record = json.loads(eval_file.read_text())[0]
+    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
+    ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_QUESTION),
+                                           config.image_token_id, config.image_seq_length)[None]
+    pixels = image.clip_preprocess(image.load_image(eval_file.parent / record["image"]), config.vision.image_size)[None]
+    landmarks = PriorFeatures.open(features, priors=config.priors).get(record["id"])[None]
+    return ids.astype(np.int64), pixels, landmarks, np.ones_like(ids)
+
+
 def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path, eval_file: Path,
                    features: Path | tuple[Path, ...]) -> tuple[float, float]:
     """Largest logit difference of the transformers export, and of the PEFT adapter (with the prior
@@ -69,31 +92,22 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     import torch
     from flax import nnx
     from peft import PeftModel
-    from transformers import AutoTokenizer, LlavaForConditionalGeneration
+    from transformers import LlavaForConditionalGeneration
 
     from converters.exporter import prior_file
     from emola_jax.checkpoint import load_pretrained
-    from emola_jax.data import conversation, image
-    from emola_jax.data.labels import EMOTION_QUESTION
-    from emola_jax.data.prior import PriorFeatures
     from emola_jax.demo_models import logits_with_prior
 
     model, config = load_pretrained(model_dir)
-    record = json.loads(eval_file.read_text())[0]
-    tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
-    ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(EMOTION_QUESTION),
-                                           config.image_token_id, config.image_seq_length)[None]
-    pixels = image.clip_preprocess(image.load_image(eval_file.parent / record["image"]), config.vision.image_size)[None]
-    landmarks = PriorFeatures.open(features, priors=config.priors).get(record["id"])[None]
-    mask = np.ones_like(ids)
-    ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids, pixels, landmarks))
-    torch_ids = ids.astype(np.int64)
+    ids, pixels, landmarks, mask = held_out_inputs(model_dir, eval_file, features)
+    ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids.astype(np.int32), pixels,
+                                                                          landmarks))
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
     projectors = [hf_dir / prior_file(prior) for prior in config.priors]  # one per prior, in order
-    merged = logits_with_prior(hf, projectors, torch_ids, pixels, landmarks, mask)
+    merged = logits_with_prior(hf, projectors, ids, pixels, landmarks, mask)
     with torch.no_grad():
         peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
-    adapted = logits_with_prior(peft.eval(), [peft_dir / prior_file(prior) for prior in config.priors], torch_ids,
+    adapted = logits_with_prior(peft.eval(), [peft_dir / prior_file(prior) for prior in config.priors], ids,
                                 pixels, landmarks, mask)
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
@@ -145,8 +159,37 @@ def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_pe
     files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=train_per_emotion,
                                       eval_per_emotion=eval_per_emotion, seed=seed, size=4 * config.vision.image_size)
     features = _precompute_priors(workdir, list(files.values()), config.priors)
+    atomic.write_text(workdir / PREPARED, json.dumps(_preparation(config, seed, train_per_emotion, eval_per_emotion),
+                                                     indent=2) + "\n")  # last: the folder is complete
     return DemoInputs(base=Path(base), faces=workdir / "faces", annotations=files, landmarks=features,
                       import_logit_diff=diff)
+
+
+def _preparation(config: EmolaConfig, seed: int, train_per_emotion: int, eval_per_emotion: int) -> dict:
+    return {"model": dataclasses.asdict(config), "seed": seed, "train_per_emotion": train_per_emotion,
+            "eval_per_emotion": eval_per_emotion}
+
+
+def prepared(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_per_emotion: int = 40,
+             eval_per_emotion: int = 4) -> DemoInputs | None:
+    """The inputs `prepare` finished earlier in `workdir` with these arguments, reused as they are (a
+    rebuilt base is another model: runs trained on the first would be refused); None when `workdir`
+    holds no finished preparation. ValueError naming each difference when it was prepared otherwise."""
+    workdir = Path(workdir).absolute()
+    file = workdir / PREPARED
+    if not file.is_file():
+        return None
+    try:
+        saved = json.loads(file.read_text())
+    except ValueError as err:
+        raise ValueError(f"{file} is torn ({err}); remove {workdir} to prepare the inputs afresh") from err
+    wanted = json.loads(json.dumps(_preparation(config, seed, train_per_emotion, eval_per_emotion)))
+    changed = [f"{key}: {saved.get(key)} there, {value} here" for key, value in wanted.items()
+               if saved.get(key) != value]
+    if changed:
+        raise ValueError(f"{workdir} was prepared with other settings ({'; '.join(changed)[:400]}): rerun with "
+                         f"those, or use a new workdir (runs trained on those inputs need them)")
+    return DemoInputs.in_folder(workdir, config.priors)
 
 
 def _feature_files(faces: Path, priors: tuple[PriorToken, ...]) -> Path | tuple[Path, ...]:

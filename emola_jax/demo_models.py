@@ -87,17 +87,19 @@ def logits_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pix
     input_ids, mask = torch.tensor(ids), torch.tensor(mask)
     with torch.no_grad():
         tokens, start = [], 0
+        llava = model.get_base_model() if isinstance(model, PeftModel) else model
+        dtype = llava.dtype  # the export's; the inputs follow it
         for file in files:
             prior = load_file(file)
             dim = prior["linear_1.weight"].shape[1]
             h = torch.nn.functional.gelu(torch.nn.functional.linear(
-                torch.tensor(landmarks[:, start:start + dim]), prior["linear_1.weight"], prior["linear_1.bias"]))
+                torch.tensor(landmarks[:, start:start + dim]).to(dtype), prior["linear_1.weight"],
+                prior["linear_1.bias"]))
             tokens.append(torch.nn.functional.linear(h, prior["linear_2.weight"], prior["linear_2.bias"]))
             start += dim
         prior_tokens = torch.stack(tokens, dim=1)
-        llava = model.get_base_model() if isinstance(model, PeftModel) else model
         visual = torch.stack(llava.model.get_image_features(
-            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2), return_dict=True).pooler_output)
+            pixel_values=torch.tensor(pixels).permute(0, 3, 1, 2).to(dtype), return_dict=True).pooler_output)
         parts = [visual, prior_tokens] if position == "after" else [prior_tokens, visual]
         image_side = torch.cat(parts, dim=1)
         is_image = input_ids == llava.config.image_token_id

@@ -7,8 +7,11 @@ list). Written to `out`:
 
     <photo>.png        the photo, each face boxed and labelled with its emotion and AUs
     faces/<photo>-<i>.png  each aligned crop, as the model saw it
+    faces/<photo>-<i>.<prior>.npy  its feature of each of the model's priors (what
+                       `run.py generate --image CROP --landmarks ...` takes back)
     results.jsonl      one line per face (photo, box, score, emotion, AUs, both answers, seconds);
-                       a photo with no face or that could not be read: one line saying so
+                       a photo with no face, or skipped (unreadable, over Pillow's size limit, a
+                       face whose prior feature is not finite): one line saying so
     index.html         each photo with its faces and answers
 
 Photos are decoded, and their faces found and aligned, ahead in threads; faces from several
@@ -50,6 +53,7 @@ class Photo:
     rgb: np.ndarray | None = None
     error: str | None = None
     faces: list[Face] = dataclasses.field(default_factory=list)
+    features: np.ndarray | None = None  # [faces, prior_dim], None for a model without a prior token
     answers: list[dict] = dataclasses.field(default_factory=list)
     seconds: dict = dataclasses.field(default_factory=dict)
     waiting: int = 0  # faces not yet answered
@@ -59,15 +63,19 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
             onnx: str | Path | None = None, detector: str = "hog", upsample: int = 1, min_score: float = 0.0,
             max_faces: int | None = None, chip_size: int = CHIP_SIZE, chip_padding: float = CHIP_PADDING,
             batch_size: int = 8, threads: int = 4, generation=None, dtype: str = "float32",
-            progress: bool = True) -> dict:
-    """Analyses `photos` with the model at `checkpoint`, writing into `out` (see the module).
+            progress: bool = True, overwrite: bool = False) -> dict:
+    """Analyses `photos` with the model at `checkpoint`, writing `out` (see the module) whole: it
+    is built in a hidden sibling and renamed into place when every photo is done, so that it
+    never mixes two runs, nor looks complete after a kill (a non-empty `out` needs `overwrite`,
+    and is replaced only then).
 
     `onnx`: the 2d106det landmark graph, for a model with that prior (each of the model's priors
     is computed on each aligned crop: 2d106det with the official recipe, the dlib priors with
-    dlib). Returns a summary: photos, faces, photos without a face, unreadable photos, seconds per
-    stage. Raises ValueError for settings out of range or `out` overlapping an input; an unreadable
-    photo is reported and skipped."""
-    from emola_jax.atomic import check_apart, make_folder
+    dlib). Returns a summary: photos, faces, photos without a face, skipped photos, seconds per
+    stage. Raises ValueError for settings out of range or `out` overlapping an input; a photo that
+    cannot be read, or whose face gives no finite prior feature, is reported and skipped."""
+    from emola_jax.atomic import check_apart
+    from emola_jax.checkpoint import StagedDirectory
     from emola_jax.eval.evaluate import Evaluator
 
     if batch_size < 1 or threads < 1:
@@ -75,14 +83,24 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     if not photos:
         raise ValueError("give at least one photo")
     check_apart("--out", out, {"photo": list(photos), "--ckpt": checkpoint, "--onnx": onnx})
+    staged = StagedDirectory(out, overwrite=overwrite)  # a non-empty `out` is refused here, before any work
     finder = FaceFinder(detector, upsample=upsample, chip_size=chip_size, chip_padding=chip_padding,
                         max_faces=max_faces)
-    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation)
+    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, records=False)
     for question in QUESTIONS.values():
         evaluator.check_room(question)  # before any photo is read
     prior = _PriorOfCrops(evaluator.config, onnx)
-    out = make_folder(out)
-    (out / "faces").mkdir(exist_ok=True)
+    with staged:
+        summary = _analyze_into(staged.staging, photos, evaluator, finder, prior, min_score=min_score,
+                                batch_size=batch_size, threads=threads, progress=progress)
+        summary["out"] = str(staged.publish())
+    return summary
+
+
+def _analyze_into(out: Path, photos, evaluator, finder: FaceFinder, prior: _PriorOfCrops, *, min_score: float,
+                  batch_size: int, threads: int, progress: bool) -> dict:
+    """`analyze`'s work, written into the folder `out`; returns the summary."""
+    (out / "faces").mkdir()
 
     stage = collections.Counter()
     queue: list[tuple[Photo, int, np.ndarray, np.ndarray | None]] = []
@@ -100,7 +118,7 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
             photo.answers[index] = _reading(replies["emotion"][row], replies["au"][row], per_face)
             photo.waiting -= 1
             if photo.waiting == 0:  # drawn and saved on the writer thread, beside the next detections
-                writes.append(writer.submit(_write_photo, out, photo))
+                writes.append(writer.submit(_write_photo, out, photo, prior.priors))
 
     bar, began = _progress(len(photos), progress), time.perf_counter()
     writer, writes = concurrent.futures.ThreadPoolExecutor(1), []
@@ -108,16 +126,20 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
         bar.update(1)
         done.append(photo)
         stage.update(photo.seconds)
+        if photo.error is None and photo.faces:
+            start = time.perf_counter()
+            try:
+                features = photo.features = prior([f.chip for f in photo.faces], photo.path)
+            except ValueError as err:  # a face no prior feature could be computed for: the photo is skipped
+                photo.error, photo.faces, photo.rgb = str(err), [], None
+            photo.seconds["prior"] = time.perf_counter() - start
+            stage["prior"] += photo.seconds["prior"]
         if photo.error is not None:
             print(f"skipped {photo.path}: {photo.error}", file=sys.stderr)
             continue
         if not photo.faces:
             print(f"{photo.path}: no face found")
             continue
-        start = time.perf_counter()
-        features = prior([f.chip for f in photo.faces])
-        photo.seconds["prior"] = time.perf_counter() - start
-        stage["prior"] += photo.seconds["prior"]
         start = time.perf_counter()
         pixels = prior.clip_pixels([f.chip for f in photo.faces])
         stage["clip"] += time.perf_counter() - start
@@ -132,12 +154,12 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     with writer:
         stage["write"] = sum(write.result() for write in writes)  # a failed write raises here
     bar.close()
-    _write_results(out, done)
+    _write_results(out, done, prior.priors)
     stage["total"] = time.perf_counter() - began
     faces = sum(len(p.faces) for p in done)
     return {"photos": len(done), "faces": faces, "without_face": sum(p.error is None and not p.faces for p in done),
-            "unreadable": sum(p.error is not None for p in done),
-            "seconds": {k: round(v, 3) for k, v in stage.items()}, "out": str(out)}
+            "skipped": sum(p.error is not None for p in done),
+            "seconds": {k: round(v, 3) for k, v in stage.items()}}
 
 
 class _PriorOfCrops:
@@ -149,13 +171,16 @@ class _PriorOfCrops:
         from emola_jax.data.prior import open_extractors
 
         self.config = config
-        self.extractors = open_extractors(config.priors, onnx) if config.prior_position != "off" else []
+        self.priors = config.priors if config.prior_position != "off" else ()
+        self.extractors = open_extractors(self.priors, onnx) if self.priors else []
 
-    def __call__(self, chips: list[np.ndarray]) -> np.ndarray | None:
+    def __call__(self, chips: list[np.ndarray], photo: Path) -> np.ndarray | None:
+        """ValueError naming the photo and face when a face's feature cannot be computed or is not finite."""
         if not self.extractors:
             return None
         bgr = [np.ascontiguousarray(c[..., ::-1]) for c in chips]
-        return np.concatenate([e.features(bgr) for e in self.extractors], axis=1)
+        names = [f"face {n} of {photo}" for n in range(1, len(chips) + 1)]
+        return np.concatenate([e.features(bgr, names=names) for e in self.extractors], axis=1)
 
     def clip_pixels(self, chips: list[np.ndarray]) -> np.ndarray:
         from PIL import Image
@@ -212,23 +237,33 @@ def _faces_found(paths: Sequence[str | Path], threads: int, finder: FaceFinder, 
 
 
 def _unique_names(paths: list[Path]) -> list[str]:
-    """Each photo's output stem: its file's stem, with `-2`, `-3`... where stems repeat."""
-    seen: collections.Counter = collections.Counter()
+    """Each photo's output stem: its file's stem, or the first of `-2`, `-3`... after it that no
+    earlier photo has (`p1/a.jpg`, `p2/a.png`, `p3/a-2.png`: `a`, `a-2`, `a-2-2`)."""
+    used: set[str] = set()
     names = []
     for path in paths:
-        seen[path.stem] += 1
-        names.append(path.stem if seen[path.stem] == 1 else f"{path.stem}-{seen[path.stem]}")
+        name, n = path.stem, 1
+        while name in used:
+            n += 1
+            name = f"{path.stem}-{n}"
+        used.add(name)
+        names.append(name)
     return names
 
 
+def _emotion_shown(answer: dict) -> str:
+    """The emotion the official rule reads, marked where it is its fallback (no emotion word in the
+    answer): one text for the picture and the page, as `results.jsonl` has it (`emotion_named`)."""
+    return answer["emotion"] if answer["emotion_named"] else f"{answer['emotion']} (fallback: no emotion named)"
+
+
 def _label(answer: dict) -> str:
-    emotion = answer["emotion"] if answer["emotion_named"] else "no emotion named"
-    return f"{emotion}; {' '.join(answer['aus']) or 'no AUs'}"
+    return f"{_emotion_shown(answer)}; {' '.join(answer['aus']) or 'no AUs'}"
 
 
-def _write_photo(out: Path, photo: Photo) -> float:
-    """The labelled photo and each face's crop (each file written atomically); frees the pixels.
-    Returns the seconds it took."""
+def _write_photo(out: Path, photo: Photo, priors) -> float:
+    """The labelled photo, each face's crop and its prior features (each file written atomically);
+    frees the pixels. Returns the seconds it took."""
     from PIL import Image, ImageDraw, ImageFont
 
     start = time.perf_counter()
@@ -248,9 +283,30 @@ def _write_photo(out: Path, photo: Photo) -> float:
         draw.rectangle((x, y, x + width, y + height), fill=(255, 64, 32))
         draw.text((x + line - x0, y + line - y0), text, fill=(255, 255, 255), font=font)
         _save_png(Image.fromarray(face.chip), out / "faces" / f"{photo.name}-{number}.png")
+        if photo.features is not None:
+            for prior, feature in zip(priors, _split(photo.features[number - 1], priors), strict=True):
+                _save_npy(feature, out / _prior_file(photo.name, number, prior.name))
     _save_png(canvas, out / f"{photo.name}.png")
     photo.rgb = None
     return time.perf_counter() - start
+
+
+def _split(feature: np.ndarray, priors) -> list[np.ndarray]:
+    """A concatenated feature as one array per prior."""
+    return np.split(feature, np.cumsum([p.dim for p in priors])[:-1])
+
+
+def _prior_file(name: str, number: int, prior: str) -> str:
+    return f"faces/{name}-{number}.{prior}.npy"
+
+
+def _save_npy(array: np.ndarray, path: Path) -> None:
+    from emola_jax.atomic import atomic_file
+
+    buffer = io.BytesIO()
+    np.save(buffer, array)
+    with atomic_file(path) as staging:
+        staging.write_bytes(buffer.getvalue())
 
 
 def _save_png(image, path: Path) -> None:
@@ -262,14 +318,16 @@ def _save_png(image, path: Path) -> None:
         staging.write_bytes(buffer.getvalue())
 
 
-def _lines(photo: Photo) -> list[dict]:
+def _lines(photo: Photo, priors) -> list[dict]:
     if photo.error is not None:
         return [{"photo": str(photo.path), "error": photo.error}]
     if not photo.faces:
         return [{"photo": str(photo.path), "faces": 0, "seconds": _rounded(photo.seconds)}]
     return [{"photo": str(photo.path), "face": number, "box": list(face.detection.box),
              "score": round(face.detection.score, 4), "image": f"{photo.name}.png",
-             "crop": f"faces/{photo.name}-{number}.png", **answer, "seconds": _rounded(photo.seconds)}
+             "crop": f"faces/{photo.name}-{number}.png",
+             "priors": {p.name: _prior_file(photo.name, number, p.name) for p in priors},
+             **answer, "seconds": _rounded(photo.seconds)}
             for number, (face, answer) in enumerate(zip(photo.faces, photo.answers, strict=True), 1)]
 
 
@@ -277,10 +335,10 @@ def _rounded(seconds: dict) -> dict:
     return {k: round(v, 4) for k, v in seconds.items()}
 
 
-def _write_results(out: Path, photos: list[Photo]) -> None:
+def _write_results(out: Path, photos: list[Photo], priors) -> None:
     from emola_jax.atomic import write_text
 
-    lines = [line for photo in photos for line in _lines(photo)]
+    lines = [line for photo in photos for line in _lines(photo, priors)]
     write_text(out / "results.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     write_text(out / "index.html", _index(photos))
 
@@ -293,7 +351,7 @@ def _index(photos: list[Photo]) -> str:
     for photo in photos:
         parts.append(f"<h2>{esc(str(photo.path))}</h2>")
         if photo.error is not None:
-            parts.append(f"<p>could not be read: {esc(photo.error)}</p>")
+            parts.append(f"<p>skipped: {esc(photo.error)}</p>")
             continue
         if not photo.faces:
             parts.append("<p>no face found</p>")
@@ -303,7 +361,7 @@ def _index(photos: list[Photo]) -> str:
         for number, answer in enumerate(photo.answers, 1):
             crop = f"faces/{photo.name}-{number}.png"
             parts.append(
-                f'<tr><td>{number}<br><img src="{esc(crop)}" width="112"></td><td>{esc(answer["emotion"] or "-")}'
+                f'<tr><td>{number}<br><img src="{esc(crop)}" width="112"></td><td>{esc(_emotion_shown(answer))}'
                 f'</td><td>{esc(" ".join(answer["aus"]) or "-")}</td><td class="text"><b>emotion:</b> '
                 f'{esc(answer["emotion_answer"])}<br><b>AUs:</b> {esc(answer["au_answer"])}</td></tr>')
         parts.append("</table>")

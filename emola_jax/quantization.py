@@ -222,12 +222,12 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quantization: Quantiza
     Raises ValueError when `src` is already quantised or a kernel does not fit the block size.
     """
     from emola_jax.checkpoint import (
-        SOURCE_FILE,
         TOKENIZER_DIR,
         CheckpointWriter,
         disk_shapes,
         load_config,
         read_params,
+        read_source,
         stored_params,
     )
 
@@ -237,8 +237,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quantization: Quantiza
     stored = stored_params(src, config)
     specs = disk_shapes(config)
     quantization.check(specs, where="--block-size")
-    source = json.loads((Path(src) / SOURCE_FILE).read_text()) if (Path(src) / SOURCE_FILE).is_file() else {}
-    source = {**source, "quantized": dataclasses.asdict(quantization)}
+    source = {**read_source(src), "quantized": dataclasses.asdict(quantization)}
     tokenizer = Path(src) / TOKENIZER_DIR
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         for i, path in enumerate(specs):

@@ -29,10 +29,11 @@ def cpu_env(devices: int) -> dict:
 class Run:
     """`run.py ARGS` started as `count` processes (one process: no distributed flags), each with
     `devices` CPU devices; each one's stdout and stderr go to `logs/process{i}.out` and `.err`.
-    `extra[i]`: arguments process `i` alone gets."""
+    `cwd_of[i]`: the working directory of process `i` when not `cwd` (the command is the same on
+    every process: only what it finds on its host may differ)."""
 
     def __init__(self, args: list[str], *, count: int, devices: int, cwd: Path, logs: Path,
-                 extra: dict[int, list[str]] | None = None):
+                 cwd_of: dict[int, Path] | None = None):
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
         port = free_port()
@@ -40,8 +41,9 @@ class Run:
         for i in range(count):
             flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
             with open(self.logs / f"process{i}.out", "w") as out, open(self.logs / f"process{i}.err", "w") as err:
-                command = [*RUN, *args, *(extra or {}).get(i, []), *(flags if count > 1 else [])]
-                self.procs.append(subprocess.Popen(command, cwd=cwd, env=cpu_env(devices), stdout=out, stderr=err))
+                command = [*RUN, *args, *(flags if count > 1 else [])]
+                self.procs.append(subprocess.Popen(command, cwd=(cwd_of or {}).get(i, cwd), env=cpu_env(devices),
+                                                   stdout=out, stderr=err))
 
     def stdout(self, i: int) -> str:
         return (self.logs / f"process{i}.out").read_text()

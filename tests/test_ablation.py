@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 import configs
-from emola_jax import ablation
+from emola_jax import ablation, demo
 from emola_jax.config import PriorToken
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -96,3 +96,43 @@ def test_ablation_command_on_the_demo_faces(tmp_path):
     run = json.loads((tmp_path / "runs" / "before-au" / "experiment.json").read_text())
     assert run["model"]["prior_position"] == "before" and run["train"]["steps"] == 1  # half of 2: one set of two
     assert [Path(a).name for a in run["data"]["annotations"]] == ["train_au_anno.json"]
+
+    # a rerun reuses the prepared base and the finished runs: the same table, no checkpoint rewritten
+    checkpoints = {p: p.stat().st_mtime_ns for p in (tmp_path / "runs").rglob("checkpoints/*/**/*") if p.is_file()}
+    again = subprocess.run([sys.executable, "run.py", "ablation", "position", "--workdir", str(tmp_path),
+                            "--set", "train.steps=2", "--max-new-tokens", "8"],
+                           capture_output=True, text=True, timeout=1500, cwd=ROOT)
+    assert again.returncode == 0, again.stderr[-2000:]
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+    assert checkpoints and {p: p.stat().st_mtime_ns for p in checkpoints} == checkpoints
+    # ... and a rerun that would rebuild the base otherwise is refused, naming what changed
+    other = subprocess.run([sys.executable, "run.py", "ablation", "position", "--workdir", str(tmp_path),
+                            "--set", "train.steps=2", "--seed", "1"], capture_output=True, text=True, cwd=ROOT)
+    assert other.returncode == 1
+    assert other.stderr.strip().splitlines()[-1].startswith(
+        f"error: {tmp_path / 'data'} was prepared with other settings (seed: 0 there, 1 here)")
+    assert json.loads((tmp_path / "results.json").read_text()) == rows
+
+
+def test_the_demo_inputs_are_reused_only_as_prepared(demo_run):
+    workdir, result = demo_run
+    assert result.returncode == 0, result.stderr[-2000:]
+    tiny = configs.load("tiny").model
+    inputs = demo.prepared(workdir, tiny)
+    assert inputs == demo.DemoInputs.in_folder(workdir) and inputs.base.joinpath("config.json").is_file()
+    with pytest.raises(ValueError, match=r"was prepared with other settings \(seed: 0 there, 3 here\)"):
+        demo.prepared(workdir, tiny, seed=3)
+    assert demo.prepared(workdir / "nowhere", tiny) is None
+
+
+def test_the_eval_files_with_the_tiny_model_are_one_sentence(tmp_path):
+    (tmp_path / "e.json").write_text("[]")
+    result = subprocess.run([sys.executable, "run.py", "ablation", "position", "--workdir", str(tmp_path / "w"),
+                             "--eval-emotion", str(tmp_path / "e.json"), "--eval-au", str(tmp_path / "e.json"),
+                             "--eval-landmarks", str(tmp_path / "l.array_record")],
+                            capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 1
+    assert result.stderr.strip() == ("error: config tiny is a whole tiny model scored on the demo's faces; the "
+                                     "--eval-* files go with a config that trains from a real base (train.base), "
+                                     "e.g. --config emola_7b")
+    assert not (tmp_path / "w").exists()

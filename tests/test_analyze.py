@@ -103,7 +103,7 @@ def test_analyze_command_on_photos(demo_run, tmp_path):
     assert f"{photos / 'coffee.png'}: no face found" in result.stdout
     skipped = [line for line in result.stderr.splitlines() if "broken.jpg" in line]
     assert len(skipped) == 1 and skipped[0].startswith(f"skipped {photos / 'broken.jpg'}: ")
-    assert "8 faces in 3 photos (1 without a face, 1 unreadable)" in result.stdout
+    assert "8 faces in 3 photos (1 without a face, 1 skipped)" in result.stdout
 
     lines = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
     by_photo = {}
@@ -131,3 +131,30 @@ def test_analyze_command_on_photos(demo_run, tmp_path):
     for line in lines:
         assert str(Path(line["photo"])) in page
     assert page.count("<tr>") == 2 + 8  # a header row per photo with faces, a row per face
+    for line in lines:  # the emotion as results.jsonl has it, its fallback marked alike on the page
+        if "emotion" in line:
+            shown = line["emotion"] if line["emotion_named"] else f"{line['emotion']} (fallback: no emotion named)"
+            assert f"<td>{shown}</td>" in page
+
+    # the folder holds one run: a rerun into it is refused, and --overwrite replaces it whole
+    command = [*RUN, "analyze", "--ckpt", str(workdir / "run" / "model"), "--onnx",
+               str(workdir / "landmark_model.onnx"), "--out", str(out), "--max-new-tokens", "8", "--no-progress"]
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    again = subprocess.run([*command, str(photos / "astronaut.png")], capture_output=True, text=True,
+                           env=cpu_env(1), timeout=600)
+    assert again.returncode == 1
+    assert again.stderr.strip() == f"error: {out} exists and is not empty; pass --overwrite to replace it"
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+    same_stem = []  # three photos whose output names would collide: a, a, a-2
+    for folder, name in (("p1", "a.jpg"), ("p2", "a.png"), ("p3", "a-2.png")):
+        (tmp_path / folder).mkdir()
+        shutil.copy(photos / "astronaut.png", tmp_path / folder / name)
+        same_stem.append(str(tmp_path / folder / name))
+    replaced = subprocess.run([*command, "--overwrite", *same_stem], capture_output=True, text=True,
+                              env=cpu_env(1), timeout=600)
+    assert replaced.returncode == 0, replaced.stderr[-3000:]
+    assert sorted(p.name for p in out.glob("*.png")) == ["a-2-2.png", "a-2.png", "a.png"]  # no group.png left
+    rows = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    images = ["a.png", "a-2.png", "a-2-2.png"]
+    assert sorted({(r["photo"], r["image"]) for r in rows}) == list(zip(same_stem, images, strict=True))
+    assert not list(tmp_path.glob(".out.tmp-*"))

@@ -5,6 +5,7 @@ import shutil
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 
 from tests.processes import ROOT, cpu_env
@@ -40,6 +41,22 @@ DAMAGES = {
     "checkpoint metadata missing": (lambda p: (p / "_CHECKPOINT_METADATA").unlink(),
                                     "is not a readable emola-jax checkpoint: "),
 }
+
+
+def test_a_weight_file_cut_in_half_is_named(trained, tmp_path):
+    """The line names the folder and not the library's internals. Orbax may print tracebacks of its
+    closed event loop before it (tensorstore reads still in flight when one fails), so the error is
+    read from the last line."""
+    model = tmp_path / "model"
+    shutil.copytree(trained / "model", model)
+    data = max((model / "params" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
+    data.write_bytes(data.read_bytes()[: data.stat().st_size // 2])
+    result = _run("export", str(model), str(tmp_path / "out"), "--format", "hf", cwd=tmp_path)
+    assert result.returncode == 1
+    line = result.stderr.strip().splitlines()[-1]
+    assert line.startswith(f"error: could not read the weights in {model / 'params'} (damaged or cut short?): ")
+    assert "pybind11" not in line and "bound method" not in line
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.tmp-*"))
 
 
 @pytest.mark.parametrize("damage", list(DAMAGES))
@@ -89,3 +106,24 @@ def test_mesh_larger_than_the_devices_is_one_line(tmp_path):
     _one_line_error(result, "needs 3 devices; there are 1")
     assert "Traceback" not in result.stderr
     assert not (tmp_path / "w" / "model").exists()
+
+
+@pytest.mark.parametrize("damage, expected", [
+    ("absent", "error: checkpoint {model} does not exist"),
+    ("torn tokenizer", "error: the tokenizer in {model}/tokenizer cannot be read ("),
+])
+def test_a_checkpoint_that_is_not_there_or_has_a_torn_tokenizer_is_named(demo_run, tmp_path, damage, expected):
+    model = tmp_path / "model"
+    if damage != "absent":
+        shutil.copytree(demo_run[0] / "run" / "model", model)
+        tokenizer = model / "tokenizer" / "tokenizer.json"
+        tokenizer.write_bytes(tokenizer.read_bytes()[:1000])
+    (tmp_path / "face.png").write_bytes((ROOT / "docs" / "analyze_example.png").read_bytes())
+    np.save(tmp_path / "face.npy", np.zeros(212, np.float32))
+    for command in (["generate", str(model), "--image", str(tmp_path / "face.png"), "--prompt", "?",
+                     "--landmarks", str(tmp_path / "face.npy")],
+                    ["evaluate", "--ckpt", str(model), "--data", str(tmp_path / "a.json"), "--task", "emotion",
+                     "--out", str(tmp_path / "out")]):
+        line = _one_line_error(_run(*command, cwd=tmp_path), "")
+        assert line.startswith(expected.format(model=model)), line
+    assert not (tmp_path / "out").exists()

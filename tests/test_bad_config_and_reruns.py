@@ -86,6 +86,55 @@ def test_a_rerun_under_settings_that_alter_the_run_is_refused_naming_each_differ
     assert snapshot(finished) == before
 
 
+def test_the_checkpoint_keeps_the_settings_when_experiment_json_is_torn_or_gone(finished, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished, workdir)
+    original = (workdir / EXPERIMENT_FILE).read_text()
+    for damage in ("torn", "gone"):
+        if damage == "torn":
+            (workdir / EXPERIMENT_FILE).write_text(original[: len(original) // 2])
+        else:
+            (workdir / EXPERIMENT_FILE).unlink()
+        before = snapshot(workdir)
+        line = one_error_line(run_py(*TRAIN, "--set", "train.seed=1", "--workdir", str(workdir)), 1)
+        assert line == (f"error: {workdir} holds a run with other settings (train.seed: 0 there, 1 here): rerun it "
+                        f"with the settings in {workdir / EXPERIMENT_FILE}, or use a new workdir")
+        assert snapshot(workdir) == before
+    # the same settings go on, and the file is written again from the checkpoint's copy
+    result = run_py(*TRAIN, "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert json.loads((workdir / EXPERIMENT_FILE).read_text()) == json.loads(original)
+
+
+def test_train_config_experiment_json_reruns_the_run(finished, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished, workdir)
+    before = snapshot(workdir / "checkpoints")
+    result = run_py("train", "--config", str(workdir / EXPERIMENT_FILE), "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert snapshot(workdir / "checkpoints") == before  # finished: nothing trained again
+    (tmp_path / "torn.json").write_text('{"model": ')
+    line = one_error_line(run_py("train", "--config", str(tmp_path / "torn.json"), "--workdir", str(tmp_path / "x")), 1)
+    assert line.startswith(f"error: {tmp_path / 'torn.json'} is not a run's settings (")
+    assert not (tmp_path / "x").exists()
+
+
+def test_a_torn_last_line_of_metrics_jsonl_is_dropped_on_resume(finished, tmp_path):
+    workdir = tmp_path / "w"
+    shutil.copytree(finished, workdir)
+    shutil.rmtree(workdir / "checkpoints" / "4")  # killed after step 4's metrics, before its checkpoint ...
+    with open(workdir / "metrics.jsonl", "a") as f:
+        f.write('{"step": 5, "lo')  # ... and mid-line in a step after it
+    result = run_py(*TRAIN, "--workdir", str(workdir))
+    assert result.returncode == 0, result.stderr[-3000:]
+    steps = [json.loads(line)["step"] for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    (workdir / "metrics.jsonl").write_text('{"step": 1}\nnot json\n')
+    shutil.rmtree(workdir / "checkpoints" / "4")
+    line = one_error_line(run_py(*TRAIN, "--workdir", str(workdir)), 1)
+    assert line == f"error: {workdir / 'metrics.jsonl'}, line 2: not valid JSON (Expecting value)"
+
+
 def test_more_steps_need_extend(finished):
     before = snapshot(finished)
     line = one_error_line(run_py(*TRAIN, "--steps", "6", "--workdir", str(finished)), 1)

@@ -92,7 +92,8 @@ def test_generate_refuses_bad_numbers_and_arrays(setup, tmp_path, capsys):  # no
         ("--top-p", "0"): "top_p must be in (0, 1] (1 keeps every token), not 0.0",
         ("--top-p", "5"): "top_p must be in (0, 1] (1 keeps every token), not 5.0",
         ("--max-new-tokens", "0"): "max_new_tokens must be at least 1, not 0",
-        ("--landmarks", str(tmp_path / "nan.npy")): "the prior feature holds 2 values that are NaN or infinite",
+        ("--landmarks", str(tmp_path / "nan.npy")): f"landmark file {tmp_path / 'nan.npy'} holds 2 values that are "
+                                                   "NaN or infinite",
         ("--max-new-tokens", "5000"): "exceeds the model's context of 4096 positions",
     }
     for flags, message in cases.items():

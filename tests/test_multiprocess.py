@@ -9,6 +9,7 @@ run resumes from its checkpoints, each process from its own data-iterator state.
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -107,14 +108,20 @@ def test_a_stopped_two_process_run_resumes_to_the_same_losses(folder, straight_r
 
 
 def test_a_process_that_fails_tells_the_others_why(folder):
+    other = folder / "host1"  # process 1's host: the same files, but its feature store cut short
+    shutil.copytree(folder / "demo_out", other / "demo_out")
+    store = other / "demo_out" / "faces" / "landmarks.array_record"
+    store.write_bytes(store.read_bytes()[:-100])
     run = Run(["train", *TRAIN, "--workdir", "failed", "--peer-timeout", "30"], count=2, devices=2, cwd=folder,
-              logs=folder / "failed.logs", extra={1: ["--set", "data.batch_size=7"]})  # wrong on process 1 only
+              logs=folder / "failed.logs", cwd_of={1: other})
     assert run.wait(timeout=120) == [1, 1]
-    reason = "batch_size 7 is not a multiple of the 2 processes"
+    reason = "demo_out/faces/landmarks.array_record is not a complete landmark file (truncated, damaged, or still " \
+             "being written)"  # the path as the config gives it
     errors = [[line for line in run.output(i).splitlines() if line.startswith("error:")] for i in range(2)]
     assert errors[1] == [f"error: {reason}"]
     assert len(errors[0]) == 1 and errors[0][0].startswith(f"error: process 1 of 2 stopped ({reason}); process 0 stops")
     assert not any("Check failure" in run.output(i) for i in range(2))
+
 
 TFDS_CONFIG = '''
 import dataclasses

@@ -1,7 +1,13 @@
 """Image decoding shared by CLIP and the landmark step, and CLIP preprocessing as LLaVA-1.5 does it
-(PIL, bicubic), returning channels-last arrays."""
+(PIL, bicubic), returning channels-last arrays.
+
+Every decoder turns the picture upright by its EXIF orientation, as `ImageOps.exif_transpose` does
+(LLaVA's loader does not; OpenCV's `imread` does): a phone photo saved sideways with an orientation
+tag is then one picture for CLIP, the face detector and the landmark model."""
 
 from __future__ import annotations
+
+import re
 
 import numpy as np
 
@@ -59,10 +65,59 @@ def to_rgb8(image) -> np.ndarray:
     return pixels
 
 
+ORIENTATION_TAG = 0x0112  # EXIF Orientation
+# numpy's form of the transposes `ImageOps.exif_transpose` applies for orientations 2-8
+_UPRIGHT = {
+    2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+    3: lambda a: a[::-1, ::-1],  # ROTATE_180
+    4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+    5: lambda a: a.swapaxes(0, 1),  # TRANSPOSE
+    6: lambda a: np.rot90(a, -1),  # ROTATE_270
+    7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # TRANSVERSE
+    8: lambda a: np.rot90(a, 1),  # ROTATE_90
+}
+# what could tell Pillow a PNG's orientation; without any of them Pillow would decode the whole
+# picture looking for a late eXIf chunk
+_PNG_ORIENTATION_SOURCES = (b"eXIf", b"Raw profile type exif", b"XML:com.adobe.xmp")
+
+
+def exif_orientation(opened, data: bytes | None = None) -> int:
+    """The EXIF orientation (1-8) of an opened PIL image, read where `ImageOps.exif_transpose`
+    reads it (EXIF, a PNG's raw profile, XMP); 1 for none or a value it ignores. `data`, the
+    file's bytes, spares a PNG without any orientation source a full decode. ValueError when the
+    EXIF block cannot be read (the picture's orientation is then unknown)."""
+    if (data is not None and opened.format == "PNG" and "exif" not in opened.info
+            and not any(source in data for source in _PNG_ORIENTATION_SOURCES)):
+        return 1
+    try:
+        value = opened.getexif().get(ORIENTATION_TAG, 1)
+    except Exception as err:  # Pillow's EXIF parser raises struct, value and key errors alike
+        raise ValueError(f"its EXIF data, which holds its orientation, could not be read ({err})") from None
+    return value if value in _UPRIGHT else 1
+
+
+def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
+    """`[H, W, C]` pixels stored with EXIF `orientation`, turned upright as `exif_transpose` does."""
+    turn = _UPRIGHT.get(orientation)
+    return pixels if turn is None else np.ascontiguousarray(turn(pixels))
+
+
+def too_large(err: Exception) -> str:
+    """Pillow's decompression-bomb refusal (raised from the header, before any pixel is decoded) as
+    a reason: the picture's pixel count and the limit, which stays Pillow's."""
+    from PIL import Image
+
+    found = re.search(r"\((\d+) pixels\)", str(err))
+    pixels = f"{int(found[1]):,} pixels" if found else "more pixels than Pillow allows"
+    return (f"{pixels}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} (twice PIL.Image.MAX_IMAGE_PIXELS) "
+            "against decompression bombs; not decoded")
+
+
 def decode_rgb(source) -> np.ndarray:
-    """`[H, W, 3]` uint8 RGB of an image file (a path, or a file object of its bytes): the picture
-    CLIP sees, and the one OpenCV gives the landmark step. An unreadable, truncated or empty file,
-    or a mode with no agreed 8-bit picture, is a ValueError naming the file."""
+    """`[H, W, 3]` uint8 RGB of an image file (a path, or a file object of its bytes), upright by
+    its EXIF orientation: the picture CLIP sees, and the one `landmarks.read_bgr` gives the
+    landmark step. An unreadable, truncated, empty or oversized file (Pillow's decompression-bomb
+    limit), or a mode with no agreed 8-bit picture, is a ValueError naming the file."""
     from PIL import Image, UnidentifiedImageError
 
     try:
@@ -70,7 +125,13 @@ def decode_rgb(source) -> np.ndarray:
             problem = mode_problem(opened)
             if problem is None:
                 opened.load()
-                return to_rgb8(opened)
+                pixels = to_rgb8(opened)
+                try:
+                    return upright(pixels, exif_orientation(opened))
+                except ValueError as err:
+                    problem = str(err)
+    except Image.DecompressionBombError as err:
+        raise ValueError(f"image {source}: {too_large(err)}") from None
     except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
         raise ValueError(f"image {source} could not be read: {err}") from err
     raise ValueError(f"image {source}: {problem}")

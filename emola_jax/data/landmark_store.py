@@ -128,7 +128,7 @@ def _open(path: Path):
         raise ValueError(f"{path} is a folder, not a landmark file (FEATURES.array_record)")
     if not path.is_file():
         raise FileNotFoundError(f"landmark file {path} does not exist")
-    incomplete = f"{path} is not a complete landmark file (truncated, or still being written)"
+    incomplete = f"{path} is not a complete landmark file (truncated, damaged, or still being written)"
     try:
         reader = ArrayRecordReader(str(path))
         total = reader.num_records()
@@ -158,7 +158,13 @@ def iter_file(path: str | Path, prior: str | None = None, dim: int | None = None
         info.check(path, prior, dim)
         step = 4096
         for start in range(0, info.count, step):
-            for data in reader.read(start, min(start + step, info.count)):
+            try:
+                chunk = reader.read(start, min(start + step, info.count))
+            except RuntimeError as err:  # a checksum that does not match: bytes changed on disk
+                raise ValueError(f"{path} is damaged ({str(err).split(';')[0]}, in records {start} to "
+                                 f"{min(start + step, info.count) - 1}); write it again (run.py precompute-priors)"
+                                 ) from None
+            for data in chunk:
                 try:
                     yield decode(data, info.dim)
                 except ValueError as err:

@@ -95,31 +95,44 @@ def check_complete(data: bytes) -> str | None:
 
 
 def read_bgr(image_path: str | Path) -> np.ndarray:
-    """`cv2.imread` (BGR uint8) of a complete image file; anything else is a ValueError saying why.
-    A file whose pixel mode CLIP's decoder (`image.decode_rgb`) refuses is refused here too, so the
-    two models never see different pictures of one file."""
+    """`cv2.imread` (BGR uint8) of a complete image file, upright by its EXIF orientation as
+    Pillow reads it; anything else is a ValueError saying why. A file CLIP's decoder
+    (`image.decode_rgb`) refuses (its pixel mode, its size over Pillow's limit) is refused here
+    too, and OpenCV's own orientation handling is replaced by Pillow's, so the two models never
+    see different pictures of one file."""
     import cv2
     from PIL import Image, UnidentifiedImageError
 
-    from emola_jax.data.image import mode_problem
+    from emola_jax.data.image import decode_rgb, exif_orientation, mode_problem, too_large, upright
 
     try:
         data = Path(image_path).read_bytes()
     except OSError as err:
         raise ValueError(f"image {image_path} could not be read: {err.strerror or err}") from None
-    problem, unreadable = check_complete(data), None
+    problem, unreadable, orientation, tiff = check_complete(data), None, 1, False
     if problem is None:
         try:
             with Image.open(io.BytesIO(data)) as opened:  # the header only: no pixels are decoded
-                problem = mode_problem(opened)
+                problem, tiff = mode_problem(opened), opened.format == "TIFF"
+                if problem is None:
+                    try:
+                        orientation = exif_orientation(opened, data)
+                    except ValueError as err:
+                        problem = str(err)
+        except Image.DecompressionBombError as err:
+            problem = too_large(err)
         except (OSError, UnidentifiedImageError, ValueError, SyntaxError) as err:
             unreadable = f"not a decodable image for CLIP's reader (PIL: {err})"
+    if problem is None and tiff and orientation != 1:
+        # OpenCV's TIFF reader turns orientations 2-4 itself whatever the flags and cannot read 5-8:
+        # Pillow decodes these few files, into the 8-bit picture OpenCV gives every other mode
+        return np.ascontiguousarray(decode_rgb(image_path)[..., ::-1])
     if problem is None:
-        pixels = cv2.imread(str(image_path))
+        pixels = cv2.imread(str(image_path), cv2.IMREAD_COLOR | cv2.IMREAD_IGNORE_ORIENTATION)
         problem = "not a decodable image" if pixels is None else unreadable
     if problem is not None:
         raise ValueError(f"image {image_path}: {problem}")
-    return pixels
+    return upright(pixels, orientation)
 
 
 def official_input(image_path: str | Path) -> np.ndarray:

@@ -9,9 +9,10 @@ or a part, so a killed run loses at most the features not yet in a part; it also
 run killed during the merge leaves: the merged file's temporary, or parts already merged into the
 output. An output or part of another prior or width is refused. A record's `bbox` is the face box
 of the priors and recipes that take one (all but the official 2d106det recipe); without it the
-face is the whole image. An unreadable, truncated or empty image, or a face the prior cannot
-process, is one line (id, path, reason) of `<out stem>.errors.jsonl` and is skipped; a run where
-no input at all could be read is an error.
+face is the whole image. An unreadable, truncated, empty or oversized image, a face the prior
+cannot process (a box wholly outside its image) or a feature with NaN or infinite values (a broken
+model file) is one line (id, path, reason) of `<out stem>.errors.jsonl` and is not stored; a run
+where no input at all gave a feature is an error.
 """
 
 from __future__ import annotations
@@ -173,11 +174,17 @@ class _Output:
         shutil.rmtree(self.parts_dir, ignore_errors=True)  # a kill before or during this: see _drop_merged_parts
 
 
+class NotFinite(str):
+    """The reason a computed feature is refused for NaN or infinite values (not stored)."""
+
+
 class _ErrorLog:
     def __init__(self, path: Path):
         self.path, self.count, self.file, self.first = path, 0, None, ""
+        self.not_finite = 0
 
     def add(self, job: Job, reason: str) -> None:
+        self.not_finite += isinstance(reason, NotFinite)
         if self.file is None:
             self.file = open(self.path, "w")
             self.first = reason
@@ -218,8 +225,9 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
     finally:  # whatever stops the loop, features already computed reach a part file
         errors.close()
         output.flush()
-    if jobs and errors.count == len(jobs):  # e.g. a mistyped root: an empty output would hide it
-        raise ValueError(f"none of the {len(jobs)} {inputs} could be read ({errors.first}); each reason is listed "
+    if jobs and errors.count == len(jobs):  # e.g. a mistyped root or a broken model: an empty output would hide it
+        failed = "gave a feature" if errors.not_finite else "could be read"
+        raise ValueError(f"none of the {len(jobs)} {inputs} {failed} ({errors.first}); each reason is listed "
                          f"in {errors.path}")
     output.finalise()
     return Summary(written, len(jobs) - len(todo), errors.count, out, errors.path, what)
@@ -269,7 +277,12 @@ def precompute_priors(
                 good = [r for _, r in results if not isinstance(r, str)]
                 features = iter(extractor.finish(good) if good else ())
                 for job, result in results:
-                    yield job, result if isinstance(result, str) else next(features)
+                    if isinstance(result, str):
+                        yield job, result
+                        continue
+                    feature = next(features)
+                    problem = extractor.not_finite(feature, f"record {job.id} ({job.path})")
+                    yield job, feature if problem is None else NotFinite(problem)
 
     info = landmark_store.StoreInfo(extractor.prior.name, extractor.prior.dim, extractor.recipe)
     return _run(jobs, out, compute, part_size, progress, "images", info)
@@ -304,7 +317,7 @@ def import_npy(
                 yield job, str(err)
                 continue
             if not np.isfinite(feature).all():
-                yield job, "landmark file holds NaN or infinite values"
+                yield job, NotFinite("landmark file holds NaN or infinite values")
             else:
                 yield job, feature
 

@@ -28,6 +28,9 @@ def read_npy(path: str | Path, record_id: str | None = None, error: type[Excepti
         raise error(f"{whose}landmark file {path} could not be read: {err}") from None
     if feature.shape != (dim,):
         raise error(f"{whose}landmark file {path} holds {feature.size} values, not {dim}")
+    if not np.isfinite(feature).all():
+        raise error(f"{whose}landmark file {path} holds {int((~np.isfinite(feature)).sum())} values that are NaN or "
+                    "infinite; a landmark feature is finite")
     return feature
 
 

@@ -67,18 +67,35 @@ class Extractor:
         """`[len(prepared), dim]` float32 features."""
         raise NotImplementedError
 
+    @property
+    def model_name(self) -> str:
+        """What computes the feature, as errors name it."""
+        return f"the {self.prior.name} extractor"
+
+    def not_finite(self, feature: np.ndarray, name: str) -> str | None:
+        """Why `feature` (one row of `finish`) may be neither stored nor fed to the model (NaN or
+        infinite values: a broken or wrong model file, which no later step would notice), or None."""
+        bad = int(np.size(feature) - np.isfinite(feature).sum())
+        if not bad:
+            return None
+        return f"{name}: {self.model_name} gave {bad} NaN or infinite values of {np.size(feature)}"
+
     def features(self, images: Sequence[np.ndarray], boxes: Sequence[Box | None] | None = None,
                  names: Sequence[str] | None = None) -> np.ndarray:
         """`[N, dim]` features of N BGR uint8 `[H, W, 3]` images, one box (or None: the whole
         image) per image. ValueError naming the image (`names[i]`, else its index) when its face
-        cannot be processed."""
+        cannot be processed or its feature is not finite."""
         boxes = [None] * len(images) if boxes is None else list(boxes)
         names = [f"image {i}" for i in range(len(images))] if names is None else list(names)
         if not len(boxes) == len(names) == len(images):
             raise ValueError(f"{len(images)} images need as many boxes and names, not {len(boxes)} and {len(names)}")
         if not images:
             return np.zeros((0, self.prior.dim), np.float32)
-        return self.finish([self.prepare(b, box, n) for b, box, n in zip(images, boxes, names, strict=True)])
+        out = self.finish([self.prepare(b, box, n) for b, box, n in zip(images, boxes, names, strict=True)])
+        for row, name in zip(out, names, strict=True):
+            if (problem := self.not_finite(row, name)) is not None:
+                raise ValueError(problem)
+        return out
 
     def file_features(self, paths: Sequence[str | Path], boxes: Sequence[Box | None] | None = None) -> np.ndarray:
         """`[N, dim]` features of image files (read as `landmarks.read_bgr` reads them)."""
@@ -86,8 +103,9 @@ class Extractor:
 
 
 def check_box(box: Box | None, shape: tuple[int, ...], name: str) -> Box:
-    """`box` as floats, or the whole image for None; ValueError naming `name` for an empty box or
-    an image too small to hold a face."""
+    """`box` as floats, or the whole image for None; ValueError naming `name` for an empty box, a
+    box wholly outside the image (a model would fit a face to padding) or an image too small to
+    hold a face."""
     height, width = shape[:2]
     if height < 8 or width < 8:
         raise ValueError(f"{name}: an image of {width}x{height} pixels is too small for a face")
@@ -98,6 +116,8 @@ def check_box(box: Box | None, shape: tuple[int, ...], name: str) -> Box:
     x1, y1, x2, y2 = map(float, box)
     if x2 - x1 < 2 or y2 - y1 < 2:
         raise ValueError(f"{name}: face box {box!r} is empty (x2 must exceed x1 and y2 exceed y1)")
+    if x2 <= 0 or y2 <= 0 or x1 >= width or y1 >= height:  # a box may reach past an edge, as detectors' do
+        raise ValueError(f"{name}: face box {box!r} lies wholly outside the {width}x{height} image")
     return (x1, y1, x2, y2)
 
 
@@ -112,12 +132,18 @@ class LandmarkGraph(Extractor):
         self.session = landmarks.open_session(onnx, threads, spinning=False)  # decoding threads need the cores
         self.normalisation = landmarks.graph_normalisation(onnx) if recipe == "insightface" else None
 
+    @property
+    def model_name(self) -> str:
+        return f"the landmark model {self.session.source}"
+
     def prepare(self, bgr, box=None, name="image"):
         if self.recipe == "official":
             if box is not None:
                 raise ValueError(f"{name}: the official 2d106det recipe resizes the whole image and takes no face "
                                  "box; crop the face first or use the insightface recipe")
             return landmarks.official_array(bgr), None
+        if box is not None:
+            check_box(box, bgr.shape, name)
         prepared = landmarks.insightface_array(bgr, *self.normalisation, bbox=box)
         return prepared.blob, prepared.inverse
 
@@ -144,6 +170,8 @@ def _dlib_shape(bgr: np.ndarray, box: Box | None, name: str, points: int):
 class Dlib68(Extractor):
     """dlib's 68-point shape predictor, points relative to the face box (see the module's doc)."""
 
+    model_name = "dlib's 68-point shape predictor"
+
     def __init__(self, prior: Prior, onnx=None, recipe: str = "default", threads=None):
         self.prior, self.recipe = prior, recipe
 
@@ -160,9 +188,11 @@ class Dlib68(Extractor):
 class DlibFaceDescriptor(Extractor):
     """dlib's ResNet face descriptor on the face aligned from 5 shape points."""
 
+    model_name = "dlib's face recognition model"
+
     def __init__(self, prior: Prior, onnx=None, recipe: str = "default", threads=None):
         self.prior, self.recipe = prior, recipe
-        self.model = dlib_models.face_recognition_model()
+        self.network = dlib_models.face_recognition_model()
 
     def prepare(self, bgr, box=None, name="image"):
         rgb, shape, _ = _dlib_shape(bgr, box, name, 5)  # the shape predictor is safe across threads
@@ -173,12 +203,11 @@ class DlibFaceDescriptor(Extractor):
         with dlib_models.FACE_RECOGNITION_LOCK:  # the network keeps its activations in itself
             for rgb, shape, name in prepared:
                 try:
-                    descriptor = np.asarray(self.model.compute_face_descriptor(rgb, shape), np.float32)
+                    descriptor = np.asarray(self.network.compute_face_descriptor(rgb, shape), np.float32)
                 except RuntimeError as err:
                     raise ValueError(f"{name}: dlib's face recognition model failed: {err}") from None
-                if descriptor.shape != (self.prior.dim,) or not np.isfinite(descriptor).all():
-                    raise ValueError(f"{name}: dlib's face recognition model gave no finite {self.prior.dim}-value "
-                                     "descriptor")
+                if descriptor.shape != (self.prior.dim,):  # non-finite values: refused per image by the callers
+                    raise ValueError(f"{name}: dlib's face recognition model gave no {self.prior.dim}-value descriptor")
                 out.append(descriptor)
         return np.stack(out)
 

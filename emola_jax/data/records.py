@@ -6,6 +6,8 @@ import dataclasses
 import json
 from pathlib import Path
 
+from emola_jax.atomic import not_utf8
+
 
 @dataclasses.dataclass(frozen=True)
 class EvalRecord:
@@ -20,11 +22,6 @@ class EvalRecord:
 def line_of(data: bytes, offset: int) -> int:
     """The 1-based line of `data` that byte `offset` is on."""
     return data.count(b"\n", 0, offset) + 1
-
-
-def not_utf8(err: UnicodeDecodeError) -> str:
-    """What a decoding error says, without the codec's wording."""
-    return f"byte 0x{err.object[err.start]:02x} is not UTF-8 text (save the file as UTF-8)"
 
 
 def read_annotation_list(path: str | Path) -> list:

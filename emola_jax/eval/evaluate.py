@@ -21,10 +21,12 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
+from emola_jax import atomic
 from emola_jax.atomic import make_folder
-from emola_jax.checkpoint import load_config, load_pretrained, load_tokenizer
+from emola_jax.checkpoint import PRIOR_RECIPES, load_config, load_pretrained, load_tokenizer, read_source
 from emola_jax.data import conversation, image
 from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION
+from emola_jax.data.landmark_store import read_info
 from emola_jax.data.prior import PriorFeatures
 from emola_jax.data.records import EvalRecord, read_eval_records
 from emola_jax.eval import report, scoring
@@ -53,13 +55,19 @@ class Evaluator:
     """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None,
-                 landmarks: str | Path | Sequence[str | Path] | None = None):
+                 landmarks: str | Path | Sequence[str | Path] | None = None, records: bool = True):
         """`landmarks`: ArrayRecord files of prior features by record id (`precompute-priors`), one
         per prior of the model, in its order (each checked against it before the weights load);
-        without them, each record's own `.npy` file (the official layout) is read."""
+        without them, each record's own `.npy` file (the official layout) is read. `records=False`:
+        no record is read (`answer`, `answer_batch`: the caller gives each image's feature)."""
         config = load_config(checkpoint)
-        self.prior = (PriorFeatures.open(landmarks, priors=config.priors)
-                      if config.prior_position != "off" else PriorFeatures())
+        if records and config.prior_position != "off":
+            self.prior = PriorFeatures.open(landmarks, priors=config.priors)
+            _check_recipes(checkpoint, self.prior)
+        elif landmarks is not None:
+            raise ValueError("feature files go with records (evaluate); this evaluator is given each image's feature")
+        else:
+            self.prior = PriorFeatures()
         # devices grouped by process, so that process p's rows are the p-th slice of the batch
         devices = sorted(jax.devices(), key=lambda d: (d.process_index, d.id))
         self.mesh = Mesh(np.asarray(devices), ("data",))
@@ -158,6 +166,19 @@ class Evaluator:
         return self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip(), bool(stop.size)
 
 
+def _check_recipes(checkpoint: str | Path, features: PriorFeatures) -> None:
+    """Each feature store was made with the recipe the model's training features were (source.json's
+    `prior_recipes`): another recipe gives other numbers for the same face (2d106det's official
+    recipe and insightface's differ by far more than a face's expression moves them)."""
+    trained = read_source(checkpoint).get(PRIOR_RECIPES, {})
+    for table in features.tables:
+        wanted, found = trained.get(table.info.prior), table.info.recipe
+        if wanted is not None and found is not None and wanted != found:
+            raise ValueError(f"{table.source} holds {table.info.prior} features of the {found} recipe, but "
+                             f"{checkpoint} was trained on the {wanted} recipe's; compute them with --recipe {wanted} "
+                             "(run.py precompute-priors)")
+
+
 def batches(items: list, size: int) -> Iterator[list]:
     for start in range(0, len(items), size):
         yield items[start:start + size]
@@ -180,7 +201,9 @@ def evaluate_model(
     predictions_file = out / PREDICTIONS
     lead = jax.process_index() == 0
     settings = {"checkpoint": str(Path(checkpoint).resolve()), "annotations": str(Path(annotations).resolve()),
-                "dtype": dtype, "generation": dataclasses.asdict(generation) if generation else None,
+                "images_root": str(Path(images_root).resolve()) if images_root is not None else None,
+                "landmarks": _stores(landmarks), "dtype": dtype,
+                "generation": dataclasses.asdict(generation) if generation else None,
                 "official_prompt": official_prompt}
     done_count, refusal = 0, None
     if lead:
@@ -231,18 +254,41 @@ def _check_labels(records: list[EvalRecord], task: str, annotations: str | Path)
             raise ValueError(f"{annotations}: record {record.id}: {err}") from None
 
 
+def _stores(landmarks: str | Path | Sequence[str | Path] | None) -> list[dict] | None:
+    """What the answers depend on in each prior-feature file: its path, size, and footer (prior,
+    recipe, records): a store written again, or another recipe's, is another input."""
+    if landmarks is None:
+        return None
+    paths = [landmarks] if isinstance(landmarks, (str, os.PathLike)) else list(landmarks)
+    stores = []
+    for path in map(Path, paths):
+        info = read_info(path)
+        stores.append({"file": str(path.resolve()), "bytes": path.stat().st_size, "prior": info.prior,
+                       "recipe": info.recipe, "records": info.count})
+    return stores
+
+
 def _resume_point(predictions: Path, settings_file: Path, settings: dict, records, annotations) -> int:
-    """How many records are already done; refuses to mix two different runs in one folder."""
+    """How many records are already done; refuses to mix two runs in one folder: every input an
+    answer depends on (`settings`) must be the one the earlier answers were made with."""
     done = report.read_prediction_lines(predictions, appended=True)
-    _cut_torn_line(predictions)
-    if done and settings_file.exists() and json.loads(settings_file.read_text()) != settings:
-        raise ValueError(f"{predictions.parent} holds predictions made with other settings "
-                         f"(see {settings_file}); point --out at a fresh folder")
+    atomic.cut_torn_line(predictions)
+    if done and settings_file.exists():
+        try:
+            saved = json.loads(settings_file.read_text())
+        except ValueError as err:
+            raise ValueError(f"{settings_file} is torn ({err}); the answers in {predictions} cannot be matched to "
+                             "their settings: point --out at a fresh folder") from None
+        changed = [f"{key}: {json.dumps(saved.get(key))} there, {json.dumps(value)} here"
+                   for key, value in settings.items() if saved.get(key) != value]
+        if changed:
+            raise ValueError(f"{predictions.parent} holds predictions made with other settings "
+                             f"({'; '.join(changed)[:600]}); rerun with those, or point --out at a fresh folder")
     done_ids = [d.get("id") for d in done]
     if done_ids != [r.id for r in records[: len(done_ids)]]:
         raise ValueError(f"{predictions} does not hold predictions for the first records of {annotations}; "
                          "point --out at a fresh folder")
-    settings_file.write_text(json.dumps(settings, indent=2) + "\n")
+    atomic.write_text(settings_file, json.dumps(settings, indent=2) + "\n")
     return len(done)
 
 
@@ -254,18 +300,6 @@ def prompt_for(task: str) -> str:
 def _line(record: EvalRecord, answer: str, stopped_at_eos: bool) -> dict:
     return {"id": record.id, "prompt": conversation.generation_prompt(record.question), "prediction": answer,
             "reference": record.reference, "label": record.label, "stopped_at_eos": stopped_at_eos}
-
-
-def _cut_torn_line(path: Path) -> None:
-    """Cuts off a last line without its newline (a write a kill cut short), so that the next
-    append starts a line of its own."""
-    if not path.exists():
-        return
-    data = path.read_bytes()
-    end = data.rfind(b"\n") + 1
-    if end != len(data):
-        with open(path, "r+b") as f:
-            f.truncate(end)
 
 
 def _append(path: Path, lines: list[dict]) -> None:

@@ -7,7 +7,6 @@ from pathlib import Path
 
 from emola_jax import atomic
 from emola_jax.data.labels import AU_SETS
-from emola_jax.data.records import not_utf8
 from emola_jax.eval import scoring
 
 EMOTION_TASKS = ("emotion", "rafdb")
@@ -47,34 +46,20 @@ def read_prediction_lines(path: str | Path, *, appended: bool = False, task: str
 
     `appended`: the file is one an evaluation appends to as it runs. A missing file then holds
     nothing yet, and a last line without its newline is a write a kill cut short: it is left out."""
-    path = Path(path)
-    if appended and not path.exists():
-        return []
     parse = label_parser(task) if task is not None else None
     lines = []
-    with open(path, "rb") as f:
-        for number, line in enumerate(f, start=1):
-            if appended and not line.endswith(b"\n"):
-                break
-            if not line.strip():
-                continue
+    for number, record in atomic.read_jsonl(path, appended=appended):
+        missing = [k for k in PREDICTION_FIELDS if not isinstance(record, dict) or k not in record]
+        if missing:
+            raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}")
+        if not isinstance(record["prediction"], str) or not isinstance(record["reference"], str):
+            raise ValueError(f"{path}, line {number}: prediction and reference must be strings")
+        if parse is not None:
             try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as err:
-                raise ValueError(f"{path}, line {number}: {not_utf8(err)}") from None
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}, line {number}: not valid JSON ({err.msg})") from None
-            missing = [k for k in PREDICTION_FIELDS if not isinstance(record, dict) or k not in record]
-            if missing:
-                raise ValueError(f"{path}, line {number}: missing {', '.join(missing)}")
-            if not isinstance(record["prediction"], str) or not isinstance(record["reference"], str):
-                raise ValueError(f"{path}, line {number}: prediction and reference must be strings")
-            if parse is not None:
-                try:
-                    parse(record["label"])
-                except ValueError as err:
-                    raise ValueError(f"{path}, line {number}: {err}") from None
-            lines.append(record)
+                parse(record["label"])
+            except ValueError as err:
+                raise ValueError(f"{path}, line {number}: {err}") from None
+        lines.append(record)
     return lines
 
 

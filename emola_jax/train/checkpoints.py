@@ -72,6 +72,7 @@ class TrainCheckpoints:
     def __init__(self, workdir: str | Path, *, keep: int, base: str | None, fingerprint: str | None):
         self.directory = Path(workdir).absolute() / "checkpoints"
         self.base, self.fingerprint = base, fingerprint
+        self.settings: dict | None = None  # the run's settings (`rerun.to_json`), kept in each step's metadata
         self._checkpointer = ocp.training.Checkpointer(
             self.directory,
             preservation_policy=ocp.training.preservation_policies.LatestN(keep),
@@ -85,9 +86,17 @@ class TrainCheckpoints:
     def save(self, step: int, state: dict, data_state: Any) -> None:
         """Starts an asynchronous save (every process calls it); the device arrays are copied and
         `data_state` (this process's iterator state, JSON-able) is fixed before this returns."""
-        metadata = {"base": self.base, "base_fingerprint": self.fingerprint}
+        metadata = {"base": self.base, "base_fingerprint": self.fingerprint, "experiment": self.settings}
         self._checkpointer.save_checkpointables_async(
             step, {STATE: state, DATA: DataIteratorState(data_state)}, custom_metadata=metadata, force=True)
+
+    def latest_settings(self) -> dict | None:
+        """The run's settings kept with the latest checkpoint (None: none, or written before they were
+        kept): the record of what its weights were trained under, whatever became of `experiment.json`."""
+        step = self.latest_step()
+        if step is None:
+            return None
+        return (self._checkpointer.metadata(step).custom_metadata or {}).get("experiment")
 
     def restore(self, abstract_state: dict) -> tuple[dict, Any]:
         """The latest state, laid out as `abstract_state` (shapes, dtypes, shardings), and this

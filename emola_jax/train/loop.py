@@ -23,9 +23,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from tqdm import tqdm
 
-from emola_jax.checkpoint import PAD_TO_SQUARE, TOKENIZER_DIR, load_tokenizer, save_pretrained
+from emola_jax.checkpoint import PAD_TO_SQUARE, PRIOR_RECIPES, TOKENIZER_DIR, load_tokenizer, save_pretrained
 from emola_jax.config import EmolaConfig
 from emola_jax.data.conversation import IGNORE_INDEX
+from emola_jax.data.landmark_store import read_info
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.emola import check_inputs
@@ -35,7 +36,7 @@ from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fi
 from emola_jax.train.config import Experiment
 from emola_jax.train.init import build_model, training_config
 from emola_jax.train.metrics import MetricsWriter, StepLog
-from emola_jax.train.rerun import check_rerun, recorded
+from emola_jax.train.rerun import check_rerun, recorded, to_json
 
 FINAL_MODEL = "model"
 EXAMPLES_DIR = "examples"  # per process: the record ids of each step's rows
@@ -59,11 +60,21 @@ def make_loader(experiment: Experiment, config: EmolaConfig):
     return iter(pipeline.make_train_loader(data, tokenizer, config, index, count))
 
 
-def _preprocessing(data) -> dict[str, bool]:
-    """How the training images were preprocessed, for the model's source.json (an export to
-    LLaVA's format repeats it); synthetic batches have no images to say it of."""
+def _preprocessing(data) -> dict[str, Any]:
+    """How the training inputs were made, for the model's source.json: images padded to a square
+    (an export to LLaVA's format repeats it; synthetic batches have no images to say it of), and
+    the recipe of each prior's feature store where its footer names one (evaluation checks its
+    own stores against them)."""
+    out: dict[str, Any] = {}
     pad = getattr(data, "pad_to_square", None)
-    return {} if pad is None else {PAD_TO_SQUARE: bool(pad)}
+    if pad is not None:
+        out[PAD_TO_SQUARE] = bool(pad)
+    files = getattr(data, "landmarks", None) or ()
+    infos = [read_info(f) for f in ((files,) if isinstance(files, (str, Path)) else files)]
+    recipes = {info.prior: info.recipe for info in infos if info.recipe is not None}
+    if recipes:
+        out[PRIOR_RECIPES] = recipes
+    return out
 
 
 def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
@@ -249,7 +260,9 @@ def train(
     fingerprint = base_fingerprint(cfg.base) if cfg.base is not None else None
     # closed on every way out, errors included: its background writer must not outlive the run
     with TrainCheckpoints(workdir, keep=cfg.keep_checkpoints, base=cfg.base, fingerprint=fingerprint) as checkpoints:
-        check_rerun(workdir, recorded(experiment, model_config), checkpoints.latest_step(), extend=extend)
+        kept = recorded(experiment, model_config)
+        check_rerun(workdir, kept, checkpoints.latest_step(), extend=extend, kept=checkpoints.latest_settings())
+        checkpoints.settings = to_json(kept)
         trainer = Trainer(experiment)
         loader = loader if loader is not None else make_loader(experiment, trainer.config)
         start = resume(trainer, loader, checkpoints)

@@ -6,6 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from emola_jax import atomic
+
 
 class StepLog:
     """A JSON-lines file with one object per step (`{"step": ..., ...}`). On resume, lines of
@@ -15,12 +17,9 @@ class StepLog:
     def __init__(self, path: str | Path, *, resume_step: int):
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        kept = []
-        if self.path.exists():
-            for line in self.path.read_text().splitlines():
-                if line.strip() and json.loads(line)["step"] <= resume_step:
-                    kept.append(line)
-        self.path.write_text("".join(f"{line}\n" for line in kept))
+        kept = [json.dumps(entry) + "\n" for number, entry in atomic.read_jsonl(self.path, appended=True)
+                if _step(self.path, number, entry) <= resume_step]
+        atomic.write_text(self.path, "".join(kept))  # whole: a kill now leaves the old file or the new
         self._file = self.path.open("a")
 
     def write(self, record: dict[str, Any]) -> None:
@@ -29,6 +28,12 @@ class StepLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _step(path: Path, number: int, entry: Any) -> int:
+    if not isinstance(entry, dict) or not isinstance(entry.get("step"), int):
+        raise ValueError(f"{path}, line {number}: not a step's entry (no integer \"step\")")
+    return entry["step"]
 
 
 class MetricsWriter:

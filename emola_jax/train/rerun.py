@@ -86,30 +86,44 @@ def from_json(saved: dict[str, Any]) -> Experiment:
 def load(workdir: Path) -> Experiment | None:
     """The settings `workdir`'s run was started with (None: not kept there)."""
     file = workdir / EXPERIMENT_FILE
-    if not file.is_file():
-        return None
+    return read(file) if file.is_file() else None
+
+
+def read(file: Path) -> Experiment:
+    """The settings in `file` (an `experiment.json`); ValueError naming it when it is not one."""
     try:
-        return from_json(json.loads(file.read_text()))
+        return from_json(json.loads(Path(file).read_text()))
     except (ValueError, KeyError, TypeError, AttributeError, ImportError) as err:
-        raise ValueError(f"{file} is not a run's settings ({err}); move it away to start the run afresh, "
-                         "or use a new workdir") from err
+        raise ValueError(f"{file} is not a run's settings ({err}); restore it, or use a new workdir") from err
 
 
 def save(workdir: Path, experiment: Experiment) -> None:
     """Writes `WORKDIR/experiment.json` whole (process 0; the workdir is shared)."""
     if jax.process_index() == 0:
-        atomic.write_text(workdir / EXPERIMENT_FILE, json.dumps(to_json(experiment), indent=2) + "\n")
+        atomic.write_text(workdir / EXPERIMENT_FILE, _text(experiment))
 
 
-def check_rerun(workdir: Path, experiment: Experiment, latest_step: int | None, *, extend: bool = False) -> None:
+def _text(experiment: Experiment) -> str:
+    return json.dumps(to_json(experiment), indent=2) + "\n"
+
+
+def check_rerun(workdir: Path, experiment: Experiment, latest_step: int | None, *, extend: bool = False,
+                kept: dict[str, Any] | None = None) -> None:
     """Refuses a rerun whose settings would alter the trajectory of the run kept in `workdir`
-    (`experiment` as `recorded` gives it; `latest_step`: the latest checkpoint's, None if none),
-    and keeps the settings the run goes on with."""
+    (`experiment` as `recorded` gives it; `latest_step`: the latest checkpoint's, None if none;
+    `kept`: the settings stored with that checkpoint, which rule over `experiment.json`, a copy a
+    user may damage or move), and keeps the settings the run goes on with."""
     steps = experiment.train.steps
     if latest_step is not None and steps < latest_step:
         raise ValueError(f"train.steps {steps} is below step {latest_step} of the latest checkpoint in "
                          f"{workdir / 'checkpoints'}; a run cannot be made shorter than it is (use a new workdir)")
-    saved = load(workdir) if latest_step is not None else None
+    saved = None
+    if latest_step is not None:
+        saved = from_json(kept) if kept is not None else load(workdir)
+        if saved is None:
+            raise ValueError(f"{workdir} holds checkpoints up to step {latest_step} but no record of the settings "
+                             f"they were trained under ({workdir / EXPERIMENT_FILE} is gone); restore that file, or "
+                             "use a new workdir")
     if saved is not None:
         skip = MAY_CHANGE | ({"train.steps"} if extend and steps >= saved.train.steps else set())
         changed = differences(experiment, saved, skip=skip)
@@ -117,5 +131,6 @@ def check_rerun(workdir: Path, experiment: Experiment, latest_step: int | None, 
             hint = "; train --extend allows raising train.steps" if not extend and steps > saved.train.steps else ""
             raise ValueError(f"{workdir} holds a run with other settings ({'; '.join(changed)}): rerun it "
                              f"with the settings in {workdir / EXPERIMENT_FILE}, or use a new workdir{hint}")
-    if saved is None or saved != experiment:
+    file = workdir / EXPERIMENT_FILE
+    if not file.is_file() or file.read_text() != _text(experiment):  # (re)written: gone, torn or changed
         save(workdir, experiment)
