@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 import textwrap
 import traceback
@@ -784,4 +785,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if code:  # the error is said: skip the interpreter's teardown, where work a failure abandoned (an
+        sys.stdout.flush()  # orbax read's coroutines) would print its own tracebacks after the line
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)

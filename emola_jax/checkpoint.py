@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import time
 import os
 import shutil
 import uuid
@@ -276,6 +277,18 @@ def storage_error(what: str, err: BaseException) -> ValueError:
     return ValueError(f"{what}: {first if len(first) <= 200 else first[:197] + '...'}")
 
 
+_SETTLE_S = 1.0  # what tensorstore's reads still in flight get to end in, after one failed
+
+
+def unreadable_weights(params_dir: Path, err: BaseException) -> ValueError:
+    """The one line for weights orbax could not read (a damaged or cut file). When one read fails,
+    orbax closes its event loop while tensorstore's other reads go on; each then prints the
+    loop's traceback from a thread of its own (no Python hook sees it). They are let end first,
+    so that the line said last is this one, not a library's."""
+    time.sleep(_SETTLE_S)
+    return storage_error(f"could not read the weights in {params_dir} (damaged or cut short?)", err)
+
+
 def read_source(path: str | Path) -> dict[str, Any]:
     """A checkpoint's `source.json` ({} when it has none); ValueError naming the file when torn."""
     file = Path(path) / SOURCE_FILE
@@ -366,7 +379,7 @@ def _read_entries(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) ->
         with context:
             return dict(_flatten(ocp.load(params_dir, _nest(target))))
     except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
-        raise storage_error(f"could not read the weights in {params_dir} (damaged or cut short?)", err) from err
+        raise unreadable_weights(params_dir, err) from err
 
 
 def read_quantized(path: str | Path, keys: list[Path_], quantization) -> dict[Path_, Any]:
@@ -407,7 +420,7 @@ def load_pretrained(
         with context:
             flat = dict(_flatten(ocp.load(params_dir, _nest(target))))
     except Exception as err:  # orbax/tensorstore raise many types, some with pages of detail
-        raise storage_error(f"could not read the weights in {params_dir} (damaged or cut short?)", err) from err
+        raise unreadable_weights(params_dir, err) from err
 
     values = {}
     for path_, spec in param_shapes(config).items():

@@ -45,8 +45,8 @@ DAMAGES = {
 
 def test_a_weight_file_cut_in_half_is_named(trained, tmp_path):
     """The line names the folder and not the library's internals. Orbax may print tracebacks of its
-    closed event loop before it (tensorstore reads still in flight when one fails), so the error is
-    read from the last line."""
+    closed event loop before it (tensorstore reads still in flight when one fails, from threads of
+    their own: no Python hook sees them); the line comes last, whole."""
     model = tmp_path / "model"
     shutil.copytree(trained / "model", model)
     data = max((model / "params" / "state").rglob("d/*"), key=lambda f: f.stat().st_size)
