@@ -76,7 +76,8 @@ def _generation_config(args: argparse.Namespace, tokenizer):
     from emola_jax.data.conversation import pad_token_id
     from emola_jax.generate import GenerationConfig
 
-    return GenerationConfig(max_new_tokens=args.max_new_tokens, eos_token_id=tokenizer.eos_token_id,
+    new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    return GenerationConfig(max_new_tokens=new_tokens, eos_token_id=tokenizer.eos_token_id,
                             pad_token_id=pad_token_id(tokenizer), temperature=args.temperature, top_p=args.top_p)
 
 
@@ -173,7 +174,7 @@ def _generate(args: argparse.Namespace) -> None:
         _save_prior(args.save_prior, priors, landmarks)
     tokenizer = load_tokenizer(args.ckpt)
     evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer),
-                                   records=False)
+                                   records=False, fit_context=args.max_new_tokens is None)
     answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
     if jax.process_index() == 0:
         print(answer)
@@ -205,7 +206,8 @@ def _analyze(args: argparse.Namespace) -> None:
                       upsample=args.upsample, min_score=args.min_score, max_faces=args.max_faces,
                       chip_size=args.chip_size, chip_padding=args.chip_padding, batch_size=args.batch_size,
                       threads=args.threads, generation=_generation_config(args, load_tokenizer(args.ckpt)),
-                      dtype=args.dtype, progress=not args.no_progress, overwrite=args.overwrite)
+                      dtype=args.dtype, progress=not args.no_progress, overwrite=args.overwrite,
+                      fit_context=args.max_new_tokens is None)
     print(f"{summary['faces']} faces in {summary['photos'] - summary['skipped']} photos "
           f"({summary['without_face']} without a face, {summary['skipped']} skipped): "
           f"{summary['out']}/index.html")
@@ -354,10 +356,22 @@ DISTRIBUTED_EPILOG = ("multi-process run: give --coordinator, --num-processes an
                       "command per process), or --distributed alone; --peer-timeout goes with either.")
 
 
-def _add_decoding_flags(parser) -> None:
-    """Decoding options, range-checked where their rules live (`GenerationConfig`), before any model loads."""
-    parser.add_argument("--max-new-tokens", type=int, default=512,
-                        help="longest answer, in tokens; answers cut there are counted in the metrics")
+DEFAULT_NEW_TOKENS = 512
+
+
+def _add_decoding_flags(parser, *, scored: bool) -> None:
+    """Decoding options, range-checked where their rules live (`GenerationConfig`), before any model loads.
+    `scored` (evaluate): the longest answer is a fixed setting of the metrics; elsewhere its default is
+    a ceiling lowered to what the model's context leaves after the prompt, as transformers' `generate`
+    stops at the model's length."""
+    if scored:
+        parser.add_argument("--max-new-tokens", type=int, default=DEFAULT_NEW_TOKENS,
+                            help="longest answer, in tokens; answers cut there are counted in the metrics")
+    else:
+        parser.add_argument("--max-new-tokens", type=int, metavar="N",
+                            help=f"longest answer, in tokens (default: {DEFAULT_NEW_TOKENS}, or what the model's "
+                            "context leaves after the prompt where that is less); more than the context leaves is "
+                            "refused")
     parser.add_argument("--temperature", type=float, default=0.0,
                         help="0 decodes greedily; the official evaluation samples at 0.01 with top-p 0.5")
     parser.add_argument("--top-p", type=float, default=1.0,
@@ -488,7 +502,7 @@ def _evaluate_command(commands) -> None:
                             help="ask each record's own question instead of the official per-task prompt")
     generating.add_argument("--batch-size", type=positive_int, default=8,
                             help="global batch, rounded up to a multiple of the device count")
-    _add_decoding_flags(generating)
+    _add_decoding_flags(generating, scored=True)
     _add_distributed_flags(parser)
     parser.set_defaults(func=_evaluate)
 
@@ -610,7 +624,7 @@ def _generate_command(commands) -> None:
                        "without it (default: none)")
     prior.add_argument("--save-prior", type=Path, metavar="FOLDER", help="write the prior feature the answer used "
                        "as FOLDER/<prior>.npy, one per prior of the model, as --landmarks takes them (default: none)")
-    _add_decoding_flags(parser.add_argument_group("decoding"))
+    _add_decoding_flags(parser.add_argument_group("decoding"), scored=False)
     _add_distributed_flags(parser)
     parser.set_defaults(func=_generate)
 
@@ -685,7 +699,7 @@ def _analyze_command(commands) -> None:
     run.add_argument("--batch-size", type=positive_int, default=8, help="faces per model call")
     run.add_argument("--threads", type=positive_int, default=4, help="threads decoding photos ahead")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    _add_decoding_flags(parser.add_argument_group("decoding"))
+    _add_decoding_flags(parser.add_argument_group("decoding"), scored=False)
     parser.set_defaults(func=_analyze)
 
 

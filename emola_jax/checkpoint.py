@@ -23,9 +23,9 @@ from __future__ import annotations
 
 import contextlib
 import json
-import time
 import os
 import shutil
+import time
 import uuid
 from collections.abc import Iterator
 from pathlib import Path

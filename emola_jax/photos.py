@@ -63,11 +63,11 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
             onnx: str | Path | None = None, detector: str = "hog", upsample: int = 1, min_score: float = 0.0,
             max_faces: int | None = None, chip_size: int = CHIP_SIZE, chip_padding: float = CHIP_PADDING,
             batch_size: int = 8, threads: int = 4, generation=None, dtype: str = "float32",
-            progress: bool = True, overwrite: bool = False) -> dict:
+            progress: bool = True, overwrite: bool = False, fit_context: bool = False) -> dict:
     """Analyses `photos` with the model at `checkpoint`, writing `out` (see the module) whole: it
     is built in a hidden sibling and renamed into place when every photo is done, so that it
     never mixes two runs, nor looks complete after a kill (a non-empty `out` needs `overwrite`,
-    and is replaced only then).
+    and is replaced only then). `fit_context`: as `Evaluator`'s.
 
     `onnx`: the 2d106det landmark graph, for a model with that prior (each of the model's priors
     is computed on each aligned crop: 2d106det with the official recipe, the dlib priors with
@@ -86,7 +86,7 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     staged = StagedDirectory(out, overwrite=overwrite)  # a non-empty `out` is refused here, before any work
     finder = FaceFinder(detector, upsample=upsample, chip_size=chip_size, chip_padding=chip_padding,
                         max_faces=max_faces)
-    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, records=False)
+    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, records=False, fit_context=fit_context)
     for question in QUESTIONS.values():
         evaluator.check_room(question)  # before any photo is read
     prior = _PriorOfCrops(evaluator.config, onnx)

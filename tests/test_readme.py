@@ -1,5 +1,6 @@
 """The README's Python, run as written on the demo's trained model."""
 
+import json
 import re
 import subprocess
 import sys
@@ -50,3 +51,32 @@ def test_the_prior_token_snippet_gives_the_models_logits(demo_run, tmp_path, dty
         scale = np.abs(expected).max()
         assert np.abs(theirs - expected).max() < 0.05 * scale
         assert (theirs.argmax(-1) == expected.argmax(-1)).mean() > 0.9
+
+
+def test_generate_and_analyze_defaults_fit_the_demo_model(demo_run, tmp_path):
+    """The demo's model has 512 positions in all: the default answer length is what the prompt leaves,
+    while a length given beyond it is still refused."""
+    workdir, demo = demo_run
+    model, graph = workdir / "run" / "model", workdir / "landmark_model.onnx"
+    faces = workdir / "faces"
+    face = faces / json.loads((faces / "eval_emotion_anno.json").read_text())[0]["image"]
+    answered = subprocess.run([sys.executable, "run.py", "generate", str(model), "--image", str(face), "--prompt",
+                               "What emotions are conveyed by this face?", "--onnx", str(graph)],
+                              capture_output=True, text=True, cwd=ROOT)
+    assert answered.returncode == 0, answered.stderr[-2000:]
+    assert answered.stdout.strip()
+    from PIL import Image
+    from skimage import data as skimage_data
+
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "astronaut.png")
+    analyzed = subprocess.run([sys.executable, "run.py", "analyze", str(tmp_path / "astronaut.png"), "--ckpt",
+                               str(model), "--onnx", str(graph), "--out", str(tmp_path / "out"), "--no-progress",
+                               "--min-score", "0.5"], capture_output=True, text=True, cwd=ROOT)
+    assert analyzed.returncode == 0, analyzed.stderr[-2000:]
+    faces_found = [json.loads(line) for line in (tmp_path / "out" / "results.jsonl").read_text().splitlines()]
+    assert len(faces_found) == 1 and faces_found[0]["emotion_answer"]
+    refused = subprocess.run([sys.executable, "run.py", "generate", str(model), "--image", str(face), "--prompt",
+                              "?", "--onnx", str(graph), "--max-new-tokens", "512"],
+                             capture_output=True, text=True, cwd=ROOT)
+    assert refused.returncode == 1
+    assert "with --max-new-tokens 512 that exceeds the model's context of 512 positions" in refused.stderr

@@ -55,11 +55,16 @@ class Evaluator:
     """Holds the model, tokenizer and mesh; `predict` turns records into answers."""
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None,
-                 landmarks: str | Path | Sequence[str | Path] | None = None, records: bool = True):
+                 landmarks: str | Path | Sequence[str | Path] | None = None, records: bool = True,
+                 fit_context: bool = False):
         """`landmarks`: ArrayRecord files of prior features by record id (`precompute-priors`), one
         per prior of the model, in its order (each checked against it before the weights load);
         without them, each record's own `.npy` file (the official layout) is read. `records=False`:
-        no record is read (`answer`, `answer_batch`: the caller gives each image's feature)."""
+        no record is read (`answer`, `answer_batch`: the caller gives each image's feature).
+        `fit_context`: `generation.max_new_tokens` is a ceiling, lowered by `check_room` to the
+        positions the context leaves after a prompt (as transformers' `generate` stops at the
+        model's length), instead of a refusal."""
+        self.fit_context = fit_context
         config = load_config(checkpoint)
         if records and config.prior_position != "off":
             self.prior = PriorFeatures.open(landmarks, priors=config.priors)
@@ -129,9 +134,14 @@ class Evaluator:
         return self.answer_batch(question, pixels, landmarks)[0][0]
 
     def check_room(self, question: str) -> np.ndarray:
-        """The prompt's token ids; ValueError when the prompt and `max_new_tokens` exceed the context."""
+        """The prompt's token ids; ValueError when the prompt and `max_new_tokens` exceed the context
+        (with `fit_context`, `max_new_tokens` is lowered to the room left, while there is any: call
+        it for every question first, so that they share the smallest and one compile)."""
         row = self.tokens(question)
         context = self.config.text.max_position_embeddings
+        room = context - len(row)
+        if self.fit_context and 1 <= room < self.generation.max_new_tokens:
+            self.generation = dataclasses.replace(self.generation, max_new_tokens=room)
         if len(row) + self.generation.max_new_tokens > context:
             raise ValueError(f"the prompt is {len(row)} tokens (with the image's {self.config.image_seq_length}); with "
                              f"--max-new-tokens {self.generation.max_new_tokens} that exceeds the model's context of "
