@@ -34,16 +34,21 @@ class Run:
 
     def __init__(self, args: list[str], *, count: int, devices: int, cwd: Path, logs: Path,
                  cwd_of: dict[int, Path] | None = None):
+        port = free_port()
+        commands = [[*args, *(["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count),
+                               "--process-id", str(i)] if count > 1 else [])] for i in range(count)]
+        self._start(commands, devices=devices, cwd=cwd, logs=logs, cwd_of=cwd_of)
+
+    def _start(self, commands: list[list[str]], *, devices: int, cwd: Path, logs: Path,
+               cwd_of: dict[int, Path] | None = None) -> None:
+        """One process per command line (its `run.py` arguments)."""
         self.logs = Path(logs)
         self.logs.mkdir(parents=True, exist_ok=True)
-        port = free_port()
-        self.procs = []
-        for i in range(count):
-            flags = ["--coordinator", f"127.0.0.1:{port}", "--num-processes", str(count), "--process-id", str(i)]
+        self.start, self.procs, self.ends = time.monotonic(), [], []
+        for i, command in enumerate(commands):
             with open(self.logs / f"process{i}.out", "w") as out, open(self.logs / f"process{i}.err", "w") as err:
-                command = [*RUN, *args, *(flags if count > 1 else [])]
-                self.procs.append(subprocess.Popen(command, cwd=(cwd_of or {}).get(i, cwd), env=cpu_env(devices),
-                                                   stdout=out, stderr=err))
+                self.procs.append(subprocess.Popen([*RUN, *command], cwd=(cwd_of or {}).get(i, cwd),
+                                                   env=cpu_env(devices), stdout=out, stderr=err))
 
     def stdout(self, i: int) -> str:
         return (self.logs / f"process{i}.out").read_text()
@@ -53,11 +58,13 @@ class Run:
         return self.stdout(i) + (self.logs / f"process{i}.err").read_text()
 
     def wait(self, timeout: float = TIMEOUT) -> list[int]:
-        """Every process's return code; all are killed if the run is not over within `timeout`."""
-        deadline = time.monotonic() + timeout
+        """Every process's return code (and in `ends` its seconds from the start to its end); all are
+        killed if the run is not over within `timeout`."""
+        deadline, self.ends = time.monotonic() + timeout, []
         try:
             for p in self.procs:
                 p.wait(timeout=max(deadline - time.monotonic(), 0))
+                self.ends.append(time.monotonic() - self.start)
         except subprocess.TimeoutExpired:
             self.kill()
             raise AssertionError(f"a process still ran after {timeout} s; logs in {self.logs}") from None

@@ -9,52 +9,35 @@ its config is even read, `evaluate` before its checkpoint is opened.
 from __future__ import annotations
 
 import socket
-import subprocess
-import time
 from pathlib import Path
 
 import pytest
 
 from emola_jax.distributed import different_settings
-from tests.processes import RUN, cpu_env, free_port
+from tests.processes import Run, free_port
 
 PEER_TIMEOUT = 5  # seconds the processes wait for each other at the start
 WAIT = 90  # seconds a test's processes may take before it fails instead of hanging
 DUMPS = ("Traceback", "Check fail", "*** ", "Fatal", "Segmentation", "terminate called", "@ 0x")
 
 
-class Started:
+class Started(Run):
     """`run.py` started as one process per command line, each with one CPU device; "PORT" in an
-    argument is the coordinator's port. Each process's stdout and stderr go to files in `logs`."""
+    argument is the coordinator's port."""
 
     def __init__(self, commands: list[list[str]], *, cwd: Path, logs: Path, port: int | None = None):
         self.port = free_port() if port is None else port
         self.address = f"127.0.0.1:{self.port}"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.logs, self.procs = logs, []
-        self.start = time.monotonic()
-        for i, command in enumerate(commands):
-            with open(logs / f"{i}.out", "w") as out, open(logs / f"{i}.err", "w") as err:
-                args = [a.replace("PORT", str(self.port)) for a in command]
-                self.procs.append(subprocess.Popen([*RUN, *args], cwd=cwd, env=cpu_env(1), stdout=out, stderr=err))
+        self._start([[a.replace("PORT", str(self.port)) for a in command] for command in commands], devices=1,
+                    cwd=cwd, logs=logs)
 
     def wait(self) -> tuple[list[int], list[float]]:
         """Every process's exit status and seconds from the start to its end (all killed after WAIT s)."""
-        codes, ends = [], []
-        try:
-            for p in self.procs:
-                codes.append(p.wait(timeout=max(WAIT - (time.monotonic() - self.start), 0)))
-                ends.append(time.monotonic() - self.start)
-        except subprocess.TimeoutExpired:
-            for p in self.procs:
-                p.kill()
-                p.wait()
-            raise AssertionError(f"a process still ran after {WAIT} s; logs in {self.logs}") from None
-        return codes, ends
+        return super().wait(WAIT), self.ends
 
     def errors(self, i: int) -> list[str]:
         """Process `i`'s `error:` lines; fails on a stack dump in its output."""
-        output = (self.logs / f"{i}.out").read_text() + (self.logs / f"{i}.err").read_text()
+        output = self.output(i)
         assert not any(dump in output for dump in DUMPS), output[-3000:]
         return [line for line in output.replace("\r", "\n").splitlines() if line.startswith("error:")]
 
