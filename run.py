@@ -4,6 +4,9 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
+import json
 import math
 import os
 import sys
@@ -11,23 +14,49 @@ import textwrap
 import traceback
 from pathlib import Path
 
-from emola_jax.config import DTYPES
+import numpy as np
+
+import configs
+from emola_jax.atomic import atomic_file, check_apart, make_folder
+from emola_jax.config import is_official, override
+from emola_jax.data import precompute, priors
+from emola_jax.data.conversation import pad_token_id
+from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE
+from emola_jax.data.image import decode_rgb
+from emola_jax.data.priors import PRIORS, image_feature
+from emola_jax.eval import report
+from emola_jax.settings import (
+    AdapterFormat,
+    Detector,
+    Dtype,
+    ExportFormat,
+    Protocol,
+    Quantize,
+    Recipe,
+    Remat,
+    Task,
+    choices,
+)
 
 
 def _convert(args: argparse.Namespace) -> None:
+    # deferred: start-up time (jax)
     from converters import convert
 
     kwargs = dict(clip=args.clip, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     if args.quantize == "none":
         out = convert(args.src, args.out, **kwargs)
     else:
-        from emola_jax.quantization import Quantization, convert_quantized
+        # deferred: start-up time (jax)
+        from emola_jax.apps.convert import convert_quantized
+        from emola_jax.quantization import Quantization
 
         out = convert_quantized(args.src, args.out, Quantization(args.quantize, args.block_size), **kwargs)
     print(f"wrote {out}")
 
 
 def _export(args: argparse.Namespace) -> None:
+    # deferred: start-up time (jax)
     from converters import export
 
     out = export(args.ckpt, args.out, fmt=args.format, dtype=args.dtype, merge=not args.no_merge,
@@ -36,9 +65,8 @@ def _export(args: argparse.Namespace) -> None:
 
 
 def _demo(args: argparse.Namespace) -> None:
-    import configs
-    from emola_jax import demo
-    from emola_jax.config import override
+    # deferred: start-up time (jax)
+    from emola_jax.apps import demo
 
     experiment = override(configs.load(args.config), args.set)
     summary = demo.run(args.workdir, experiment, seed=args.seed)
@@ -48,9 +76,8 @@ def _demo(args: argparse.Namespace) -> None:
 
 
 def _ablation(args: argparse.Namespace) -> None:
-    import configs
-    from emola_jax import ablation
-    from emola_jax.config import override
+    # deferred: start-up time (jax)
+    from emola_jax.apps import ablation
 
     experiment = override(configs.load(args.config), args.set)
     eval_sets = None
@@ -73,7 +100,7 @@ def _ablation(args: argparse.Namespace) -> None:
 
 
 def _generation_config(args: argparse.Namespace, tokenizer):
-    from emola_jax.data.conversation import pad_token_id
+    # deferred: start-up time (jax)
     from emola_jax.generate import GenerationConfig
 
     new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
@@ -84,6 +111,7 @@ def _generation_config(args: argparse.Namespace, tokenizer):
 def _join(args: argparse.Namespace) -> None:
     """Joins the multi-process run the distributed flags describe (nothing without them); processes
     started with different settings (`_settings`) all stop there, each difference named."""
+    # deferred: start-up time (jax)
     from emola_jax.distributed import initialize_distributed
 
     initialize_distributed(args.coordinator, args.num_processes, args.process_id, auto=args.distributed,
@@ -94,8 +122,6 @@ def _settings(args: argparse.Namespace) -> dict:
     """The settings every process of a run must share: the command and every option as parsed
     (argv-level; a train config is resolved after the join), named as given (`--steps`, `CKPT`),
     paths as written; --process-id, which differs, left out."""
-    import json
-
     names = getattr(args, "setting_names", {})
     settings = {"the command": args.command}
     for dest, value in vars(args).items():
@@ -106,16 +132,13 @@ def _settings(args: argparse.Namespace) -> dict:
 
 
 def _evaluate(args: argparse.Namespace) -> None:
-    from emola_jax.atomic import check_apart
-    from emola_jax.eval import report
-
     if (args.predictions is None) == (args.ckpt is None):
         raise ValueError("give either --predictions FILE.jsonl (score a file) or --ckpt CKPT --data SPLIT.json")
     writes = report.REPORT_FILES
     if args.ckpt is not None:
-        from emola_jax.eval.evaluate import PREDICTIONS, RUN_SETTINGS
+        from emola_jax.eval import evaluate  # deferred: start-up time (jax), for the runs that answer
 
-        writes += (PREDICTIONS, RUN_SETTINGS)
+        writes += (evaluate.PREDICTIONS, evaluate.RUN_SETTINGS)
     check_apart("--out", args.out, {"--data": args.data, "--predictions": args.predictions, "--ckpt": args.ckpt,
                                     "--landmarks": args.landmarks}, writes=writes)
     if args.predictions is not None:
@@ -126,10 +149,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     else:
         if args.data is None:
             raise ValueError("--ckpt needs --data, the annotation file of the split to evaluate")
+        # deferred: start-up time (jax)
         import jax
 
         from emola_jax.checkpoint import load_tokenizer
-        from emola_jax.eval import evaluate
 
         _join(args)
         tokenizer = load_tokenizer(args.ckpt)
@@ -145,20 +168,17 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
+    # deferred: start-up time (jax)
     import jax
 
     from emola_jax.checkpoint import load_config, load_tokenizer
-    from emola_jax.data.image import decode_rgb
-    from emola_jax.data.prior import image_feature
-    from emola_jax.eval import evaluate
+    from emola_jax.predictor import Predictor
 
     if args.landmarks is not None and args.onnx is not None:
         raise ValueError("give --landmarks or --onnx, not both")
     config = load_config(args.ckpt)
     priors = config.priors if config.prior_position != "off" else ()
     if args.save_prior is not None:
-        from emola_jax.atomic import check_apart
-
         if not priors:
             raise ValueError(f"--save-prior: the model at {args.ckpt} has no prior token")
         check_apart("--save-prior", args.save_prior, {"--image": args.image, "CKPT": args.ckpt,
@@ -173,21 +193,15 @@ def _generate(args: argparse.Namespace) -> None:
     if args.save_prior is not None and landmarks is not None and jax.process_index() == 0:
         _save_prior(args.save_prior, priors, landmarks)
     tokenizer = load_tokenizer(args.ckpt)
-    evaluator = evaluate.Evaluator(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer),
-                                   records=False, fit_context=args.max_new_tokens is None)
-    answer = evaluator.answer(args.image, args.prompt, landmarks)  # every process computes: one program
+    predictor = Predictor(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer),
+                          fit_context=args.max_new_tokens is None)
+    answer = predictor.answer(args.image, args.prompt, landmarks)  # every process computes: one program
     if jax.process_index() == 0:
         print(answer)
 
 
 def _save_prior(folder: Path, priors, feature) -> None:
     """`FOLDER/<prior>.npy`, one per prior of the model: what `generate --landmarks` takes back."""
-    import io
-
-    import numpy as np
-
-    from emola_jax.atomic import atomic_file, make_folder
-
     make_folder(folder)
     start = 0
     for prior in priors:
@@ -199,8 +213,9 @@ def _save_prior(folder: Path, priors, feature) -> None:
 
 
 def _analyze(args: argparse.Namespace) -> None:
+    # deferred: start-up time (jax)
+    from emola_jax.apps.analyze import analyze
     from emola_jax.checkpoint import load_tokenizer
-    from emola_jax.photos import analyze
 
     summary = analyze(args.photos, args.ckpt, args.out, onnx=args.onnx, detector=args.detector,
                       upsample=args.upsample, min_score=args.min_score, max_faces=args.max_faces,
@@ -214,21 +229,18 @@ def _analyze(args: argparse.Namespace) -> None:
 
 
 def _precompute_priors(args: argparse.Namespace) -> None:
-    from emola_jax.atomic import check_apart
-    from emola_jax.data import precompute, priors
-
     check_apart("--out", args.out, {"--annotations": args.annotations, "--onnx": args.onnx})
     prior = priors.get(args.prior)
     if args.import_npy is not None:
         if args.onnx is not None:
             raise ValueError("give --onnx (run a model) or --import-npy (convert .npy files), not both")
-        if args.prior != "2d106det":
+        if not is_official(args.prior):
             raise ValueError(f"--import-npy converts official 2d106det .npy files, not {args.prior} features")
         summary = precompute.import_npy(args.annotations, args.import_npy, args.out, progress=not args.no_progress)
     else:
         if args.images_root is None or (prior.needs_onnx and args.onnx is None):
             raise ValueError(f"give --images-root DIR{' and --onnx MODEL.onnx' if prior.needs_onnx else ''}"
-                             f"{' (or --import-npy LANDMARKS_ROOT)' if args.prior == '2d106det' else ''}")
+                             f"{' (or --import-npy LANDMARKS_ROOT)' if is_official(args.prior) else ''}")
         summary = precompute.precompute_priors(
             args.annotations, args.images_root, args.out, prior=args.prior, onnx=args.onnx, recipe=args.recipe,
             batch_size=args.batch_size, threads=args.threads, progress=not args.no_progress,
@@ -237,9 +249,7 @@ def _precompute_priors(args: argparse.Namespace) -> None:
 
 
 def _train(args: argparse.Namespace) -> None:
-    import configs
-    from emola_jax.atomic import check_apart
-    from emola_jax.config import override
+    # deferred: start-up time (jax)
     from emola_jax.train.loop import train
 
     _join(args)
@@ -259,8 +269,8 @@ def _mesh_assignments(text: str | None) -> list[str]:
     """`--mesh data=2,fsdp=4` as `--set train.mesh.*` assignments (every axis, ICI and DCN)."""
     if text is None:
         return []
-    import dataclasses
 
+    # deferred: start-up time (jax)
     from emola_jax.sharding import MeshConfig
 
     mesh = MeshConfig.parse(text)
@@ -268,9 +278,8 @@ def _mesh_assignments(text: str | None) -> list[str]:
 
 
 def _plan(args: argparse.Namespace) -> None:
-    import configs
+    # deferred: start-up time (jax)
     from emola_jax import plan
-    from emola_jax.config import override
 
     assignments = list(args.set)
     assignments += _mesh_assignments(args.mesh)
@@ -291,7 +300,6 @@ def _plan(args: argparse.Namespace) -> None:
 def _ranged(kind: type, wanted: str, low: float, *, above: bool = False):
     """An argparse type: `kind` read from the option's text and range-checked, so that a wrong
     value is one line naming the option and the value, before any work."""
-
     def parse(text: str):
         try:
             value = kind(text)
@@ -313,6 +321,7 @@ non_negative_float = _ranged(float, "a number of at least 0", 0)
 
 def shard_size(text: str) -> str:
     """An argparse type for --max-shard-size: kept as given once it reads as a positive size."""
+    # deferred: start-up time (jax)
     from converters.writers import parse_size
 
     try:
@@ -376,7 +385,7 @@ def _add_decoding_flags(parser, *, scored: bool) -> None:
                         help="0 decodes greedily; the official evaluation samples at 0.01 with top-p 0.5")
     parser.add_argument("--top-p", type=float, default=1.0,
                         help="nucleus sampling mass (with --temperature > 0)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES, help="compute dtype")
+    parser.add_argument("--dtype", default="float32", choices=choices(Dtype), help="compute dtype")
 
 
 def _add_distributed_flags(parser: argparse.ArgumentParser) -> None:
@@ -410,9 +419,9 @@ def _convert_command(commands) -> None:
     parser.add_argument("--clip", type=Path, help="CLIP directory (openai/clip-vit-large-patch14-336 layout) for "
                         "checkpoints that do not carry their vision tower (default: none)")
     parser.add_argument("--base", type=Path, help="base LLaVA-1.5 directory of an EmoLA run (default: none)")
-    parser.add_argument("--dtype", default="float32", choices=DTYPES,
+    parser.add_argument("--dtype", default="float32", choices=choices(Dtype),
                         help="dtype the weights are stored in (LoRA factors stay float32)")
-    parser.add_argument("--quantize", default="none", choices=("none", "int8", "nf4"),
+    parser.add_argument("--quantize", default="none", choices=choices(Quantize),
                         help="store the decoder's projection kernels quantised (a QLoRA base)")
     parser.add_argument("--block-size", type=non_negative_int, default=64,
                         help="with --quantize: inputs per scale (0: one scale per output channel)")
@@ -433,14 +442,14 @@ def _export_command(commands) -> None:
     )
     parser.add_argument("ckpt", type=Path, help="the emola-jax checkpoint")
     parser.add_argument("out", type=Path, help="the folder to write")
-    parser.add_argument("--format", required=True, choices=["hf", "peft", "emola"], help="what to write (required)")
-    parser.add_argument("--dtype", choices=DTYPES,
+    parser.add_argument("--format", required=True, choices=choices(ExportFormat), help="what to write (required)")
+    parser.add_argument("--dtype", choices=choices(Dtype),
                         help="dtype of the written weights (default: the checkpoint's; LoRA factors stay float32)")
     parser.add_argument("--max-shard-size", type=shard_size, default="5GB",
                         help="hf: largest safetensors shard, e.g. 5GB, 500MB, 2GiB")
     parser.add_argument("--no-merge", action="store_true",
                         help="hf: write the base weights without the LoRA update (the base of a --format peft export)")
-    parser.add_argument("--adapter-format", default="safetensors", choices=["safetensors", "bin"],
+    parser.add_argument("--adapter-format", default="safetensors", choices=choices(AdapterFormat),
                         help="peft/emola: adapter_model.safetensors or adapter_model.bin (as PEFT 0.4, "
                         "which the official EmoLA code pins, saved it)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
@@ -479,9 +488,9 @@ def _evaluate_command(commands) -> None:
         "--images-root, --landmarks, --record-prompts, --batch-size, the decoding options and the multi-process "
         "options go with --ckpt.\n" + DISTRIBUTED_EPILOG,
     )
-    parser.add_argument("--task", required=True, choices=["emotion", "au", "rafdb", "bp4d", "disfa", "gft"],
+    parser.add_argument("--task", required=True, choices=choices(Task),
                         help="emotion/rafdb: 7-class accuracy; au/bp4d/disfa/gft: mean F1 over that AU set (required)")
-    parser.add_argument("--protocol", default="official", choices=["official", "rouge-score"],
+    parser.add_argument("--protocol", default="official", choices=choices(Protocol),
                         help="official: the EmoLA evaluation to the digit; rouge-score: Google's ROUGE-L and a "
                         "whole-word negation test")
     parser.add_argument("--out", type=Path, required=True, help="folder for metrics.json and report.md (required)")
@@ -523,8 +532,6 @@ def _precompute_landmarks_command(commands) -> None:
 
 
 def _precompute_priors_command(commands) -> None:
-    from emola_jax.data.priors import PRIORS
-
     parser = _command(
         commands, "precompute-priors",
         help="one face prior's features of every annotated image -> one ArrayRecord file",
@@ -554,7 +561,7 @@ def _add_precompute_flags(parser: argparse.ArgumentParser, recipe_default: str |
                        "default: none)")
     model.add_argument("--images-root", type=Path, help="folder the records' image paths are relative to "
                        "(default: none)")
-    model.add_argument("--recipe", default=recipe_default, choices=["official", "insightface"],
+    model.add_argument("--recipe", default=recipe_default, choices=choices(Recipe),
                        help="2d106det: official: EmoLA's (BGR, whole image at 192x192, /255, raw output); "
                        "insightface: the library's Landmark (RGB crop around the box, points in image pixels)"
                        + ("" if recipe_default else " (default: official)"))
@@ -630,8 +637,6 @@ def _generate_command(commands) -> None:
 
 
 def _ablation_command(commands) -> None:
-    from emola_jax.ablation import TABLES
-
     parser = _command(
         commands, "ablation",
         help="train and score every row of one of the paper's ablation tables",
@@ -642,7 +647,7 @@ def _ablation_command(commands) -> None:
         "config that trains from a real base (e.g. --config emola_7b) and the --eval-* files, on FABA-Instruct.",
         epilog="required: TABLE and --workdir. --eval-emotion, --eval-au and --eval-landmarks go together.",
     )
-    parser.add_argument("table", choices=list(TABLES), help="which table")
+    parser.add_argument("table", choices=configs.ablation_tables(), help="which table")
     parser.add_argument("--workdir", type=Path, required=True, help="where the runs, scores and table go (required)")
     parser.add_argument("--config", default="tiny", help="the full EmoLA experiment the rows change; tiny "
                         "runs on the demo's faces (default: tiny)")
@@ -663,8 +668,6 @@ def _ablation_command(commands) -> None:
 
 
 def _analyze_command(commands) -> None:
-    from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, DETECTORS
-
     parser = _command(
         commands, "analyze", help="find, align and describe every face in ordinary photos",
         description="For every face in every PHOTO: its box, its crop aligned as the training images were "
@@ -684,7 +687,7 @@ def _analyze_command(commands) -> None:
     parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) for the prior token, run on each "
                         "aligned face with the official recipe (default: none)")
     faces = parser.add_argument_group("faces")
-    faces.add_argument("--detector", choices=DETECTORS, default="hog",
+    faces.add_argument("--detector", choices=choices(Detector), default="hog",
                        help="dlib's HOG detector (fast, frontal faces), dlib's CNN detector (slow on a CPU, finds "
                        "turned and small faces), or insightface's (needs its model pack in ~/.insightface)")
     faces.add_argument("--upsample", type=non_negative_int, default=1,
@@ -727,9 +730,9 @@ def _plan_command(commands) -> None:
                         "config's train.mesh)")
     parser.add_argument("--batch", type=positive_int, default=4, help="rows per chip")
     parser.add_argument("--seq", type=positive_int, default=2048, help="tokens per row (training)")
-    parser.add_argument("--remat", choices=["none", "full", "dots", "offload"],
+    parser.add_argument("--remat", choices=choices(Remat),
                         help="train.remat (default: the config's); offload: full, with the layer inputs in host memory")
-    parser.add_argument("--quantize", choices=["none", "int8", "nf4"],
+    parser.add_argument("--quantize", choices=choices(Quantize),
                         help="the frozen base as stored on the chip (train.base_quantization; default: the config's)")
     parser.add_argument("--no-search", action="store_true", help="skip the search for the largest batch")
     parser.add_argument("--max-batch", type=positive_int, default=64, help="largest per-chip batch searched")
@@ -766,11 +769,11 @@ def _skip_absent_tpu() -> None:
     """With libtpu installed (the `dev` extra brings it for `plan`), jax starts the TPU runtime on
     every machine, which prints warnings about a missing TPU on one without; there, jax is told
     to use the other platforms. A TPU machine, or a JAX_PLATFORMS set by the user, is left alone."""
-    import os
-
+    # deferred: start-up time (jax)
     import jax
 
     try:  # jax's own TPU probe (private; a jax without it leaves the platforms as they are)
+        # deferred: start-up time (jax)
         from jax._src import hardware_utils
     except ImportError:
         return
@@ -781,6 +784,7 @@ def _skip_absent_tpu() -> None:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     _skip_absent_tpu()
+    # deferred: start-up time (jax)
     from emola_jax import distributed
 
     try:

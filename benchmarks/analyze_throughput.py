@@ -6,7 +6,7 @@
    The photos are insightface's group photo t1.jpg (1280x886, 6 faces) and scikit-image's
    astronaut (512x512, 2 detections), `--repeat` times each. dlib's CNN detector is timed on
    one photo of each, as it costs seconds per photo on a CPU.
-2. The whole command (`emola_jax.analyze`, what `run.py analyze` calls) on the same photos with a
+2. The whole command (`emola_jax.apps.analyze.analyze`, what `run.py analyze` calls) on the same photos with a
    trained demo model (`run.py demo` in `--demo`, run first if that folder has no model), answers up
    to `--max-new-tokens` tokens.
 
@@ -103,7 +103,7 @@ def main() -> None:
         if not model.exists():
             subprocess.run([sys.executable, str(ROOT / "run.py"), "demo", "--workdir", str(args.demo)], check=True,
                            stdout=subprocess.DEVNULL)
-        from emola_jax import analyze
+        from emola_jax.apps.analyze import analyze
         from emola_jax.checkpoint import load_tokenizer
         from emola_jax.data.conversation import pad_token_id
         from emola_jax.generate import GenerationConfig

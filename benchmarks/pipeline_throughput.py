@@ -110,17 +110,17 @@ def main() -> None:
         start = time.perf_counter()
         first = next(iterator)
         first_s = time.perf_counter() - start
-        lengths = [first["input_ids"].shape[1]]
+        lengths = [first.input_ids.shape[1]]
         start = time.perf_counter()
         for _ in range(args.batches):
             batch = next(iterator)
-            lengths.append(batch["input_ids"].shape[1])
+            lengths.append(batch.input_ids.shape[1])
         elapsed = time.perf_counter() - start
 
     samples = args.batches * args.batch_size
     print(f"tokenizer vocab {len(tokenizer)}; {args.records} records; setup {setup_s:.1f} s")
     print(f"source (tokenise + check every record) {source_s:.2f} s; worker start + first batch {first_s:.1f} s")
-    print(f"batch {args.batch_size} x length {sorted(set(lengths))}, pixel_values {first['pixel_values'].shape}, "
+    print(f"batch {args.batch_size} x length {sorted(set(lengths))}, pixel_values {first.pixel_values.shape}, "
           f"{args.workers} workers")
     print(f"{samples} samples in {elapsed:.2f} s")
     print(f"pipeline_samples_per_s: {samples / elapsed:.1f}")

@@ -62,7 +62,7 @@ def _time_jax(experiment, steps: int) -> tuple[float, float]:
     tokens = 0
     for batch in batches[2:]:
         metrics = trainer.step(batch)
-        tokens += int(batch["attention_mask"].sum())
+        tokens += int(batch.attention_mask.sum())
     float(metrics["loss"])
     elapsed = time.perf_counter() - start
     return tokens / elapsed, elapsed / steps
@@ -108,16 +108,16 @@ def cpu(args) -> None:
     def torch_step(index: int) -> int:
         batch = make_batch(data, model, index)
         out = peft_model(
-            input_ids=torch.tensor(batch["input_ids"], dtype=torch.long),
-            pixel_values=torch.tensor(batch["pixel_values"]).permute(0, 3, 1, 2),
-            attention_mask=torch.tensor(batch["attention_mask"]),
-            labels=torch.tensor(batch["labels"], dtype=torch.long),
+            input_ids=torch.tensor(batch.input_ids, dtype=torch.long),
+            pixel_values=torch.tensor(batch.pixel_values).permute(0, 3, 1, 2),
+            attention_mask=torch.tensor(batch.attention_mask),
+            labels=torch.tensor(batch.labels, dtype=torch.long),
         )
         out.loss.backward()
         torch.nn.utils.clip_grad_norm_(lora + projector, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return int(batch["attention_mask"].sum())
+        return int(batch.attention_mask.sum())
 
     torch_step(0)
     start = time.perf_counter()

@@ -3,10 +3,17 @@
 from __future__ import annotations
 
 import importlib.util
+import sys
 from pathlib import Path
 from typing import Any
 
 CONFIG_DIR = Path(__file__).resolve().parent
+
+
+def ablation_tables() -> list[str]:
+    """The ablation tables, one config file each in `configs/ablations/` (listed, not imported: the
+    command line offers them without loading the experiments)."""
+    return sorted(p.stem for p in (CONFIG_DIR / "ablations").glob("*.py") if p.stem != "__init__")
 
 
 def load(name_or_path: str) -> Any:
@@ -23,13 +30,14 @@ def load(name_or_path: str) -> Any:
     if path.suffix == ".json":  # a run's settings as a workdir keeps them (WORKDIR/experiment.json)
         if arg:
             raise ValueError(f"config {path} is a run's settings and takes no :ARG")
-        from emola_jax.train import rerun
+        from emola_jax.train import rerun  # deferred: start-up time (jax), for the configs that are Python files
 
         return rerun.read(path)
     if path.suffix != ".py":
         raise ValueError(f"config {path} is neither a Python file with get_config() nor a run's experiment.json")
     spec = importlib.util.spec_from_file_location(f"emola_config_{path.stem}", path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses defined in the file look their module up there
     spec.loader.exec_module(module)
     if not hasattr(module, "get_config"):
         raise AttributeError(f"{path} defines no get_config()")

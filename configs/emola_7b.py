@@ -11,6 +11,7 @@ import dataclasses
 
 from emola_jax.config import LoRAConfig
 from emola_jax.data.pipeline import PipelineConfig
+from emola_jax.models.tree import PRIOR_PROJECTOR_PATTERN
 from emola_jax.train.config import Experiment, FromBase, TrainConfig
 
 FABA = "data/FABA-Instruct"
@@ -34,7 +35,7 @@ def get_config() -> Experiment:
 
 def without_prior(experiment: Experiment) -> Experiment:
     """The same run without the facial prior token (plain LLaVA-1.5 fine-tuning)."""
-    trainable = tuple(rule for rule in experiment.train.trainable if not rule[0].startswith("prior_projector"))
+    trainable = tuple(rule for rule in experiment.train.trainable if rule[0] != PRIOR_PROJECTOR_PATTERN)
     return dataclasses.replace(
         experiment,
         model=dataclasses.replace(experiment.model, prior_position="off"),

@@ -6,6 +6,7 @@ made on the fly; the demo trains it on drawn faces instead.
 
 from emola_jax.config import EmolaConfig, LoRAConfig, TextConfig, VisionConfig
 from emola_jax.data.synthetic import SyntheticData
+from emola_jax.models.tree import LORA_PATTERN, PRIOR_PROJECTOR_PATTERN, PROJECTOR_PATTERN
 from emola_jax.train.config import Experiment, TrainConfig
 
 
@@ -21,8 +22,7 @@ def get_config() -> Experiment:
         dtype="float32",
     )
     # rates for a random tiny base learning drawn faces in a few hundred steps (the demo)
-    trainable = ((r"language_model/.*/lora_[ab]", 2e-3), (r"prior_projector(_[^/]+)?/.*", 2e-3),
-                 (r"multi_modal_projector/.*", 2e-3))
+    trainable = ((LORA_PATTERN, 2e-3), (PRIOR_PROJECTOR_PATTERN, 2e-3), (PROJECTOR_PATTERN, 2e-3))
     train = TrainConfig(steps=300, checkpoint_every=100, remat="none", log_every=1, trainable=trainable,
                         warmup_ratio=0.05)
     return Experiment(model=model, train=train, data=SyntheticData(batch_size=8, seq_length=64))

@@ -38,21 +38,20 @@ from converters import hf_config, tables
 from converters.writers import SafetensorsWriter, nbytes, parse_size, plan_shards, save_torch, shard_names
 from emola_jax.atomic import check_apart
 from emola_jax.checkpoint import (
-    LAYER_AXIS_PARENT,
     PAD_TO_SQUARE,
     TOKENIZER_DIR,
-    Path_,
     StagedDirectory,
-    layer_path,
     load_config,
     read_params,
     read_source,
     stored_params,
 )
-from emola_jax.config import DTYPES, EmolaConfig, PriorToken
+from emola_jax.config import EmolaConfig, PriorToken
 from emola_jax.lora import fold, target_regex, to_peft_config
+from emola_jax.models.tree import LAYER_AXIS_PARENT, layer_path
+from emola_jax.settings import AdapterFormat, Dtype, ExportFormat, check_choice
+from emola_jax.weights import Path_
 
-FORMATS = ("hf", "peft", "emola")
 PRIOR_PROJECTOR_FILE = "prior_projector.safetensors"  # the 2d106det prior's (`prior_file`)
 ADAPTER_CONFIG = "adapter_config.json"
 NON_LORA_FILE = "non_lora_trainables.bin"
@@ -155,8 +154,7 @@ def _plan_hf(config: EmolaConfig, dtype: np.dtype, merge: bool, max_shard_bytes:
 
 
 def _adapter_file(adapter_format: str) -> str:
-    if adapter_format not in ("safetensors", "bin"):
-        raise ValueError(f"adapter format must be safetensors or bin, not {adapter_format!r}")
+    check_choice(adapter_format, AdapterFormat, "adapter format")
     return f"adapter_model.{adapter_format}"
 
 
@@ -309,11 +307,9 @@ def plan_export(
     """`(config, items)`: every tensor the export writes, before anything is read."""
     ckpt = Path(ckpt)
     config = load_config(ckpt)
-    if fmt not in FORMATS:
-        raise ValueError(f"format must be one of {', '.join(FORMATS)}, not {fmt!r}")
+    check_choice(fmt, ExportFormat, "format")
     dtype = dtype or config.dtype
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_choice(dtype, Dtype, "dtype")
     if fmt in ("peft", "emola") and config.lora is None:
         raise ValueError(f"{ckpt} has no LoRA adapter (its config's lora is null): export it with --format hf")
     if not config.visual_tokens:

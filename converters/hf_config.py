@@ -17,7 +17,7 @@ import dataclasses
 import re
 from typing import Any
 
-from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken, RopeScaling, TextConfig, VisionConfig, convert
+from emola_jax.config import EmolaConfig, PriorToken, RopeScaling, TextConfig, VisionConfig, convert
 
 # fields that keep their name and value between our configs and transformers'
 LLAMA_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
@@ -31,6 +31,7 @@ LLAVA_ORIGINAL_IMAGE_TOKEN_ID = -200  # LLaVA's IMAGE_TOKEN_INDEX: a placeholder
 
 def to_transformers(data: dict[str, Any]):
     """transformers' config object for a `llama`, `clip` or `llava` dict; its `model_type` picks the class."""
+    # deferred: start-up time (transformers)
     from transformers import AutoConfig
 
     data = dict(data)
@@ -69,6 +70,7 @@ def llama_to_hf(text: TextConfig) -> dict[str, Any]:
 
 def llama_from_hf(data: dict[str, Any]) -> TextConfig:
     """A `LlamaConfig` dict (transformers 4's `rope_theta`/`rope_scaling` or 5's `rope_parameters`)."""
+    # deferred: start-up time (transformers)
     from transformers.models.llama.configuration_llama import LlamaConfig
 
     hf = LlamaConfig(**{k: v for k, v in data.items() if k not in ("model_type", "architectures")})
@@ -98,6 +100,7 @@ def clip_to_hf(vision: VisionConfig) -> dict[str, Any]:
 def clip_from_hf(data: dict[str, Any]) -> VisionConfig:
     """A `CLIPVisionConfig` dict, or a whole `CLIPConfig` (openai/clip-vit-large-patch14-336) whose
     `vision_config` is read."""
+    # deferred: start-up time (transformers)
     from transformers.models.clip.configuration_clip import CLIPVisionConfig
 
     if "vision_config" in data:
@@ -137,6 +140,7 @@ def llava_to_hf(config: EmolaConfig, dtype: str | None = None) -> dict[str, Any]
 
 def llava_from_hf(data: dict[str, Any], dtype: str = "float32", *, where: str = "config.json") -> EmolaConfig:
     """A llava-hf `config.json`: plain LLaVA-1.5 (no prior token, no LoRA)."""
+    # deferred: start-up time (transformers)
     from transformers.models.llava.configuration_llava import LlavaConfig
 
     hf = LlavaConfig(**{k: v for k, v in data.items() if k != "model_type"})
@@ -199,7 +203,7 @@ def run_to_hf(config: EmolaConfig, dtype: str, *, pad_to_square: bool | None = N
         "use_mm_proj": True,
     }
     if emola:  # the official code builds its landmark projector from this size: the 2d106det prior's
-        official = [p for p in config.priors if p.name == DEFAULT_PRIOR]
+        official = [p for p in config.priors if p.official]
         out["landmark_feature_hidden_size"] = (official or config.priors)[0].dim
         out["face_priors"] = priors_to_hf(config)
     return {**out, **pad_to_hf(pad_to_square)}

@@ -23,9 +23,11 @@ from converters import formats, hf_config, tables
 from converters.readers import TensorStore, weight_files
 from emola_jax import weights
 from emola_jax.atomic import check_apart
-from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter, is_stacked, layer_path
-from emola_jax.config import DEFAULT_PRIOR, DTYPES, EmolaConfig, PriorToken, VisionConfig
+from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter
+from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
+from emola_jax.models.tree import is_stacked, layer_path
+from emola_jax.settings import Dtype, check_choice
 
 _IGNORED = re.compile("|".join(tables.IGNORED_KEY_PATTERNS))
 
@@ -161,7 +163,7 @@ def _emola(run: Path, base: Path | None, clip: Path | None, dtype: str) -> tuple
         sources.append(Source(f"EmoLA landmark projector from {run}", landmark, layouts))
     priors = hf_config.priors_from_hf(run_config, where=str(run / "config.json"))
     for prior in priors or ():  # further priors: exported beside the official file (`exporter.landmark_file`)
-        if prior.name != DEFAULT_PRIOR:
+        if not prior.official:
             file = run / f"{tables.emola_landmark_module(prior)}.bin"
             if not file.is_file():
                 raise FileNotFoundError(f"{run / 'config.json'} lists the prior {prior.name!r} but {file} is missing")
@@ -186,8 +188,7 @@ def plan_conversion(
     src: str | Path, *, clip: str | Path | None = None, base: str | Path | None = None, dtype: str = "float32"
 ) -> tuple[EmolaConfig, list[Assignment], dict]:
     src, clip, base = Path(src), clip and Path(clip), base and Path(base)
-    if dtype not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {dtype!r}")
+    check_choice(dtype, Dtype, "dtype")
     kind = formats.detect(src)
     if kind == "emola":
         config, sources = _emola(src, base, clip, dtype)

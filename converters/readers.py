@@ -85,6 +85,7 @@ class TorchFile:
     """A `torch.save` file (zip format), opened lazily with `weights_only=True`."""
 
     def __init__(self, path: str | Path):
+        # deferred: start-up time (torch)
         import torch
 
         self.path = Path(path)
@@ -102,6 +103,7 @@ class TorchFile:
         return tuple(self._state[key].shape)
 
     def read(self, key: str) -> np.ndarray:
+        # deferred: start-up time (torch)
         import torch
 
         tensor = self._state[key]

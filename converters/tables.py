@@ -14,8 +14,8 @@ from collections.abc import Callable
 
 import numpy as np
 
-from emola_jax.checkpoint import is_stacked, param_shapes
-from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken
+from emola_jax.config import EmolaConfig, PriorToken
+from emola_jax.models.tree import is_stacked, param_shapes
 from emola_jax.weights import Path_
 
 
@@ -188,14 +188,14 @@ PEFT_MODULES_TO_SAVE = ("multi_modal_projector",)
 
 def prior_file_layout(prior: PriorToken) -> Layout:
     """A prior projector beside a llava-hf export: a bare mlp2x_gelu (linear_1.*, linear_2.*)."""
-    name = "prior projector" if prior.name == DEFAULT_PRIOR else f"{prior.name} prior projector"
+    name = "prior projector" if prior.official else f"{prior.name} prior projector"
     return Layout(f"{name} (linear_1.*, linear_2.*)", ((f"model.{prior.projector_name}.", ""),))
 
 
 def emola_landmark_module(prior: PriorToken) -> str:
     """The module name of a prior projector in the official EmoLA layout: `landmark_feature_projector`
     for 2d106det (the official one), `landmark_feature_projector_<name>` for a further prior."""
-    return "landmark_feature_projector" + ("" if prior.name == DEFAULT_PRIOR else f"_{prior.name}")
+    return "landmark_feature_projector" + ("" if prior.official else f"_{prior.name}")
 
 
 def emola_landmark_layout(prior: PriorToken) -> Layout:

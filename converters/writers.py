@@ -118,6 +118,7 @@ class SafetensorsWriter:
 
 def save_torch(path: str | Path, tensors: dict[str, np.ndarray]) -> None:
     """A `torch.save` dict of tensors (the `.bin` files LLaVA/EmoLA code loads); bfloat16 kept exact."""
+    # deferred: start-up time (torch)
     import torch
 
     state = {}

@@ -4,7 +4,7 @@ from emola_jax.config import EmolaConfig, LoRAConfig, RopeScaling, TextConfig, V
 
 __all__ = [
     "EmolaConfig", "EmolaForConditionalGeneration", "LoRAConfig", "RopeScaling", "TextConfig",
-    "VisionConfig", "analyze", "load_pretrained",
+    "VisionConfig", "Predictor", "load_pretrained",
 ]
 
 
@@ -12,14 +12,17 @@ def __getattr__(name: str):
     """The model and its loader are imported when first used, so that reading the configs (and
     `run.py`'s command line, its `--help` and its errors) does not wait for jax."""
     if name == "load_pretrained":
+        # deferred: start-up time (jax)
         from emola_jax.checkpoint import load_pretrained
 
         return load_pretrained
-    if name == "analyze":  # faces in ordinary photos, found, aligned and described
-        from emola_jax.photos import analyze
+    if name == "Predictor":  # the inference engine: a checkpoint answering questions about images
+        # deferred: start-up time (jax)
+        from emola_jax.predictor import Predictor
 
-        return analyze
+        return Predictor
     if name == "EmolaForConditionalGeneration":
+        # deferred: start-up time (jax)
         from emola_jax.models import EmolaForConditionalGeneration
 
         return EmolaForConditionalGeneration

@@ -12,6 +12,14 @@ Layout of a checkpoint directory:
                      recipe of each prior's training features (`prior_recipes`), which the
                      features it is evaluated on must share
     tokenizer/       tokenizer and processor files, when the source carried them
+    quantization.json  only in a quantised checkpoint (`run.py convert --quantize`): the method
+                     and block size of its decoder kernels; each layer's kernel entry then holds
+                     the codes (int8, or two NF4 codes per uint8 byte along the output axis, low
+                     nibble first) beside a `kernel_scale` entry (float32 `[in / block, out]`)
+
+This module owns that layout, the quantised entries included (`quantized_entries`, `pack_codes`,
+`unpack_codes`): `read_params` dequantises them for readers that want plain weights (the
+exporter), `read_quantized` returns them as `qwix.QArray`s.
 
 The writer stages everything in a sibling temporary folder and renames it into place last, so
 a failure never leaves a folder that looks like a finished checkpoint. In a multi-process run
@@ -22,6 +30,7 @@ shard from the process that holds it); process 0 alone creates, renames and writ
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import shutil
@@ -33,55 +42,44 @@ from typing import Any, Self
 
 import jax
 import jax.numpy as jnp
+import ml_dtypes
 import numpy as np
+import qwix
+from absl import logging as absl_logging
 from jax.experimental import multihost_utils
 from orbax.checkpoint import v1 as ocp
 
 from emola_jax import weights
 from emola_jax.atomic import STAGING_LOCK, lock_staging, remove_dead_staging, staging_path
 from emola_jax.config import EmolaConfig
+from emola_jax.models.tree import (
+    abstract_model,
+    decoder_kernels,
+    is_decoder_kernel,
+    is_stacked,
+    layer_path,
+    param_shapes,
+)
+from emola_jax.quantization import QTYPES, Quantization, as_array
 from emola_jax.weights import Path_, path_name
 
-LAYER_AXIS_PARENT = "layers"
 CONFIG_FILE, PARAMS_DIR, SOURCE_FILE, TOKENIZER_DIR = "config.json", "params", "source.json", "tokenizer"
+QUANTIZATION_FILE = "quantization.json"
+SCALE_SUFFIX = "_scale"
 PAD_TO_SQUARE = "pad_to_square"  # source.json: training images padded to a square (`clip_preprocess(pad=...)`)
 PRIOR_RECIPES = "prior_recipes"  # source.json: {prior: recipe} of the feature stores it was trained on
 
 
-def abstract_model(config: EmolaConfig):
-    """The model with `ShapeDtypeStruct` leaves: no memory, no random init (Tunix-style)."""
-    from emola_jax.models import EmolaForConditionalGeneration
-
-    return weights.abstract(lambda rngs: EmolaForConditionalGeneration(config, rngs=rngs))
-
-
-def param_shapes(config: EmolaConfig) -> dict[Path_, jax.ShapeDtypeStruct]:
-    """Every weight of the model, keyed by its path (stacked layers keep their leading axis)."""
-    return weights.flat(abstract_model(config))
-
-
-def is_stacked(path: Path_) -> bool:
-    return LAYER_AXIS_PARENT in path
-
-
-def layer_path(path: Path_, layer: int) -> Path_:
-    """('language_model', 'layers', 'mlp', ...) -> ('language_model', 'layers', '3', 'mlp', ...)."""
-    at = path.index(LAYER_AXIS_PARENT) + 1
-    return path[:at] + (str(layer),) + path[at:]
-
-
-def disk_shapes(config: EmolaConfig, quantization=None) -> dict[Path_, jax.ShapeDtypeStruct]:
-    """What the `params/` tree holds: per-layer entries for stacked weights; with `quantization`
-    (`emola_jax.quantization.Quantization`), codes and scales for each decoder kernel."""
-    from emola_jax.quantization import is_quantized_path
-
+def disk_shapes(config: EmolaConfig, quantization: Quantization | None = None) -> dict[Path_, jax.ShapeDtypeStruct]:
+    """What the `params/` tree holds: per-layer entries for stacked weights; with `quantization`,
+    codes and scales for each decoder kernel (`quantized_entries`)."""
     out = {}
     for path, spec in param_shapes(config).items():
         if is_stacked(path):
             for i in range(spec.shape[0]):
                 entry = layer_path(path, i), jax.ShapeDtypeStruct(spec.shape[1:], spec.dtype)
-                if quantization is not None and is_quantized_path(path):
-                    out.update(quantization.disk_specs(*entry))
+                if quantization is not None and is_decoder_kernel(path):
+                    out.update(quantized_entries(quantization, *entry))
                 else:
                     out[entry[0]] = entry[1]
         else:
@@ -238,7 +236,7 @@ class CheckpointWriter(StagedDirectory):
             self._pending, self._pending_bytes = {}, 0
 
     def finish(self, config: EmolaConfig, source: dict[str, Any], tokenizer_files: list[Path] = (),
-               quantization=None) -> Path:
+               quantization: Quantization | None = None) -> Path:
         self._flush()
         self._wait()
         expected = set(disk_shapes(config, quantization))
@@ -248,6 +246,8 @@ class CheckpointWriter(StagedDirectory):
         ocp.partial.finalize(self.staging / PARAMS_DIR)
         if self.lead:
             config.save(self.staging / CONFIG_FILE)
+            if quantization is not None:
+                write_quantization(self.staging, quantization)
             (self.staging / SOURCE_FILE).write_text(json.dumps(source, indent=2, default=str) + "\n")
             if tokenizer_files:
                 (self.staging / TOKENIZER_DIR).mkdir()
@@ -259,8 +259,6 @@ class CheckpointWriter(StagedDirectory):
 @contextlib.contextmanager
 def _orbax_quiet():
     """Orbax's own warnings (absl logging) held back for the duration of the block."""
-    from absl import logging as absl_logging
-
     level = absl_logging.get_verbosity()
     absl_logging.set_verbosity(absl_logging.ERROR)
     try:
@@ -322,8 +320,6 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
 
     A quantised checkpoint's decoder kernels are listed as the float32 kernels `read_params`
     dequantises them to (their codes and scales are checked here, then hidden)."""
-    from emola_jax.quantization import checkpoint_quantization, is_quantized_path, is_scale_path
-
     params_dir = Path(path).absolute() / PARAMS_DIR
     quantization = checkpoint_quantization(path)
     expected = disk_shapes(config, quantization)
@@ -348,7 +344,7 @@ def stored_params(path: str | Path, config: EmolaConfig) -> dict[Path_, Any]:
             )
     if quantization is not None:
         plain = disk_shapes(config)
-        stored = {k: plain[k] if is_quantized_path(k) else v for k, v in stored.items() if not is_scale_path(k)}
+        stored = {k: plain[k] if is_decoder_kernel(k) else v for k, v in stored.items() if not is_scale_path(k)}
     return stored
 
 
@@ -356,12 +352,10 @@ def read_params(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) -> d
     """Only the entries named in `specs`, read with orbax's partial load: memory for those alone,
     so an exporter can walk a checkpoint far larger than memory one layer at a time. A quantised
     checkpoint's decoder kernels come back dequantised to their spec's dtype."""
-    from emola_jax.quantization import as_array, checkpoint_quantization, is_quantized_path
-
     quantization = checkpoint_quantization(path)
-    kernels = [k for k in specs if is_quantized_path(k)] if quantization is not None else []
+    kernels = [k for k in specs if is_decoder_kernel(k)] if quantization is not None else []
     if kernels:
-        plain = {k: s for k, s in specs.items() if not is_quantized_path(k)}
+        plain = {k: s for k, s in specs.items() if not is_decoder_kernel(k)}
         read = _read_entries(path, plain) if plain else {}
         for key, q in read_quantized(path, kernels, quantization).items():
             read[key] = as_array(jax.tree.map(jnp.asarray, q), specs[key].dtype)
@@ -382,18 +376,6 @@ def _read_entries(path: str | Path, specs: dict[Path_, jax.ShapeDtypeStruct]) ->
         raise unreadable_weights(params_dir, err) from err
 
 
-def read_quantized(path: str | Path, keys: list[Path_], quantization) -> dict[Path_, Any]:
-    """The decoder kernel entries `keys` of a quantised checkpoint as `QArray`s with numpy leaves."""
-    from emola_jax.quantization import scale_path
-
-    plain = disk_shapes(load_config(path))
-    specs = {}
-    for key in keys:
-        specs.update(quantization.disk_specs(key, plain[key]))
-    read = _read_entries(path, specs)
-    return {k: quantization.from_disk(np.asarray(read[k]), np.asarray(read[scale_path(k)])) for k in keys}
-
-
 def load_pretrained(
     path: str | Path, dtype: str = "float32", sharding: jax.sharding.Sharding | None = None
 ):
@@ -403,15 +385,13 @@ def load_pretrained(
     `sharding` (default: the first device); per-layer entries are stacked for the scanned layers.
     A quantised checkpoint's decoder kernels stay quantised (`qwix.QArray`s, dequantised in the matmul).
     """
-    from emola_jax.quantization import checkpoint_quantization, is_quantized_path
-
     path = Path(path).absolute()
     config = load_config(path).replace(dtype=dtype)
     params_dir = path / PARAMS_DIR
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     quantization = checkpoint_quantization(path)
     expected = {k: s for k, s in disk_shapes(config).items()
-                if quantization is None or not is_quantized_path(k)}
+                if quantization is None or not is_decoder_kernel(k)}
     stored_params(path, config)
     target = {k: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding) for k, s in expected.items()}
     context = ocp.Context()
@@ -424,7 +404,7 @@ def load_pretrained(
 
     values = {}
     for path_, spec in param_shapes(config).items():
-        if quantization is not None and is_quantized_path(path_):
+        if quantization is not None and is_decoder_kernel(path_):
             layers = list(read_quantized(path, [layer_path(path_, i) for i in range(spec.shape[0])],
                                          quantization).values())
             values[path_] = jax.device_put(jax.tree.map(lambda *x: np.stack(x), *layers), sharding)
@@ -441,8 +421,6 @@ def save_pretrained(
     tokenizer_files: list[Path] = (),
 ) -> Path:
     """Writes `model` (any `EmolaForConditionalGeneration`) as a checkpoint `load_pretrained` reads."""
-    from emola_jax.quantization import as_array
-
     config: EmolaConfig = model.config
     with CheckpointWriter(out, overwrite=overwrite) as writer:
         for path, value in weights.flat(model).items():
@@ -456,6 +434,7 @@ def save_pretrained(
 
 def load_tokenizer(checkpoint: str | Path):
     """The tokenizer saved with a checkpoint (under `TOKENIZER_DIR`)."""
+    # deferred: start-up time (transformers)
     from transformers import AutoTokenizer
 
     path = Path(checkpoint) / TOKENIZER_DIR
@@ -469,3 +448,113 @@ def load_tokenizer(checkpoint: str | Path):
         first = next((line.strip() for line in str(err).splitlines() if line.strip()), type(err).__name__)
         raise ValueError(f"the tokenizer in {path} cannot be read ({first[:200]}); copy it again from the "
                          "checkpoint it came from") from None
+
+
+# --- quantised decoder kernels on disk --------------------------------------------------------
+
+def scale_path(path: Path_) -> Path_:
+    """The entry that holds the scales of the quantised kernel `path`."""
+    return (*path[:-1], path[-1] + SCALE_SUFFIX)
+
+
+def is_scale_path(path: Path_) -> bool:
+    """The `kernel_scale` entry stored beside a quantised kernel's codes."""
+    return path[-1] == "kernel" + SCALE_SUFFIX and is_decoder_kernel((*path[:-1], "kernel"))
+
+
+def quantized_entries(quantization: Quantization, path: Path_,
+                      spec: jax.ShapeDtypeStruct) -> dict[Path_, jax.ShapeDtypeStruct]:
+    """The entries one layer's quantised kernel `path` (`[in, out]`) is stored as: codes and scales."""
+    shape = tuple(spec.shape)
+    codes = (jax.ShapeDtypeStruct(shape, jnp.int8) if quantization.method == "int8"
+             else jax.ShapeDtypeStruct((*shape[:-1], shape[-1] // 2), jnp.uint8))
+    return {path: codes, scale_path(path): jax.ShapeDtypeStruct(quantization.scale_shape(shape), jnp.float32)}
+
+
+def pack_codes(quantization: Quantization, q: qwix.QArray) -> tuple[np.ndarray, np.ndarray]:
+    """`(codes, scales)` as the checkpoint stores them (NF4: two codes per byte, low nibble first)."""
+    codes = np.asarray(q.qvalue)
+    if quantization.method == "nf4":
+        codes = codes.astype(np.uint8)
+        codes = codes[..., 0::2] | (codes[..., 1::2] << 4)
+    return codes, np.asarray(q.scale, np.float32)
+
+
+def unpack_codes(quantization: Quantization, codes: np.ndarray, scales: np.ndarray) -> qwix.QArray:
+    """The `QArray` (numpy leaves) of codes and scales as read from a checkpoint."""
+    codes = np.asarray(codes)
+    if quantization.method == "nf4":
+        packed = codes.astype(np.uint8)
+        codes = np.stack([packed & 0xF, packed >> 4], axis=-1).reshape(*packed.shape[:-1], -1)
+        codes = codes.astype(ml_dtypes.uint4)
+    else:
+        codes = codes.astype(np.int8)
+    return qwix.QArray(codes, np.asarray(scales, np.float32), None, QTYPES[quantization.method])
+
+
+def write_quantization(folder: str | Path, quantization: Quantization) -> None:
+    """`folder/quantization.json`: the method and block size `checkpoint_quantization` reads back."""
+    (Path(folder) / QUANTIZATION_FILE).write_text(json.dumps(dataclasses.asdict(quantization), indent=2) + "\n")
+
+
+def checkpoint_quantization(checkpoint: str | Path) -> Quantization | None:
+    """The quantisation a checkpoint's decoder kernels are stored in (None: unquantised)."""
+    file = Path(checkpoint) / QUANTIZATION_FILE
+    if not file.is_file():
+        return None
+    try:
+        fields = json.loads(file.read_text())
+        return Quantization(str(fields["method"]), int(fields["block_size"]))
+    except (ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{file} is not a readable quantisation record: {err}") from err
+
+
+def check_base(wanted: Quantization | None, checkpoint: str | Path) -> Quantization | None:
+    """The base's stored quantisation, after checking the run may use it: a quantised base is read
+    as it is (same method and block size) or dequantised (`none`), never quantised a second time."""
+    stored = checkpoint_quantization(checkpoint)
+    if stored is not None and wanted is not None and wanted != stored:
+        raise ValueError(f"base checkpoint {checkpoint} is quantised as {stored.method} with block size "
+                         f"{stored.block_size}; set train.base_quantization={stored.method} and "
+                         f"train.quantization_block_size={stored.block_size} (or none to dequantise it)")
+    return stored
+
+
+def quantize_checkpoint(src: str | Path, out: str | Path, quantization: Quantization, *, overwrite: bool = False,
+                        progress: bool = False) -> Path:
+    """Writes checkpoint `src` at `out` with its decoder kernels quantised, one weight entry at a
+    time (host memory: one layer's kernel, its codes, and the writer's flush buffer).
+
+    Raises ValueError when `src` is already quantised or a kernel does not fit the block size.
+    """
+    if checkpoint_quantization(src) is not None:
+        raise ValueError(f"{src} is already quantised ({QUANTIZATION_FILE}); quantise the unquantised checkpoint")
+    config = load_config(src)
+    stored = stored_params(src, config)
+    specs = disk_shapes(config)
+    quantization.check(decoder_kernels(specs), where="--block-size")
+    source = {**read_source(src), "quantized": dataclasses.asdict(quantization)}
+    tokenizer = Path(src) / TOKENIZER_DIR
+    with CheckpointWriter(out, overwrite=overwrite) as writer:
+        for i, path in enumerate(specs):
+            if progress and i % 50 == 0:
+                print(f"quantising {i}/{len(specs)} weights", flush=True)
+            value = np.asarray(read_params(src, {path: stored[path]})[path])
+            if is_decoder_kernel(path):
+                codes, scales = pack_codes(quantization, jax.device_get(quantization.quantize(jnp.asarray(value))))
+                writer.add(path, codes)
+                writer.add(scale_path(path), scales)
+            else:
+                writer.add(path, value)
+        files = sorted(tokenizer.iterdir()) if tokenizer.is_dir() else []
+        return writer.finish(config, source, files, quantization=quantization)
+
+
+def read_quantized(path: str | Path, keys: list[Path_], quantization: Quantization) -> dict[Path_, Any]:
+    """The decoder kernel entries `keys` of a quantised checkpoint as `QArray`s with numpy leaves."""
+    plain = disk_shapes(load_config(path))
+    specs = {}
+    for key in keys:
+        specs.update(quantized_entries(quantization, key, plain[key]))
+    read = _read_entries(path, specs)
+    return {k: unpack_codes(quantization, np.asarray(read[k]), np.asarray(read[scale_path(k)])) for k in keys}

@@ -9,35 +9,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import math
-import numbers
 import re
 import types
 import typing
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Literal, Union
 
-PriorPosition = Literal["after", "before", "off"]
-DTYPES = ("float32", "bfloat16", "float16")  # weight storage and compute dtypes every command accepts
-SUPPORTED_ROPE_TYPES = ("default", "linear", "dynamic", "llama3")
+from emola_jax.settings import Dtype, FeatureSelect, PriorPosition, RopeType, check_choice, check_ranges, choices
+
+DTYPES = choices(Dtype)
 # insightface 2d106det: 106 (x, y) landmarks, flattened.
 LANDMARK_DIM = 212
 DEFAULT_PRIOR = "2d106det"  # the prior official EmoLA uses; its projector keeps the official names
 PRIOR_NAME = re.compile(r"[A-Za-z0-9_-]+")  # a prior's name is part of weight paths and file names
-
-
-def check_ranges(config: Any, *, positive: tuple[str, ...] = (), above_zero: tuple[str, ...] = (),
-                 at_least_zero: tuple[str, ...] = (), fraction: tuple[str, ...] = ()) -> None:
-    """Range checks for a config dataclass's `__post_init__`, so that a config file and `--set`
-    both get them: `positive` sizes and counts (>= 1), `above_zero` and `at_least_zero` numbers,
-    `fraction`s in [0, 1]. A field that is None (off) is not checked."""
-    rules = [(positive, lambda v: v >= 1, "at least 1"), (above_zero, lambda v: v > 0, "above 0"),
-             (at_least_zero, lambda v: v >= 0, "at least 0"), (fraction, lambda v: 0 <= v <= 1, "between 0 and 1")]
-    for names, ok, wanted in rules:
-        for name in names:
-            value = getattr(config, name)
-            if value is not None and not (isinstance(value, numbers.Real) and not math.isnan(value) and ok(value)):
-                raise ValueError(f"{name} must be {wanted}, not {value!r}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -71,7 +56,7 @@ class VisionConfig:
 class RopeScaling:
     """The Hugging Face rope types that LLaMA-2 and LLaMA-3 checkpoints use."""
 
-    rope_type: str = "default"
+    rope_type: RopeType = "default"
     factor: float = 1.0
     original_max_position_embeddings: int | None = None
     low_freq_factor: float | None = None
@@ -80,10 +65,9 @@ class RopeScaling:
     def __post_init__(self):
         check_ranges(self, above_zero=("factor", "low_freq_factor", "high_freq_factor"),
                      positive=("original_max_position_embeddings",))
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope type {self.rope_type!r} is not supported; supported: {SUPPORTED_ROPE_TYPES}"
-            )
+        if self.rope_type not in choices(RopeType):
+            raise ValueError(f"rope type {self.rope_type!r} is not supported; supported: "
+                             f"{', '.join(choices(RopeType))}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,11 +110,67 @@ class TextConfig:
         return self.head_dim or self.hidden_size // self.num_attention_heads
 
 
+# --- LoRA: which decoder projections carry an adapter (emola_jax/lora.py does the rest) ---------
+
+# The decoder layer's linear projections, by their names inside a layer (transformers' LlamaDecoderLayer).
+DECODER_LINEARS = (
+    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
+)
+
+
+def peft_matches(target_modules: str | Sequence[str], name: str, *, exclude_modules: str | Sequence[str] | None = None,
+                 layers_to_transform: int | Sequence[int] | None = None,
+                 layers_pattern: str | Sequence[str] | None = None) -> bool:
+    """Whether PEFT attaches LoRA to the module called `name` (e.g. `model.layers.3.self_attn.q_proj`).
+
+    PEFT's rules (`check_target_module_exists`): `exclude_modules` first, in the same two forms; a
+    string `target_modules` is a regex that must match the whole name; a list entry matches a name
+    equal to it (then every layer) or ending in `.` + it, and only for this last case
+    `layers_to_transform` keeps the layers whose index follows `layers_pattern` (default: the first
+    numbered segment) in the name.
+    """
+    if exclude_modules and _listed(exclude_modules, name):
+        return False
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, name) is not None
+    if name in target_modules:
+        return True
+    if not any(name.endswith(f".{target}") for target in target_modules):
+        return False
+    if layers_to_transform is None or (isinstance(layers_to_transform, list) and not layers_to_transform):
+        return True
+    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
+    if patterns:
+        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
+    else:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
+
+
+def _listed(names: str | Sequence[str], name: str) -> bool:
+    if isinstance(names, str):
+        return re.fullmatch(names, name) is not None
+    return name in names or any(name.endswith(f".{n}") for n in names)
+
+
+def check_targets(lora: LoRAConfig) -> None:
+    """Every entry of `lora.targets` must name a decoder projection (PEFT's list form, matched
+    against `self_attn.q_proj` ...); raises ValueError naming the entry otherwise."""
+    for target in lora.targets:
+        if not any(peft_matches([target], linear) for linear in DECODER_LINEARS):
+            raise ValueError(f"LoRA target {target!r} names none of the decoder's projections "
+                             f"({', '.join(DECODER_LINEARS)}); name them as PEFT does, e.g. q_proj or self_attn.q_proj")
+
+
 @dataclasses.dataclass(frozen=True)
 class LoRAConfig:
     """LoRA on decoder projections, as PEFT defines it (scale alpha/r, or alpha/sqrt(r)).
 
-    `targets` follow the list form of PEFT's `target_modules` (`emola_jax/lora.py`): each names a
+    `targets` follow the list form of PEFT's `target_modules` (`peft_matches`): each names a
     projection of every decoder layer by its name (`q_proj`) or its path in the layer
     (`self_attn.q_proj`).
     """
@@ -144,8 +184,6 @@ class LoRAConfig:
     dropout: float = 0.0  # PEFT's lora_dropout, on the adapter's input, in training only
 
     def __post_init__(self):
-        from emola_jax.lora import check_targets  # lora.py builds on these configs
-
         if isinstance(self.targets, str):
             raise ValueError(f"LoRA targets must be a list of projection names, not the string {self.targets!r}")
         check_ranges(self, positive=("rank",), above_zero=("alpha",))
@@ -174,9 +212,21 @@ class PriorToken:
         check_ranges(self, positive=("dim",))
 
     @property
+    def official(self) -> bool:
+        """Whether this is official EmoLA's prior (`is_official`)."""
+        return is_official(self.name)
+
+    @property
     def projector_name(self) -> str:
         """The projector's attribute in the model, the first part of its weight paths."""
-        return "prior_projector" if self.name == DEFAULT_PRIOR else f"prior_projector_{self.name}"
+        return "prior_projector" if self.official else f"prior_projector_{self.name}"
+
+
+def is_official(prior: str) -> bool:
+    """The prior official EmoLA uses (2d106det): its projector, its exported weights, its feature
+    files and messages keep the official names (`prior_projector`, `landmark_feature_projector`,
+    `landmarks`); every other prior is named after itself."""
+    return prior == DEFAULT_PRIOR
 
 
 def prior_width(priors: tuple[PriorToken, ...]) -> int:
@@ -224,7 +274,7 @@ class EmolaConfig:
     vision: VisionConfig = VisionConfig()
     text: TextConfig = TextConfig()
     vision_feature_layer: int = -2
-    vision_feature_select_strategy: Literal["default", "full"] = "default"
+    vision_feature_select_strategy: FeatureSelect = "default"
     projector_hidden_act: str = "gelu"
     projector_bias: bool = True
     image_token_id: int = 32000
@@ -232,19 +282,14 @@ class EmolaConfig:
     priors: tuple[PriorToken, ...] = (PriorToken(),)
     visual_tokens: bool = True
     lora: LoRAConfig | None = None
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
 
     UPGRADE = staticmethod(upgrade_prior_dim)  # `build` applies it to a config dict first
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_choice(self.dtype, Dtype, "dtype")
         check_priors(self)
-        if self.vision_feature_select_strategy not in ("default", "full"):
-            raise ValueError(
-                "vision_feature_select_strategy must be 'default' or 'full', "
-                f"not {self.vision_feature_select_strategy!r}"
-            )
+        check_choice(self.vision_feature_select_strategy, FeatureSelect, "vision_feature_select_strategy")
         if self.projector_hidden_act != "gelu":
             raise ValueError(f"projector activation {self.projector_hidden_act!r} is not supported (gelu only)")
         if not -(self.vision.num_hidden_layers + 1) <= self.vision_feature_layer <= self.vision.num_hidden_layers:

@@ -44,6 +44,7 @@ import errno
 import json
 import math
 import os
+import selectors
 import socket
 import sys
 import threading
@@ -52,6 +53,7 @@ from collections.abc import Iterator
 from typing import Any, NoReturn
 
 import jax
+from jax._src import distributed as jax_distributed  # private: the client jax.distributed.initialize made
 
 _KEY = "emola_jax/heartbeat/"
 _GONE = "emola_jax/gone/"  # written by a process that printed its last words, just before it exits
@@ -146,9 +148,7 @@ def refuse_different_settings(settings: dict[str, Any], timeout: float) -> None:
     process prints the one sentence of `different_settings` and exits with status 1, before any
     work; process 0, which holds the service, last. Call it right after jax.distributed.initialize,
     on every process of a run of several."""
-    from jax._src import distributed
-
-    client = distributed.global_state.client
+    client = jax_distributed.global_state.client
     me, count = jax.process_index(), jax.process_count()
     client.key_value_set(f"{_SETTINGS}{me}", json.dumps(settings))
     every: dict[int, dict[str, Any]] = {}
@@ -220,9 +220,8 @@ def _start_deadline(timeout: float, coordinator: str | None) -> Iterator[None]:
     def watch() -> None:
         if done.wait(timeout):
             return
-        from jax._src import distributed
 
-        state = distributed.global_state
+        state = jax_distributed.global_state
         address = coordinator or state.coordinator_address or "detected by jax"
         print(f"error: process {state.process_id} of {state.num_processes} cannot start (coordinator {address}): "
               f"jax's coordination service did not connect every process within {timeout:g} s; check that every "
@@ -279,8 +278,6 @@ def _address(coordinator: str) -> tuple[str, int]:
 def _host_roll_call(listener: socket.socket, count: int, timeout: float, fault) -> None:
     """Process 0's side: answers each hello at once ("wait"), then all of them together: "ok" once
     processes 1..count-1 are there, or the fault (also raised here)."""
-    import selectors
-
     deadline = time.monotonic() + timeout
     selector = selectors.DefaultSelector()
     selector.register(listener, selectors.EVENT_READ)
@@ -462,9 +459,7 @@ class PeerWatch:
     the lost process), after writing FAILED itself so that the others do not wait for it."""
 
     def __init__(self, timeout: float, interval: float = 1.0):
-        from jax._src import distributed  # the client jax.distributed.initialize made
-
-        self.client = distributed.global_state.client
+        self.client = jax_distributed.global_state.client
         self.timeout, self.interval = timeout, interval
         self.me, self.count = jax.process_index(), jax.process_count()
         start = time.monotonic()

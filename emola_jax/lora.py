@@ -4,9 +4,8 @@ model with its adapters merged, and PEFT's `adapter_config.json` in both directi
 The adapters themselves are `lora_a [in, r]` and `lora_b [r, out]` (`nnx.LoRAParam`s) on the
 decoder's `Linear` layers (`models/layers.py`); training differentiates them with the other
 trainable weights by path pattern (`train/step.py: split_trainable`). Which projections they sit
-on follows PEFT's `target_modules` rules exactly (`peft/tuners/tuners_utils.py:
-check_target_module_exists`): a string is a regex that must match the whole module name; a list
-entry matches a module whose name equals it or ends with `.` + it.
+on follows PEFT's `target_modules` rules exactly (`config.peft_matches`, beside `LoRAConfig`, whose
+targets it checks when a config is made).
 """
 
 from __future__ import annotations
@@ -19,62 +18,10 @@ import jax
 import jax.numpy as jnp
 
 from emola_jax import weights
-from emola_jax.config import LoRAConfig
+from emola_jax.config import DECODER_LINEARS, LoRAConfig, peft_matches
 from emola_jax.quantization import as_array
 
-# The decoder layer's linear projections, by their names inside a layer (transformers' LlamaDecoderLayer).
-DECODER_LINEARS = (
-    "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-    "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj",
-)
 LORA_FACTORS = ("lora_a", "lora_b")
-
-
-def peft_matches(target_modules: str | Sequence[str], name: str, *, exclude_modules: str | Sequence[str] | None = None,
-                 layers_to_transform: int | Sequence[int] | None = None,
-                 layers_pattern: str | Sequence[str] | None = None) -> bool:
-    """Whether PEFT attaches LoRA to the module called `name` (e.g. `model.layers.3.self_attn.q_proj`).
-
-    PEFT's rules (`check_target_module_exists`): `exclude_modules` first, in the same two forms; a
-    string `target_modules` is a regex that must match the whole name; a list entry matches a name
-    equal to it (then every layer) or ending in `.` + it, and only for this last case
-    `layers_to_transform` keeps the layers whose index follows `layers_pattern` (default: the first
-    numbered segment) in the name.
-    """
-    if exclude_modules and _listed(exclude_modules, name):
-        return False
-    if isinstance(target_modules, str):
-        return re.fullmatch(target_modules, name) is not None
-    if name in target_modules:
-        return True
-    if not any(name.endswith(f".{target}") for target in target_modules):
-        return False
-    if layers_to_transform is None or (isinstance(layers_to_transform, list) and not layers_to_transform):
-        return True
-    patterns = [layers_pattern] if isinstance(layers_pattern, str) else list(layers_pattern or [])
-    if patterns:
-        match = next(filter(None, (re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", name) for p in patterns)), None)
-    else:
-        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", name)
-    if match is None:
-        return False
-    index = int(match.group("idx"))
-    return index == layers_to_transform if isinstance(layers_to_transform, int) else index in layers_to_transform
-
-
-def _listed(names: str | Sequence[str], name: str) -> bool:
-    if isinstance(names, str):
-        return re.fullmatch(names, name) is not None
-    return name in names or any(name.endswith(f".{n}") for n in names)
-
-
-def check_targets(lora: LoRAConfig) -> None:
-    """Every entry of `lora.targets` must name a decoder projection (PEFT's list form, matched
-    against `self_attn.q_proj` ...); raises ValueError naming the entry otherwise."""
-    for target in lora.targets:
-        if not any(peft_matches([target], linear) for linear in DECODER_LINEARS):
-            raise ValueError(f"LoRA target {target!r} names none of the decoder's projections "
-                             f"({', '.join(DECODER_LINEARS)}); name them as PEFT does, e.g. q_proj or self_attn.q_proj")
 
 
 def adapter_for(lora: LoRAConfig | None, linear: str) -> LoRAConfig | None:

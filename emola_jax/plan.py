@@ -24,12 +24,14 @@ from collections.abc import Callable, Sequence
 import jax
 import jax.numpy as jnp
 from flax import nnx
+from jax.experimental import topologies
 from jax.sharding import NamedSharding, PartitionSpec
 
-from emola_jax.checkpoint import abstract_model
 from emola_jax.config import EmolaConfig
+from emola_jax.data.pipeline import Batch
 from emola_jax.generate import GenerationConfig, generate_step
-from emola_jax.quantization import Quantization, quantize_model
+from emola_jax.models.tree import abstract_model, quantize_model
+from emola_jax.quantization import Quantization
 from emola_jax.sharding import MeshConfig, batch_sharding, logical_axes_table, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.config import Experiment, planned_model
@@ -87,7 +89,6 @@ def target(topology: str, num_slices: int = 1) -> Target:
     if importlib.util.find_spec("libtpu") is None:
         raise RuntimeError(f"planning for {topology} needs libtpu, the TPU compiler: pip install "
                            f"'jax[tpu]=={jax.__version__}' (it runs without a TPU)")
-    from jax.experimental import topologies
 
     # libtpu reads these to find the machine it runs on; a compile-only client has none, and
     # without them it prints warnings about a missing accelerator type and worker hostnames
@@ -349,30 +350,30 @@ def plan_train(experiment: Experiment, target_: Target, batch_per_chip: int, seq
     shardings = lambda tree: jax.tree.map(lambda x: x.sharding, tree)  # noqa: E731
     if program.compiled is not None:
         state_formats, frozen_formats, _ = program.compiled.input_formats[0]
-        weights = placed_bytes(frozen, frozen_formats) + placed_bytes(state["params"], state_formats["params"])
-        optimizer_bytes = placed_bytes(state["opt_state"], state_formats["opt_state"])
+        weights = placed_bytes(frozen, frozen_formats) + placed_bytes(state.params, state_formats.params)
+        optimizer_bytes = placed_bytes(state.opt_state, state_formats.opt_state)
     else:
         weights = (bytes_per_chip(frozen, shardings(frozen))
-                   + bytes_per_chip(state["params"], shardings(state["params"])))
-        optimizer_bytes = bytes_per_chip(state["opt_state"], shardings(state["opt_state"]))
+                   + bytes_per_chip(state.params, shardings(state.params)))
+        optimizer_bytes = bytes_per_chip(state.opt_state, shardings(state.opt_state))
     mesh = program.mesh
     gathered = bytes_per_chip(frozen, jax.tree.map(lambda _: NamedSharding(mesh, PartitionSpec()), frozen))
     cost = step_cost(program.config, batch_per_chip, seq, remat=experiment.train.remat,
                      weight_bytes=gathered // mesh.shape["tensor"],
-                     trainable_bytes=bytes_per_chip(state["params"], shardings(state["params"])))
+                     trainable_bytes=bytes_per_chip(state.params, shardings(state.params)))
     return _plan(program.compiled, program.refusal, batch_per_chip, weights, optimizer_bytes, cost)
 
 
-def train_batch(config: EmolaConfig, rows: int, seq: int, mesh) -> dict[str, jax.ShapeDtypeStruct]:
+def train_batch(config: EmolaConfig, rows: int, seq: int, mesh) -> Batch:
     """The abstract `[accum=1, rows, ...]` batch of a train step, rows split over the batch axes."""
+    def rows_of(*shape: int, dtype=jnp.int32) -> jax.ShapeDtypeStruct:
+        sharding = NamedSharding(mesh, PartitionSpec(None, *batch_sharding(mesh, 1 + len(shape)).spec))
+        return jax.ShapeDtypeStruct((1, rows, *shape), dtype, sharding=sharding)
+
     size = config.vision.image_size
-    shapes = {"input_ids": ((1, rows, seq), jnp.int32), "labels": ((1, rows, seq), jnp.int32),
-              "attention_mask": ((1, rows, seq), jnp.int32), "pixel_values": ((1, rows, size, size, 3), jnp.float32)}
-    if config.prior_position != "off":
-        shapes["landmarks"] = ((1, rows, config.prior_dim), jnp.float32)
-    return {name: jax.ShapeDtypeStruct(shape, dtype, sharding=NamedSharding(
-                mesh, PartitionSpec(None, *batch_sharding(mesh, len(shape) - 1).spec)))
-            for name, (shape, dtype) in shapes.items()}
+    return Batch(input_ids=rows_of(seq), labels=rows_of(seq), attention_mask=rows_of(seq),
+                 pixel_values=rows_of(size, size, 3, dtype=jnp.float32),
+                 landmarks=rows_of(config.prior_dim, dtype=jnp.float32) if config.prior_position != "off" else None)
 
 
 def plan_generate(experiment: Experiment, target_: Target, batch_per_chip: int, prompt: int,

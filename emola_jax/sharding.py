@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Mapping, Sequence
+from typing import TypeVar
 
 import jax
 import numpy as np
@@ -234,12 +235,14 @@ def batch_sharding(mesh: Mesh, ndim: int) -> NamedSharding:
     return NamedSharding(mesh, PartitionSpec(BATCH_AXES, *([None] * (ndim - 1))))
 
 
-def global_batch(local: dict[str, np.ndarray], mesh: Mesh) -> dict[str, jax.Array]:
-    """Each process's rows of the batch -> global arrays sharded over the batch axes."""
-    return {
-        name: jax.make_array_from_process_local_data(batch_sharding(mesh, value.ndim), value)
-        for name, value in local.items()
-    }
+Rows = TypeVar("Rows")
+
+
+def global_batch(local: Rows, mesh: Mesh) -> Rows:
+    """Each process's rows of a batch (any pytree of `[rows, ...]` arrays: a `data.pipeline.Batch`
+    whose `ids` are None, as they stay on the host) -> the same tree of global arrays, sharded over
+    the batch axes."""
+    return jax.tree.map(lambda x: jax.make_array_from_process_local_data(batch_sharding(mesh, x.ndim), x), local)
 
 
 def _is_value_attr(key) -> bool:

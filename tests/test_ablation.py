@@ -1,6 +1,7 @@
 """The paper's ablation rows as configs, the table writer, and (slow) `run.py ablation` on the demo's faces."""
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -8,7 +9,10 @@ from pathlib import Path
 import pytest
 
 import configs
-from emola_jax import ablation, demo
+from configs import ablations as ablation
+from configs.demo_faces import DemoInputs
+from emola_jax.apps import demo
+from emola_jax.apps.ablation import write_table
 from emola_jax.config import PriorToken
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -72,18 +76,22 @@ def test_single_task_steps_follow_the_files(tmp_path):
 def test_table_puts_this_run_beside_the_paper(tmp_path):
     results = [dict(row="before", trained_on="emotion", task="emotion", s_re=50.0, s_ge=20.25, s_rege=70.25),
                dict(row="after", trained_on="au", task="au", s_re=40.0, s_ge=10.0, s_rege=50.0)]
-    path = ablation.write_table(tmp_path, "position", results)
+    path = write_table(tmp_path, "position", results)
     lines = path.read_text().splitlines()
     assert "| prior token before visual tokens | emotion | emotion | 50.0 | 20.2 | 70.2 | 63.5 | 32.1 | 95.6 |" \
         in lines
     assert "| prior token after visual tokens | au | au | 40.0 | 10.0 | 50.0 | 60.2 | 34.7 | 94.9 |" in lines
     assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    priors = ablation.write_table(tmp_path / "p", "priors", [dict(results[0], row="2d106det")])
+    priors = write_table(tmp_path / "p", "priors", [dict(results[0], row="2d106det")])
     assert "| 2d106det landmarks | emotion | emotion | 50.0 | 20.2 | 70.2 | — | — | — |" in priors.read_text()
 
 
-@pytest.mark.slow
-def test_ablation_command_on_the_demo_faces(tmp_path):
+def test_ablation_command_on_the_demo_faces(demo_run, tmp_path):
+    """`run.py ablation` on the demo's faces, in a workdir whose inputs the demo prepared (as a rerun
+    finds them: the base, faces and features `demo.prepare` wrote, which `run_table` reuses)."""
+    workdir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    shutil.copytree(workdir, tmp_path / "data", ignore=shutil.ignore_patterns("run", "evaluation", "export"))
     result = subprocess.run([sys.executable, "run.py", "ablation", "position", "--workdir", str(tmp_path),
                              "--set", "train.steps=2", "--max-new-tokens", "8"],
                             capture_output=True, text=True, timeout=1500, cwd=ROOT)
@@ -119,7 +127,7 @@ def test_the_demo_inputs_are_reused_only_as_prepared(demo_run):
     assert result.returncode == 0, result.stderr[-2000:]
     tiny = configs.load("tiny").model
     inputs = demo.prepared(workdir, tiny)
-    assert inputs == demo.DemoInputs.in_folder(workdir) and inputs.base.joinpath("config.json").is_file()
+    assert inputs == DemoInputs.in_folder(workdir) and inputs.base.joinpath("config.json").is_file()
     with pytest.raises(ValueError, match=r"was prepared with other settings \(seed: 0 there, 3 here\)"):
         demo.prepared(workdir, tiny, seed=3)
     assert demo.prepared(workdir / "nowhere", tiny) is None

@@ -15,12 +15,11 @@ import pytest
 from onnx import TensorProto, helper
 
 import run
+from emola_jax.apps.demo_models import toy_landmark_graph
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import landmark_store, precompute
-from emola_jax.demo_models import toy_landmark_graph
 from emola_jax.eval import scoring
 from tests.processes import ROOT, RUN, cpu_env
-from tests.test_evaluate import setup  # noqa: F401  (the tiny checkpoint and its annotation file)
 from tests.test_precompute_landmarks import make_images
 
 TIMEOUT = 300
@@ -220,10 +219,10 @@ def test_a_graph_with_the_wrong_output_is_named_with_the_expected_shape(faces, t
 # --- evaluate ------------------------------------------------------------------------------------
 
 
-def test_labels_are_checked_before_generating_and_scored_as_the_annotation_says(setup, tmp_path, capsys):  # noqa: F811
+def test_labels_are_checked_before_generating_and_scored_as_the_annotation_says(eval_checkpoint, tmp_path, capsys):
     """`run.main` in this process, where jax is imported and the checkpoint built already: the
     same command line as a subprocess, without a jax start-up per run."""
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
 
     def _evaluate(ckpt, data, out, images_root) -> subprocess.CompletedProcess:
         args = ["evaluate", "--ckpt", ckpt, "--data", data, "--images-root", images_root, "--task", "emotion",

@@ -13,84 +13,12 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import LlamaForCausalLM
 
 import emola_jax
-from converters import convert, hf_config
+from converters import convert
 from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.models import EmolaForConditionalGeneration
 from tests import reference as ref
-
-LLAVA_ORIGINAL = [
-    ("model.language_model.", "model."),
-    ("model.multi_modal_projector.linear_1.", "model.mm_projector.0."),
-    ("model.multi_modal_projector.linear_2.", "model.mm_projector.2."),
-]
-
-
-def _hf_decoder(llava) -> LlamaForCausalLM:
-    """The LLaVA's language model as a standalone `LlamaForCausalLM` (what PEFT wraps in EmoLA)."""
-    state = llava.state_dict()
-    decoder = LlamaForCausalLM(llava.config.text_config).eval()
-    decoder.load_state_dict({
-        **{k.replace("model.language_model.", "model."): v for k, v in state.items() if "language_model" in k},
-        "lm_head.weight": state["lm_head.weight"],
-    })
-    return decoder
-
-
-def _mlp(in_dim, out_dim, seed):
-    torch.manual_seed(seed)
-    return torch.nn.Sequential(torch.nn.Linear(in_dim, out_dim), torch.nn.GELU(), torch.nn.Linear(out_dim, out_dim))
-
-
-def _randomise_adapters(peft, *, scale: float, seed: int) -> None:
-    """Non-zero LoRA factors (PEFT starts B at zero, which would hide a wrong import)."""
-    torch.manual_seed(seed)
-    with torch.no_grad():
-        for name, param in peft.named_parameters():
-            if "lora_" in name:
-                param.copy_(scale * torch.randn_like(param))
-
-
-@pytest.fixture(scope="module")
-def emola_run(tmp_path_factory):
-    """Writes the four directories of an official EmoLA setup; returns them with the torch truth."""
-    root = tmp_path_factory.mktemp("emola")
-    config = ref.llava_config()
-    llava = ref.build_llava(config, seed=3)
-    ours = hf_config.llava_from_hf(config.to_dict())
-    state = llava.state_dict()
-
-    # base: original LLaVA-1.5 layout, .bin shards, no vision tower; config with mm_* fields
-    base_state = ref.rename({k: v for k, v in state.items() if "vision_tower" not in k}, LLAVA_ORIGINAL)
-    # (trained, as LLaVA-1.5 and EmoLA were, on images padded to a square: image_aspect_ratio "pad")
-    llava_cfg = hf_config.run_to_hf(ours, "float32", pad_to_square=True)
-    ref.save_state(base_state, root / "base", shards=2, fmt="bin", config=llava_cfg)
-
-    # CLIP: the full-CLIPModel layout (vision_model.*), with a text tower key the converter must skip
-    clip_state = ref.rename({k: v for k, v in state.items() if "vision_tower" in k},
-                            [("model.vision_tower.", "vision_model.")])
-    clip_state["text_model.embeddings.token_embedding.weight"] = torch.zeros(10, 4)
-    clip_state["logit_scale"] = torch.tensor(2.6)
-    clip_cfg = {"model_type": "clip", "vision_config": hf_config.clip_to_hf(ours.vision)}
-    ref.save_state(clip_state, root / "clip", config=clip_cfg)
-
-    # run: a retrained mm_projector, the landmark projector, and a PEFT adapter with non-zero B
-    run = root / "run"
-    run.mkdir()
-    mm = _mlp(32, 48, seed=11)
-    prior = _mlp(212, 48, seed=12)
-    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in mm.state_dict().items()},
-               run / "non_lora_trainables.bin")
-    torch.save({f"model.landmark_feature_projector.{k}": v for k, v in prior.state_dict().items()},
-               run / "landmark_feature_projector.bin")
-    (run / "config.json").write_text(json.dumps(hf_config.run_to_hf(ours.replace(prior_position="after"), "float32",
-                                                                    pad_to_square=True)))
-    peft = get_peft_model(_hf_decoder(llava), LoraConfig(
-        r=4, lora_alpha=12, lora_dropout=0.05,
-        target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]))
-    _randomise_adapters(peft, scale=0.3, seed=13)
-    peft.save_pretrained(run)
-    return dict(root=root, config=config, llava=llava, mm=mm, prior=prior, run=run)
-
+from tests.reference import hf_decoder as _hf_decoder
+from tests.reference import randomise_adapters as _randomise_adapters
 
 # Adapters of 0.3 * randn at scale 3 add as much as the base weights do, and float32 rounding grows
 # with them: measured 1.5e-4 at logits up to 5.9 (2.5e-5 of the largest) with jax 0.10.2, torch

@@ -9,73 +9,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from flax import nnx
 from PIL import Image
 from transformers import CLIPImageProcessor
 
 import run
-from emola_jax.checkpoint import save_pretrained
-from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.data import conversation, image
 from emola_jax.eval import evaluate as ev
 from emola_jax.eval import report
-from emola_jax.models import EmolaForConditionalGeneration
 from tests.processes import ROOT, Run
 
 TIMEOUT = 300  # seconds a command may take before the test fails instead of hanging
-WORDS = ("a chat between curious user and an artificial intelligence assistant the gives helpful detailed polite "
-         "answers to s questions what emotions are conveyed by this face person looks happy sad angry calm au1 "
-         "au2 au4 au12 is active").split()
-
-
-def _tokenizer(directory: Path):
-    from tokenizers import Tokenizer, models, normalizers, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {w: i for i, w in enumerate(specials + sorted(set(WORDS)) + [".", ",", ":", "?", "'", "\n"])}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.normalizer = normalizers.Lowercase()
-    tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.WhitespaceSplit(), pre_tokenizers.Punctuation()])
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
-                                   pad_token="<pad>")
-    fast.save_pretrained(directory)
-    return fast
-
-
-@pytest.fixture(scope="module")
-def setup(tmp_path_factory):
-    root = tmp_path_factory.mktemp("evaluate")
-    tokenizer = _tokenizer(root / "tok")
-    config = EmolaConfig(
-        vision=VisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-                            image_size=28),
-        text=TextConfig(vocab_size=len(tokenizer) + 1, hidden_size=48, intermediate_size=96, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2),
-        image_token_id=len(tokenizer),
-    )
-    model = EmolaForConditionalGeneration(config, rngs=nnx.Rngs(7))
-    ckpt = save_pretrained(model, root / "ckpt", tokenizer_files=sorted((root / "tok").iterdir()))
-    rng = np.random.default_rng(0)
-    records = []
-    (root / "data" / "images").mkdir(parents=True)
-    (root / "data" / "landmarks").mkdir()
-    for i in range(5):
-        size = [(40, 30), (28, 28), (50, 64), (33, 45), (60, 60)][i]
-        Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(
-            root / "data" / "images" / f"{i}.png")
-        np.save(root / "data" / "landmarks" / f"{i}.npy", rng.random(212).astype(np.float32))
-        records.append({
-            "id": f"img{i}", "source": "AffectNet", "image": f"images/{i}.png", "landmark": f"landmarks/{i}.npy",
-            "conversations": [{"from": "human", "value": "<image>\nWhat emotions are conveyed by this face?"},
-                              {"from": "gpt", "value": "The person looks happy."}],
-            "label": i % 7, "gpt4": "The person looks happy.",
-        })
-    (root / "data" / "eval_emotion_anno.json").write_text(json.dumps(records))
-    return root, ckpt
-
-
 def _run(root, ckpt, out, **kw):
     from emola_jax.generate import GenerationConfig
 
@@ -88,8 +31,8 @@ def _predictions(out):
     return [json.loads(line) for line in (out / ev.PREDICTIONS).read_text().splitlines()]
 
 
-def test_batching_does_not_change_predictions(setup, tmp_path):
-    root, ckpt = setup
+def test_batching_does_not_change_predictions(eval_checkpoint, tmp_path):
+    root, ckpt = eval_checkpoint
     metrics = _run(root, ckpt, tmp_path / "b3", batch_size=3)
     _run(root, ckpt, tmp_path / "b1", batch_size=1)
     batched, single = _predictions(tmp_path / "b3"), _predictions(tmp_path / "b1")
@@ -100,22 +43,22 @@ def test_batching_does_not_change_predictions(setup, tmp_path):
     assert json.loads((tmp_path / "b3" / "metrics.json").read_text())["s_re"] == metrics["s_re"]
 
 
-def test_resume_after_a_kill_and_a_torn_line(setup, tmp_path, monkeypatch):
-    root, ckpt = setup
+def test_resume_after_a_kill_and_a_torn_line(eval_checkpoint, tmp_path, monkeypatch):
+    root, ckpt = eval_checkpoint
     _run(root, ckpt, tmp_path / "clean", batch_size=2)
     calls = {"n": 0}
-    original = ev.Evaluator.predict
+    original = ev.answer_records
 
-    def dies_on_second_batch(self, batch):
+    def dies_on_second_batch(predictor, features, batch):
         calls["n"] += 1
         if calls["n"] == 2:
             raise KeyboardInterrupt
-        return original(self, batch)
+        return original(predictor, features, batch)
 
-    monkeypatch.setattr(ev.Evaluator, "predict", dies_on_second_batch)
+    monkeypatch.setattr(ev, "answer_records", dies_on_second_batch)
     with pytest.raises(KeyboardInterrupt):
         _run(root, ckpt, tmp_path / "killed", batch_size=2)
-    monkeypatch.setattr(ev.Evaluator, "predict", original)
+    monkeypatch.setattr(ev, "answer_records", original)
     assert len(_predictions(tmp_path / "killed")) == 2
     with open(tmp_path / "killed" / ev.PREDICTIONS, "a") as f:
         f.write('{"id": "img2", "predic')  # a kill in the middle of a write
@@ -123,8 +66,8 @@ def test_resume_after_a_kill_and_a_torn_line(setup, tmp_path, monkeypatch):
     assert _predictions(tmp_path / "killed") == _predictions(tmp_path / "clean")
 
 
-def test_sharded_over_four_devices_matches(setup, tmp_path):
-    root, ckpt = setup
+def test_sharded_over_four_devices_matches(eval_checkpoint, tmp_path):
+    root, ckpt = eval_checkpoint
     _run(root, ckpt, tmp_path / "one", batch_size=4)
     script = (
         "import sys, jax; sys.path.insert(0, sys.argv[4]); assert jax.device_count() == 4\n"
@@ -149,8 +92,8 @@ def test_clip_preprocessing_matches_transformers():
         np.testing.assert_allclose(image.clip_preprocess(picture, 336), expected, atol=1e-5)
 
 
-def test_prompt_tokens_follow_llava(setup):
-    root, _ = setup
+def test_prompt_tokens_follow_llava(eval_checkpoint):
+    root, _ = eval_checkpoint
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(root / "tok")
@@ -173,10 +116,10 @@ def test_bad_records_are_named(tmp_path):
         image.load_image(tmp_path / "broken.png")
 
 
-def test_resume_refuses_other_settings_and_corrupt_lines(setup, tmp_path):
+def test_resume_refuses_other_settings_and_corrupt_lines(eval_checkpoint, tmp_path):
     from emola_jax.generate import GenerationConfig
 
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     metrics = _run(root, ckpt, tmp_path / "a", batch_size=5)
     lines = _predictions(tmp_path / "a")
     assert metrics["answers_cut_at_max_new_tokens"] == sum(not line["stopped_at_eos"] for line in lines)
@@ -190,8 +133,8 @@ def test_resume_refuses_other_settings_and_corrupt_lines(setup, tmp_path):
         _run(root, ckpt, tmp_path / "a", batch_size=5)
 
 
-def test_official_prompt_replaces_the_record_question(setup, tmp_path):
-    root, ckpt = setup
+def test_official_prompt_replaces_the_record_question(eval_checkpoint, tmp_path):
+    root, ckpt = eval_checkpoint
     data = json.loads((root / "data" / "eval_emotion_anno.json").read_text())
     for record in data:
         record["conversations"][0]["value"] = "<image>\nDescribe this face."
@@ -219,26 +162,26 @@ def _two(args: list[str], logs: Path) -> Run:
 
 
 @pytest.fixture(scope="module")
-def one_process(setup, tmp_path_factory):
+def one_process(eval_checkpoint, tmp_path_factory):
     """Predictions of a one-process `run.py evaluate`: the reference of the multi-process runs."""
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     out = tmp_path_factory.mktemp("one_process")
     assert run.main([*_evaluate_args(root, ckpt, out, 2)]) == 0
     return _predictions(out)
 
 
-def test_two_processes_write_the_predictions_of_one(setup, one_process, tmp_path):
-    root, ckpt = setup
+def test_two_processes_write_the_predictions_of_one(eval_checkpoint, one_process, tmp_path):
+    root, ckpt = eval_checkpoint
     two = _two(_evaluate_args(root, ckpt, tmp_path / "two", 2), tmp_path / "logs").check(TIMEOUT)
     assert _predictions(tmp_path / "two") == one_process
     assert [p["id"] for p in one_process] == [f"img{i}" for i in range(5)]
     assert "S_re" in two.output(0) and "S_re" not in two.output(1)  # process 0 reports for both
 
 
-def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
+def test_two_processes_resume_after_a_kill(eval_checkpoint, one_process, tmp_path):
     """kill -9 of process 0 (the writer, and the coordinator) after the first batch: the other
     process ends at once (its runtime loses the coordinator), and a rerun finishes the file."""
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     out, args = tmp_path / "killed", _evaluate_args(root, ckpt, tmp_path / "killed", 2)  # 2 batches of 4
     killed = _two(args, tmp_path / "logs")
     procs = killed.procs
@@ -260,8 +203,8 @@ def test_two_processes_resume_after_a_kill(setup, one_process, tmp_path):
     assert _predictions(out) == one_process
 
 
-def test_generate_on_two_processes_prints_the_answer_of_one(setup, capsys, tmp_path):
-    root, ckpt = setup
+def test_generate_on_two_processes_prints_the_answer_of_one(eval_checkpoint, capsys, tmp_path):
+    root, ckpt = eval_checkpoint
     args = ["generate", str(ckpt), "--image", str(root / "data" / "images" / "0.png"), "--landmarks",
             str(root / "data" / "landmarks" / "0.npy"), "--prompt", "What emotions are conveyed by this face?",
             "--max-new-tokens", "6"]

@@ -14,12 +14,12 @@ from transformers import LlavaForConditionalGeneration
 import emola_jax
 from converters import convert, export, exporter, formats, hf_config
 from converters.readers import TensorStore, weight_files
+from emola_jax.apps.demo_models import logits_with_prior
 from emola_jax.checkpoint import save_pretrained
 from emola_jax.config import LoRAConfig
-from emola_jax.demo_models import logits_with_prior
 from emola_jax.models import EmolaForConditionalGeneration
 from tests import reference as ref
-from tests.test_emola_import import EMOLA_RUN_TOL, emola_run  # noqa: F401  (the official EmoLA run fixture)
+from tests.test_emola_import import EMOLA_RUN_TOL
 from tests.test_parity import CONFIGS
 
 TOL = 1e-4
@@ -169,14 +169,14 @@ def test_merged_hf_and_peft_adapter_match_unmerged_model(tmp_path, use_rslora):
 
 
 @pytest.fixture(scope="module")
-def emola_ckpt(emola_run, tmp_path_factory):  # noqa: F811
+def emola_ckpt(emola_run, tmp_path_factory):
     root = emola_run["root"]
     return convert(emola_run["run"], tmp_path_factory.mktemp("ckpt") / "jax", base=root / "base",
                    clip=root / "clip", progress=False)
 
 
 @pytest.mark.parametrize("adapter_format", ["safetensors", "bin"])
-def test_emola_round_trip_is_bit_identical(emola_run, emola_ckpt, tmp_path, adapter_format):  # noqa: F811
+def test_emola_round_trip_is_bit_identical(emola_run, emola_ckpt, tmp_path, adapter_format):
     run = emola_run["run"]
     out = export(emola_ckpt, tmp_path / "run", fmt="emola", adapter_format=adapter_format, progress=False)
     assert sorted(p.name for p in out.iterdir()) == sorted([
@@ -202,7 +202,7 @@ def test_emola_round_trip_is_bit_identical(emola_run, emola_ckpt, tmp_path, adap
         np.testing.assert_array_equal(np.asarray(s1[path].get_value()), np.asarray(s2[path].get_value()))
 
 
-def test_emola_to_hf_with_prior_token_and_peft_match_the_model(emola_run, emola_ckpt, tmp_path):  # noqa: F811
+def test_emola_to_hf_with_prior_token_and_peft_match_the_model(emola_run, emola_ckpt, tmp_path):
     model, config = emola_jax.load_pretrained(emola_ckpt)
     ids, pixels, mask, landmarks = _emola_inputs(emola_run["config"])
     expected = np.asarray(model(ids, pixels, attention_mask=mask, landmarks=landmarks))

@@ -11,7 +11,6 @@ from transformers import CLIPConfig, CLIPVisionConfig, LlamaConfig, LlavaConfig
 from converters import convert, export, hf_config
 from emola_jax.checkpoint import PAD_TO_SQUARE, SOURCE_FILE
 from emola_jax.config import EmolaConfig, LoRAConfig, RopeScaling, TextConfig, VisionConfig
-from tests.test_emola_import import emola_run  # noqa: F401  (the official EmoLA run fixture)
 
 TEXTS = {
     "vicuna_7b": TextConfig(head_dim=128),
@@ -202,7 +201,7 @@ def test_image_padding_round_trip(pad, field):
 # --- the image padding a checkpoint records, and what its export says --------------------------
 
 
-def test_imported_emola_run_keeps_its_image_padding_through_export(emola_run, tmp_path):  # noqa: F811
+def test_imported_emola_run_keeps_its_image_padding_through_export(emola_run, tmp_path):
     root = emola_run["root"]
     assert json.loads((emola_run["run"] / "config.json").read_text())["image_aspect_ratio"] == "pad"
     ckpt = convert(emola_run["run"], tmp_path / "jax", base=root / "base", clip=root / "clip", progress=False)

@@ -11,7 +11,6 @@ import pytest
 from onnx import TensorProto, helper
 
 from emola_jax.data import landmarks
-from tests.test_evaluate import setup  # noqa: F401  (the tiny checkpoint and data)
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,11 +53,11 @@ def test_official_recipe_by_hand(tmp_path, batch):
         landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), [tmp_path / "none.jpg"])
 
 
-def test_generate_cli(setup, tmp_path):  # noqa: F811
-    from emola_jax.eval.evaluate import Evaluator
+def test_generate_cli(eval_checkpoint, tmp_path):
     from emola_jax.generate import GenerationConfig
+    from emola_jax.predictor import Predictor
 
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     _landmark_graph(tmp_path / "2d106det.onnx")
     image = root / "data" / "images" / "2.png"
     question = "What emotions are conveyed by this face?"
@@ -67,7 +66,7 @@ def test_generate_cli(setup, tmp_path):  # noqa: F811
     with_npy = subprocess.run(run + ["--landmarks", str(root / "data" / "landmarks" / "2.npy")],
                               capture_output=True, text=True)
     assert with_npy.returncode == 0, with_npy.stderr[-2000:]
-    evaluator = Evaluator(ckpt, generation=GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3))
+    evaluator = Predictor(ckpt, generation=GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3))
     expected = evaluator.answer(image, question, np.load(root / "data" / "landmarks" / "2.npy"))
     assert with_npy.stdout.strip() == expected
     with_onnx = subprocess.run(run + ["--onnx", str(tmp_path / "2d106det.onnx")], capture_output=True, text=True)
@@ -78,10 +77,10 @@ def test_generate_cli(setup, tmp_path):  # noqa: F811
     assert missing.returncode == 1 and "--landmarks" in missing.stderr
 
 
-def test_generate_refuses_bad_numbers_and_arrays(setup, tmp_path, capsys):  # noqa: F811
+def test_generate_refuses_bad_numbers_and_arrays(eval_checkpoint, tmp_path, capsys):
     import run
 
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     image = root / "data" / "images" / "2.png"
     nan = np.load(root / "data" / "landmarks" / "2.npy")
     nan[[3, 7]] = np.nan
@@ -103,12 +102,12 @@ def test_generate_refuses_bad_numbers_and_arrays(setup, tmp_path, capsys):  # no
         assert out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (flags, err)
 
 
-def test_generate_onnx_refuses_a_truncated_jpeg(setup, tmp_path, capsys):  # noqa: F811
+def test_generate_onnx_refuses_a_truncated_jpeg(eval_checkpoint, tmp_path, capsys):
     """OpenCV decodes a JPEG cut short without complaint (grey rows); the official recipe must not
     turn it into a prior feature, as `precompute-landmarks` does not."""
     import run
 
-    root, ckpt = setup
+    root, ckpt = eval_checkpoint
     _landmark_graph(tmp_path / "2d106det.onnx")
     pixels = cv2.imread(str(root / "data" / "images" / "2.png"))
     data = cv2.imencode(".jpg", pixels)[1].tobytes()

@@ -6,12 +6,13 @@ import io
 import json
 from pathlib import Path
 
+import jax
 import numpy as np
 import pytest
 from PIL import Image
 from transformers import CLIPImageProcessor
 
-from emola_jax import demo_models
+from emola_jax.apps import demo_models
 from emola_jax.config import EmolaConfig, TextConfig, VisionConfig
 from emola_jax.data import conversation, landmark_store, pipeline
 from emola_jax.data.conversation import SYSTEM
@@ -164,7 +165,7 @@ def fake_records(root: Path, count: int = 10) -> tuple[Path, dict[str, np.ndarra
     return root / "anno.json", features
 
 
-def collect(loader, count: int | None = None) -> list[dict]:
+def collect(loader, count: int | None = None) -> list[pipeline.Batch]:
     batches = []
     for batch in loader:
         batches.append(batch)
@@ -173,13 +174,13 @@ def collect(loader, count: int | None = None) -> list[dict]:
     return batches
 
 
-def rows_by_landmark(batches: list[dict]) -> dict[bytes, dict]:
+def rows_by_landmark(batches: list[pipeline.Batch]) -> dict[bytes, pipeline.Batch]:
     """The real rows of `batches` (padding rows of skipped records left out) by landmark bytes."""
     rows = {}
     for batch in batches:
-        for i in range(len(batch["input_ids"])):
-            if batch["attention_mask"][i].any():
-                rows[batch["landmarks"][i].tobytes()] = {k: v[i] for k, v in batch.items()}
+        for i in range(len(batch.input_ids)):
+            if batch.attention_mask[i].any():
+                rows[batch.landmarks[i].tobytes()] = jax.tree.map(lambda x, i=i: x[i], batch)
     return rows
 
 
@@ -205,16 +206,15 @@ def test_batch_format_and_contents(tmp_path, tokenizers, pad):
     # each process reads its block of 4 rows of every global batch of 8, in record order
     first = collect(pipeline.make_eval_loader(config, tok, MODEL, process_index=0, process_count=2))
     batches = collect(pipeline.make_eval_loader(config, tok, MODEL, process_index=1, process_count=2))
-    assert [b["ids"].tolist() for b in first] == [[r["id"] for r in records[:4]], [r["id"] for r in records[8:]]]
-    assert [b["ids"].tolist() for b in batches] == [[r["id"] for r in records[4:8]]]
+    assert [b.ids.tolist() for b in first] == [[r["id"] for r in records[:4]], [r["id"] for r in records[8:]]]
+    assert [b.ids.tolist() for b in batches] == [[r["id"] for r in records[4:8]]]
     for batch in batches:
-        assert list(batch) == [*pipeline.BATCH_KEYS, "ids"]
-        assert {k: v.dtype for k, v in batch.items() if k != "ids"} == {
+        assert {k: v.dtype for k, v in vars(batch).items() if k != "ids"} == {
             "input_ids": np.int32, "labels": np.int32, "attention_mask": np.int32, "pixel_values": np.float32,
             "landmarks": np.float32}
-        assert batch["pixel_values"].shape[1:] == (56, 56, 3) and batch["landmarks"].shape[1:] == (212,)
-        lengths = batch["attention_mask"].sum(1)
-        assert batch["input_ids"].shape[1] == min(b for b in (64, 96, 128, 256) if b >= lengths.max())
+        assert batch.pixel_values.shape[1:] == (56, 56, 3) and batch.landmarks.shape[1:] == (212,)
+        lengths = batch.attention_mask.sum(1)
+        assert batch.input_ids.shape[1] == min(b for b in (64, 96, 128, 256) if b >= lengths.max())
     rows = rows_by_landmark(batches)
     assert len(rows) == 4
     for record in records:
@@ -224,11 +224,11 @@ def test_batch_format_and_contents(tmp_path, tokenizers, pad):
         ids, labels = llava_preprocess_v1(tok, record["conversations"], MODEL.image_token_id)
         ids, labels = expand(ids, labels, MODEL.image_token_id, MODEL.image_seq_length)
         n = len(ids)
-        np.testing.assert_array_equal(row["input_ids"][:n], ids)
-        np.testing.assert_array_equal(row["labels"][:n], labels)
-        assert (row["attention_mask"][:n] == 1).all() and (row["attention_mask"][n:] == 0).all()
-        assert (row["labels"][n:] == -100).all() and (row["input_ids"][n:] == tok.pad_token_id).all()
-        np.testing.assert_allclose(row["pixel_values"], expected_pixels(tmp_path / record["image"], pad), atol=1e-5)
+        np.testing.assert_array_equal(row.input_ids[:n], ids)
+        np.testing.assert_array_equal(row.labels[:n], labels)
+        assert (row.attention_mask[:n] == 1).all() and (row.attention_mask[n:] == 0).all()
+        assert (row.labels[n:] == -100).all() and (row.input_ids[n:] == tok.pad_token_id).all()
+        np.testing.assert_allclose(row.pixel_values, expected_pixels(tmp_path / record["image"], pad), atol=1e-5)
     # without the ArrayRecord file the official .npy files give the same features
     npy = PipelineConfig(annotations=str(anno), batch_size=10, length_buckets=(128,), max_length=256,
                          pad_to_square=pad, worker_count=0)
@@ -246,17 +246,17 @@ def test_shards_order_and_resume(tmp_path, tokenizers):
     assert not shards[0].keys() & shards[1].keys()
     assert shards[0].keys() | shards[1].keys() == {f.tobytes() for f in features.values()}
     # the global batches, process 0's rows then process 1's, are the one-process run's batches
-    alone = [b["ids"].tolist() for b in collect(pipeline.make_train_loader(config, tok, MODEL))]
-    together = [a["ids"].tolist() + b["ids"].tolist() for a, b in zip(*per_process, strict=True)]
+    alone = [b.ids.tolist() for b in collect(pipeline.make_train_loader(config, tok, MODEL))]
+    together = [a.ids.tolist() + b.ids.tolist() for a, b in zip(*per_process, strict=True)]
     assert together == alone and len(alone) == 3 and sorted(sum(alone, [])) == sorted(features)
 
     endless = PipelineConfig(**{**config.__dict__, "num_epochs": None})
     first = collect(pipeline.make_train_loader(endless, tok, MODEL), 5)
     again = collect(pipeline.make_train_loader(endless, tok, MODEL), 5)
     other_seed = collect(pipeline.make_train_loader(PipelineConfig(**{**endless.__dict__, "seed": 4}), tok, MODEL), 5)
-    order = [b["landmarks"].tobytes() for b in first]
-    assert order == [b["landmarks"].tobytes() for b in again]
-    assert order != [b["landmarks"].tobytes() for b in other_seed]
+    order = [b.landmarks.tobytes() for b in first]
+    assert order == [b.landmarks.tobytes() for b in again]
+    assert order != [b.landmarks.tobytes() for b in other_seed]
     iterator = iter(pipeline.make_train_loader(endless, tok, MODEL))
     for _ in range(2):
         next(iterator)
@@ -264,9 +264,7 @@ def test_shards_order_and_resume(tmp_path, tokenizers):
     resumed = iter(pipeline.make_train_loader(endless, tok, MODEL))
     resumed.set_state(state)
     for expected in first[2:]:
-        got = next(resumed)
-        for key in pipeline.BATCH_KEYS:
-            np.testing.assert_array_equal(got[key], expected[key])
+        jax.tree.map(np.testing.assert_array_equal, next(resumed), expected)
 
 
 def test_worker_processes_resume(tmp_path, tokenizers):
@@ -281,9 +279,7 @@ def test_worker_processes_resume(tmp_path, tokenizers):
     resumed = iter(pipeline.make_train_loader(config, tok, MODEL))
     resumed.set_state(state)
     for expected in later:
-        got = next(resumed)
-        for key in pipeline.BATCH_KEYS:
-            np.testing.assert_array_equal(got[key], expected[key])
+        jax.tree.map(np.testing.assert_array_equal, next(resumed), expected)
     first_epoch = rows_by_landmark(seen[:4])  # 8 records, 2 per batch: the first epoch holds each once
     assert first_epoch.keys() == {f.tobytes() for f in features.values()}
 
@@ -331,20 +327,20 @@ def test_bad_records_error_or_skip(tmp_path, tokenizers):
     features = landmark_store.read_landmarks(landmarks)
     assert rows.keys() == {features[k].tobytes() for k in ("r0", "r6", "r7")}  # r5's image is truncated
     # r5, found bad while reading, keeps its place as a padding row: nothing of it is seen or scored
-    assert [b["ids"].tolist() for b in batches] == [["r0", "r5"], ["r6", "r7"]]
-    assert not batches[0]["attention_mask"][1].any() and (batches[0]["labels"][1] == -100).all()
-    assert not batches[0]["pixel_values"][1].any()
+    assert [b.ids.tolist() for b in batches] == [["r0", "r5"], ["r6", "r7"]]
+    assert not batches[0].attention_mask[1].any() and (batches[0].labels[1] == -100).all()
+    assert not batches[0].pixel_values[1].any()
 
     cut = PipelineConfig(**{**base, "annotations": str(tmp_path / "one.json"), "truncate": True, "max_length": 96,
                             "length_buckets": ()})
     keep = [records[0], records[4]]
     (tmp_path / "one.json").write_text(json.dumps(keep))
     batch = collect(pipeline.make_eval_loader(cut, tok, MODEL))[0]
-    assert batch["input_ids"].shape == (2, 96) and batch["attention_mask"][1].sum() == 96
+    assert batch.input_ids.shape == (2, 96) and batch.attention_mask[1].sum() == 96
     ids, labels = llava_preprocess_v1(tok, records[4]["conversations"], MODEL.image_token_id)
     ids, labels = expand(ids, labels, MODEL.image_token_id, MODEL.image_seq_length)
-    np.testing.assert_array_equal(batch["input_ids"][1], ids[:96])
-    np.testing.assert_array_equal(batch["labels"][1], labels[:96])
+    np.testing.assert_array_equal(batch.input_ids[1], ids[:96])
+    np.testing.assert_array_equal(batch.labels[1], labels[:96])
 
 
 def test_tfds_source_matches_annotation_source(tmp_path, tokenizers):
@@ -365,8 +361,8 @@ def test_tfds_source_matches_annotation_source(tmp_path, tokenizers):
     expected = rows_by_landmark(collect(pipeline.make_eval_loader(from_json, tok, MODEL)))
     assert got.keys() == expected.keys() and len(got) == 4
     for key, row in expected.items():  # the two sources order records differently: compare row by row
-        n = row["attention_mask"].sum()
-        assert got[key]["attention_mask"].sum() == n
-        for name in ("input_ids", "labels"):
-            np.testing.assert_array_equal(got[key][name][:n], row[name][:n])
-        np.testing.assert_array_equal(got[key]["pixel_values"], row["pixel_values"])
+        n = row.attention_mask.sum()
+        assert got[key].attention_mask.sum() == n
+        np.testing.assert_array_equal(got[key].input_ids[:n], row.input_ids[:n])
+        np.testing.assert_array_equal(got[key].labels[:n], row.labels[:n])
+        np.testing.assert_array_equal(got[key].pixel_values, row.pixel_values)

@@ -11,8 +11,8 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from emola_jax.apps.demo_models import toy_landmark_graph
 from emola_jax.data import landmark_store, landmarks, precompute
-from emola_jax.demo_models import toy_landmark_graph
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -5,10 +5,10 @@ import cv2
 import numpy as np
 import pytest
 
+from emola_jax.apps.demo_models import toy_landmark_graph
 from emola_jax.data import landmark_store, landmarks
 from emola_jax.data.conversation import BadRecord
-from emola_jax.data.prior import PriorFeatures, image_feature, read_npy
-from emola_jax.demo_models import toy_landmark_graph
+from emola_jax.data.priors import PriorFeatures, image_feature, read_npy
 
 
 @pytest.fixture

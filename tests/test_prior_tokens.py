@@ -14,11 +14,12 @@ import emola_jax
 from converters import convert, export, exporter
 from converters.readers import TensorStore
 from emola_jax import weights
-from emola_jax.checkpoint import abstract_model, save_pretrained
+from emola_jax.apps.demo_models import logits_with_prior
+from emola_jax.checkpoint import save_pretrained
 from emola_jax.config import EmolaConfig, LoRAConfig, PriorToken, build, differences, override
-from emola_jax.demo_models import logits_with_prior
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.emola import check_inputs
+from emola_jax.models.tree import abstract_model
 from emola_jax.train.config import EMOLA_TRAINABLE, Experiment, FromBase, TrainConfig
 from tests import reference as ref
 

@@ -14,11 +14,11 @@ import numpy as np
 import onnxruntime
 import pytest
 
+from emola_jax.apps.demo_models import toy_landmark_graph
 from emola_jax.config import PriorToken
 from emola_jax.data import dlib_models, landmark_store, landmarks, pipeline, precompute, priors
 from emola_jax.data.pipeline import PipelineConfig
-from emola_jax.data.prior import PriorFeatures, image_feature
-from emola_jax.demo_models import toy_landmark_graph
+from emola_jax.data.priors import PriorFeatures, image_feature
 from tests.test_pipeline import MODEL, bpe_tokenizer, collect, fake_records
 from tests.test_precompute_landmarks import by_hand_insightface, by_hand_official
 
@@ -197,8 +197,8 @@ def test_several_priors_concatenate_in_the_model_order(tmp_path):
                             length_buckets=(), worker_count=0, shuffle=False)
     assert config.landmark_files == files
     batch = collect(pipeline.make_eval_loader(config, bpe_tokenizer(tmp_path / "tok"), model))[0]
-    assert batch["landmarks"].shape == (6, 348) == (6, model.prior_dim)
-    for rid, row in zip(batch["ids"], batch["landmarks"], strict=True):
+    assert batch.landmarks.shape == (6, 348) == (6, model.prior_dim)
+    for rid, row in zip(batch.ids, batch.landmarks, strict=True):
         np.testing.assert_array_equal(row, np.concatenate([features[rid], dlib[rid]]))
 
 

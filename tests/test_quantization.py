@@ -20,9 +20,10 @@ import configs
 import run
 from converters import convert
 from emola_jax import weights
-from emola_jax.checkpoint import abstract_model, load_pretrained
+from emola_jax.checkpoint import check_base, load_pretrained, write_quantization
 from emola_jax.models import EmolaForConditionalGeneration
-from emola_jax.quantization import Quantization, as_array, check_base, is_quantized_path, quantize_model
+from emola_jax.models.tree import abstract_model, is_decoder_kernel, quantize_model
+from emola_jax.quantization import Quantization, as_array
 from emola_jax.train.config import TrainConfig
 from tests import reference as ref
 from tests.processes import ROOT, Run
@@ -104,7 +105,7 @@ def test_the_quantised_forward_pass_is_the_numpy_dequantised_one(method, block):
     quantized = _model(config, params, quantization)
     dequantized = dict(params)
     for path, kernel in weights.flat(quantized).items():
-        if not is_quantized_path(path):
+        if not is_decoder_kernel(path):
             continue
         codes, scale, tie = _numpy_quantize(np.asarray(params[path]), method, block)
         got = np.asarray(kernel.qvalue).astype(np.int64)
@@ -140,7 +141,7 @@ def test_bad_quantisation_settings_are_one_sentence_before_anything_runs(tmp_pat
     with pytest.raises(ValueError, match=r"train.quantization_block_size 48 does not divide the input dimension 256 "
                                          r"of language_model/layers/mlp/down_proj/kernel"):
         quantize_model(abstract_model(config), Quantization("nf4", 48))
-    Quantization("int8", 32).save(tmp_path)
+    write_quantization(tmp_path, Quantization("int8", 32))
     with pytest.raises(ValueError, match=r"quantised as int8 with block size 32; set train.base_quantization=int8"):
         check_base(Quantization("nf4", 32), tmp_path)
 
@@ -233,8 +234,8 @@ def test_convert_quantize_guards_its_source_and_cleans_a_killed_runs_copy(bases,
     # a process that dies the moment the quantisation starts (as under `kill -9`) leaves the whole
     # unquantised copy; the rerun removes it, then writes OUT
     args = ["convert", str(hf), str(tmp_path / "nf4"), "--quantize", "nf4", "--block-size", "16"]
-    dies = ("import os, sys, run; from emola_jax import quantization; "
-            "quantization.quantize_checkpoint = lambda *a, **k: os._exit(9); sys.exit(run.main(sys.argv[1:]))")
+    dies = ("import os, sys, run; from emola_jax.apps import convert; "
+            "convert.quantize_checkpoint = lambda *a, **k: os._exit(9); sys.exit(run.main(sys.argv[1:]))")
     killed = subprocess.run([sys.executable, "-c", dies, *args], cwd=ROOT, capture_output=True, text=True)
     assert killed.returncode == 9
     [left] = tmp_path.glob(".nf4.tmp-unquantized-*")
@@ -244,7 +245,7 @@ def test_convert_quantize_guards_its_source_and_cleans_a_killed_runs_copy(bases,
     assert json.loads((tmp_path / "nf4" / "quantization.json").read_text())["method"] == "nf4"
 
 
-@pytest.mark.slow
+@pytest.mark.slow  # two QLoRA trainings (25 s); the default run trains a stored nf4 base through run.py
 def test_a_stored_nf4_base_and_one_quantised_on_load_train_the_same_run(bases, tmp_path):
     nf4 = ("train.base_quantization=nf4", "train.quantization_block_size=16")
     assert run.main(_train_args(bases, tmp_path / "stored", "nf4", *nf4)) == 0

@@ -24,8 +24,8 @@ def test_the_prior_token_snippet_gives_the_models_logits(demo_run, tmp_path, dty
     import torch
     from transformers import LlavaForConditionalGeneration
 
-    from emola_jax.demo import held_out_inputs
-    from emola_jax.demo_models import logits_with_prior
+    from emola_jax.apps.demo import held_out_inputs
+    from emola_jax.apps.demo_models import logits_with_prior
 
     workdir, demo = demo_run
     assert demo.returncode == 0, demo.stderr[-2000:]
@@ -80,3 +80,28 @@ def test_generate_and_analyze_defaults_fit_the_demo_model(demo_run, tmp_path):
                              capture_output=True, text=True, cwd=ROOT)
     assert refused.returncode == 1
     assert "with --max-new-tokens 512 that exceeds the model's context of 512 positions" in refused.stderr
+
+
+def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
+    """The README's inference-engine snippet, as written (bfloat16), on the demo's model and a held-out
+    face: the answer `run.py generate` gives with the same weights, dtype and prior feature."""
+    import emola_jax
+    from emola_jax.apps.demo import held_out_inputs
+
+    workdir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    model, faces = workdir / "run" / "model", workdir / "faces"
+    face = faces / json.loads((faces / "eval_emotion_anno.json").read_text())[0]["image"]
+    question = "What emotions are conveyed by this face?"
+    _, pixels, features, _ = held_out_inputs(model, faces / "eval_emotion_anno.json", faces / "landmarks.array_record")
+    np.save(tmp_path / "feature.npy", features[0])
+    generated = subprocess.run([sys.executable, "run.py", "generate", str(model), "--image", str(face), "--prompt",
+                                question, "--landmarks", str(tmp_path / "feature.npy"), "--dtype", "bfloat16"],
+                               capture_output=True, text=True, cwd=ROOT)
+    assert generated.returncode == 0, generated.stderr[-2000:]
+    code = readme_block("Answers rather than logits").replace("checkpoints/emola-7b", str(model))
+    scope = {"emola_jax": emola_jax, "feature": features[0], "question": question, "pixels": pixels,
+             "features": features}
+    exec(compile(code.replace('"face.jpg"', repr(str(face))), "README.md", "exec"), scope)  # noqa: S102
+    assert scope["text"] == generated.stdout.strip() != ""
+    assert scope["answers"][0][0] == scope["text"]  # the same face, as a batch of one

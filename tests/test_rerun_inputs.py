@@ -73,10 +73,10 @@ def test_a_whole_model_config_equal_to_its_base_trains(demo_run, tmp_path):
     assert base["text"]["head_dim"] is not None
     config = tmp_path / "whole.py"
     config.write_text(
-        "import dataclasses\nimport configs\nfrom emola_jax import demo\n\n"
+        "import dataclasses\nimport configs\nfrom configs.demo_faces import DemoInputs\n\n"
         "def get_config():\n"
         "    tiny = configs.load('tiny')\n"
-        f"    inputs = demo.DemoInputs.in_folder({str(workdir)!r})\n"
+        f"    inputs = DemoInputs.in_folder({str(workdir)!r})\n"
         "    train = dataclasses.replace(tiny.train, base=str(inputs.base), steps=1)\n"
         "    return dataclasses.replace(tiny, data=inputs.training_data(batch_size=2), train=train)\n")
     result = _run("train", "--config", config, "--workdir", tmp_path / "run")

@@ -20,10 +20,10 @@ from jax.experimental import mesh_utils
 
 import configs
 from emola_jax import plan
-from emola_jax.checkpoint import abstract_model
 from emola_jax.config import EmolaConfig, LoRAConfig
 from emola_jax.models.llama import causal_blockwise_attention
 from emola_jax.models.splash import splash_attention
+from emola_jax.models.tree import abstract_model
 from emola_jax.sharding import MeshConfig, logical_axes_table, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.config import EMOLA_TRAINABLE
@@ -180,9 +180,9 @@ def test_every_trainable_weight_and_moment_is_split_over_fsdp(topology, fsdp):
         seen[weight] += 1
     assert set(seen) == set(SEVEN_B_SPLIT)
     assert set(seen.values()) == {3}  # the master weight and Adam's two moments
-    per_chip = plan.bytes_per_chip(state["params"], shardings["params"]) + \
-        plan.bytes_per_chip(state["opt_state"], shardings["opt_state"])
-    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state["params"], state["opt_state"])))
+    per_chip = plan.bytes_per_chip(state.params, shardings.params) + \
+        plan.bytes_per_chip(state.opt_state, shardings.opt_state)
+    whole = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves((state.params, state.opt_state)))
     assert per_chip * fsdp == pytest.approx(whole, rel=1e-6)  # counters are the only whole leaves
 
 

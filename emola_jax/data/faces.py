@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 
 from emola_jax.data import dlib_models
+from emola_jax.settings import Detector, check_choice, choices
 
-DETECTORS = ("hog", "cnn", "insightface")
+DETECTORS = choices(Detector)
 CHIP_SIZE = 336
 CHIP_PADDING = 0.25
 
@@ -62,8 +63,7 @@ class FaceFinder:
     def __init__(self, detector: str = "hog", *, upsample: int = 1, chip_size: int = CHIP_SIZE,
                  chip_padding: float = CHIP_PADDING, max_faces: int | None = None,
                  insightface_pack: str = "buffalo_l", insightface_root: str | Path = "~/.insightface"):
-        if detector not in DETECTORS:
-            raise ValueError(f"detector must be one of {', '.join(DETECTORS)}, not {detector!r}")
+        check_choice(detector, Detector, "detector")
         if upsample < 0:
             raise ValueError(f"upsample must be 0 or more, not {upsample}")
         if chip_size < 32:
@@ -128,6 +128,7 @@ def insightface_detector(pack: str = "buffalo_l", root: str | Path = "~/.insight
     if not folder.is_dir() or not any(folder.glob("*.onnx")):
         raise FileNotFoundError(f"insightface model pack {pack!r} is not installed at {folder}: unpack {pack}.zip "
                                 "there, or use the dlib detectors (--detector hog or cnn)")
+    # deferred: start-up time (insightface)
     from insightface.app import FaceAnalysis
 
     app = FaceAnalysis(name=pack, root=str(Path(root).expanduser()), allowed_modules=["detection"],

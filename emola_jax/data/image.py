@@ -10,6 +10,7 @@ from __future__ import annotations
 import re
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -105,8 +106,6 @@ def upright(pixels: np.ndarray, orientation: int) -> np.ndarray:
 def too_large(err: Exception) -> str:
     """Pillow's decompression-bomb refusal (raised from the header, before any pixel is decoded) as
     a reason: the picture's pixel count and the limit, which stays Pillow's."""
-    from PIL import Image
-
     found = re.search(r"\((\d+) pixels\)", str(err))
     pixels = f"{int(found[1]):,} pixels" if found else "more pixels than Pillow allows"
     return (f"{pixels}, over Pillow's limit of {2 * Image.MAX_IMAGE_PIXELS:,} (twice PIL.Image.MAX_IMAGE_PIXELS) "
@@ -118,8 +117,6 @@ def decode_rgb(source) -> np.ndarray:
     its EXIF orientation: the picture CLIP sees, and the one `landmarks.read_bgr` gives the
     landmark step. An unreadable, truncated, empty or oversized file (Pillow's decompression-bomb
     limit), or a mode with no agreed 8-bit picture, is a ValueError naming the file."""
-    from PIL import Image, UnidentifiedImageError
-
     try:
         with Image.open(source) as opened:
             problem = mode_problem(opened)
@@ -139,15 +136,11 @@ def decode_rgb(source) -> np.ndarray:
 
 def load_image(path):
     """An RGB PIL image of `decode_rgb(path)` (a path or a file object)."""
-    from PIL import Image
-
     return Image.fromarray(decode_rgb(path), "RGB")
 
 
 def pad_to_square(image, fill: tuple[int, ...] = tuple(int(255 * m) for m in CLIP_MEAN)):
     """LLaVA's `expand2square`: centre the image on a square of the CLIP mean colour."""
-    from PIL import Image
-
     width, height = image.size
     if width == height:
         return image
@@ -163,8 +156,6 @@ def clip_preprocess(image, size: int = 336, *, pad: bool = False) -> np.ndarray:
     Returns `[size, size, 3]` float32. `pad=True` pads to a square first (LLaVA's training
     recipe; the official evaluation does not pad).
     """
-    from PIL import Image
-
     if pad:
         image = pad_to_square(image)
     width, height = image.size

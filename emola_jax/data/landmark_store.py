@@ -23,6 +23,7 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
+from array_record.python.array_record_module import ArrayRecordReader, ArrayRecordWriter
 
 from emola_jax.atomic import atomic_file
 from emola_jax.config import DEFAULT_PRIOR, LANDMARK_DIM
@@ -98,8 +99,6 @@ def write_file(path: str | Path, items: Iterable[tuple[str, np.ndarray]], *, pri
                dim: int = LANDMARK_DIM, recipe: str | None = None) -> int:
     """Writes `items` (features of `dim` values of prior `prior`) to `path` atomically (temporary
     name, fsync, rename); returns the count."""
-    from array_record.python.array_record_module import ArrayRecordWriter
-
     count = 0
     with atomic_file(path) as tmp:
         writer = ArrayRecordWriter(str(tmp), WRITER_OPTIONS)
@@ -122,8 +121,6 @@ def read_info(path: str | Path) -> StoreInfo:
 
 
 def _open(path: Path):
-    from array_record.python.array_record_module import ArrayRecordReader
-
     if path.is_dir():
         raise ValueError(f"{path} is a folder, not a landmark file (FEATURES.array_record)")
     if not path.is_file():

@@ -21,17 +21,21 @@ import io
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, UnidentifiedImageError
 
 from emola_jax.config import LANDMARK_DIM
+from emola_jax.data.image import decode_rgb, exif_orientation, mode_problem, too_large, upright
+from emola_jax.settings import Recipe, choices
 
 INPUT_SIZE = 192
-RECIPES = ("official", "insightface")
+RECIPES = choices(Recipe)
 
 
 def open_session(onnx_path: str | Path, threads: int | None = None, spinning: bool = True):
     """An onnxruntime CPU session, checked for 2d106det's signature (as far as the graph declares
     its output shape; `run_session` checks what it returns). `spinning=False` stops idle
     onnxruntime threads from busy-waiting, which would take cores from image decoding."""
+    # deferred: start-up time (onnxruntime)
     import onnxruntime
 
     options = onnxruntime.SessionOptions()
@@ -100,10 +104,9 @@ def read_bgr(image_path: str | Path) -> np.ndarray:
     (`image.decode_rgb`) refuses (its pixel mode, its size over Pillow's limit) is refused here
     too, and OpenCV's own orientation handling is replaced by Pillow's, so the two models never
     see different pictures of one file."""
+    # deferred: start-up time (cv2)
     import cv2
-    from PIL import Image, UnidentifiedImageError
 
-    from emola_jax.data.image import decode_rgb, exif_orientation, mode_problem, too_large, upright
 
     try:
         data = Path(image_path).read_bytes()
@@ -141,6 +144,7 @@ def official_input(image_path: str | Path) -> np.ndarray:
 
 
 def official_array(bgr: np.ndarray) -> np.ndarray:
+    # deferred: start-up time (cv2)
     import cv2
 
     pixels = cv2.resize(bgr, (INPUT_SIZE, INPUT_SIZE)).astype(np.float32) / 255.0
@@ -156,6 +160,7 @@ def graph_normalisation(onnx_path: str | Path) -> tuple[float, float]:
     """`(mean, std)` as insightface's `Landmark` decides it: a graph whose first nodes subtract and
     multiply (names `Sub*`/`_minus*` and `Mul*`/`_mul*`, or a leading `bn_data`) normalises
     inside and gets 0/1; any other gets 127.5/128."""
+    # deferred: start-up time (onnx)
     import onnx
 
     nodes = onnx.load(str(onnx_path), load_external_data=False).graph.node[:8]
@@ -174,6 +179,7 @@ class InsightfaceInput:
 def insightface_array(bgr: np.ndarray, mean: float, std: float, bbox=None) -> InsightfaceInput:
     """The crop `Landmark.get` feeds the graph, for `bbox = (x1, y1, x2, y2)` (default: the
     whole image)."""
+    # deferred: start-up time (cv2)
     import cv2
 
     height, width = bgr.shape[:2]

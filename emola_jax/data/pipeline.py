@@ -1,20 +1,13 @@
-"""grain input pipeline for training and evaluation.
+"""grain input pipeline for training and evaluation: `Batch`es of this process's rows.
 
-Batches are dicts of numpy arrays (`B = batch_size // process_count` rows per process):
-
-    input_ids       int32   [B, L]  image placeholder expanded to `image_seq_length` image-token ids
-    labels          int32   [B, L]  aligned with input_ids (not shifted); -100 except answers + </s>
-    attention_mask  int32   [B, L]  1 real, 0 padding (right padding)
-    pixel_values    float32 [B, S, S, 3]  CLIP-normalised, channels-last, S = vision.image_size
-    landmarks       float32 [B, P]  P = model prior_dim: the priors' features concatenated in config order
-    ids             str     [B]     the records' ids (kept on the host: which examples made a step)
-
-L is the smallest length bucket that holds the longest row of the batch (`max_length` is always
+A batch's length is the smallest length bucket that holds its longest row (`max_length` is always
 the last bucket). Two sources: an annotation JSON + images + landmark ArrayRecord (tokenised and
 checked up front, so bad records are counted before training starts), or the ArrayRecord shards
 of a built tfds dataset (checked as they are read). The global order follows from the seed alone
 and each process reads its own rows of every global batch (`ProcessRows`), so any process count
 sees the same batches; `iter(loader).get_state()` / `set_state()` resume at the same example.
+Inside grain a batch is a dict of arrays, what its workers pass on; it becomes a `Batch` as it
+leaves the loader.
 """
 
 from __future__ import annotations
@@ -30,15 +23,42 @@ from typing import Any, Literal
 
 import grain
 import numpy as np
+from absl import flags
+from flax import struct
 
 from emola_jax.config import EmolaConfig, check_ranges
 from emola_jax.data import conversation, image
 from emola_jax.data.conversation import IGNORE_INDEX, BadRecord
-from emola_jax.data.prior import PriorFeatures
+from emola_jax.data.priors import PriorFeatures
 from emola_jax.data.records import read_annotation_list
 
 log = logging.getLogger(__name__)
-BATCH_KEYS = ("input_ids", "labels", "attention_mask", "pixel_values", "landmarks")
+
+
+@struct.dataclass
+class Batch:
+    """Right-padded rows of examples: what the loaders give and the train step takes (a pytree).
+
+        input_ids       int32   [B, L]  image placeholder expanded to `image_seq_length` image-token ids
+        labels          int32   [B, L]  aligned with input_ids (not shifted); -100 except answers + </s>
+        attention_mask  int32   [B, L]  1 real, 0 padding (right padding)
+        pixel_values    float32 [B, S, S, 3]  CLIP-normalised, channels-last, S = vision.image_size;
+                                        None: rows without an image (and without placeholders)
+        landmarks       float32 [B, P]  P = model prior_dim: the priors' features concatenated in
+                                        config order; None: a model without prior tokens
+        ids             str     [B]     the records' ids, or None; host-only: which examples made a step
+
+    `B` is the loader's rows (`batch_size // process_count`), `L` the batch's length bucket; a
+    training step takes micro-batches stacked `[accum, B, ...]`. A None field is an empty subtree,
+    so `jax.tree.map` reaches just the arrays.
+    """
+
+    input_ids: np.ndarray
+    labels: np.ndarray
+    attention_mask: np.ndarray
+    pixel_values: np.ndarray | None = None
+    landmarks: np.ndarray | None = None
+    ids: np.ndarray | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -326,7 +346,7 @@ class _GrainMap(grain.transforms.Map):
 
 
 class _Collate:
-    """Right-pads a list of examples to the batch's length bucket.
+    """Right-pads a list of examples to the batch's length bucket: a `Batch`'s fields, as a dict.
 
     A bad record's marker (on_bad_record='skip', found while reading) becomes an all-padding row:
     nothing of it is seen or scored, and every process keeps the same rows of every global batch."""
@@ -363,6 +383,7 @@ def make_source(config: PipelineConfig, tokenizer, model_config: EmolaConfig):
     """The random-access source: an `AnnotationSource`, or the tfds dataset's ArrayRecord shards."""
     if config.annotations:
         return AnnotationSource(config, tokenizer, model_config)
+    # deferred: start-up time (tensorflow_datasets)
     import tensorflow_datasets as tfds
 
     return tfds.builder_from_directory(config.tfds_dir).as_data_source(split=config.split)
@@ -398,7 +419,7 @@ class ProcessRows(grain.MapDataset):
 
 def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,
                 process_count: int = 1, *, training: bool = True, source=None) -> grain.IterDataset:
-    """This process's batches as a grain `IterDataset`; `iter()` of it has `get_state()` /
+    """This process's `Batch`es as a grain `IterDataset`; `iter()` of it has `get_state()` /
     `set_state()` (this process's position: save one per process).
 
     The global stream is the records shuffled per epoch (`seed`, `seed + 1`, ... as grain's
@@ -428,13 +449,11 @@ def make_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, pr
         _GrainMap(make)).batch(rows, drop_remainder=training, batch_fn=collate)
     batches = batches.to_iter_dataset(grain.ReadOptions(num_threads=config.read_threads, prefetch_buffer_size=2))
     if config.worker_count:
-        from absl import flags
-
         if not flags.FLAGS.is_parsed():  # grain's worker processes read absl flags; outside absl.app none are parsed
             flags.FLAGS.mark_as_parsed()
         batches = batches.mp_prefetch(grain.MultiprocessingOptions(
             num_workers=config.worker_count, per_worker_buffer_size=config.worker_buffer_size))
-    return batches
+    return batches.map(lambda columns: Batch(**columns))  # after the workers: grain moves dicts
 
 
 def make_train_loader(config: PipelineConfig, tokenizer, model_config: EmolaConfig, process_index: int = 0,

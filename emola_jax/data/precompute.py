@@ -31,9 +31,11 @@ import numpy as np
 from tqdm import tqdm
 
 from emola_jax.atomic import STAGING_GLOB, make_folder, staging_path
+from emola_jax.config import is_official
 from emola_jax.data import landmark_store, landmarks, priors
-from emola_jax.data.prior import read_npy
+from emola_jax.data.priors import read_npy
 from emola_jax.data.records import read_annotation_list
+from emola_jax.settings import Recipe, check_choice
 
 
 @dataclasses.dataclass(frozen=True)
@@ -212,7 +214,7 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
     todo = [job for job in jobs if job.id not in output.done]
     errors = _ErrorLog(errors_path(out))
     written = 0
-    what = "landmarks" if info.prior == landmark_store.DEFAULT_PRIOR else info.prior
+    what = "landmarks" if is_official(info.prior) else info.prior
     try:
         with tqdm(total=len(todo), unit="img", desc=what, disable=not progress) as bar:
             for job, result in compute(todo):
@@ -235,6 +237,7 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
 
 def _prepare(extractor: priors.Extractor, job: Job):
     """What the extractor's `finish` needs of one image, or the reason it has none (a string)."""
+    # deferred: start-up time (cv2)
     import cv2
 
     try:
@@ -294,8 +297,7 @@ def precompute_landmarks(
     progress: bool = True,
 ) -> Summary:
     """The 2d106det case of `precompute_priors`: landmark features from the graph `onnx`."""
-    if recipe not in landmarks.RECIPES:
-        raise ValueError(f"recipe must be one of {', '.join(landmarks.RECIPES)}, not {recipe!r}")
+    check_choice(recipe, Recipe, "recipe")
     return precompute_priors(annotations, images_root, out, prior="2d106det", onnx=onnx, recipe=recipe,
                              batch_size=batch_size, threads=threads, part_size=part_size, progress=progress)
 

@@ -1,4 +1,4 @@
-"""Batches made from a seed, in the training batch format: for tests, benchmarks and memory plans.
+"""`Batch`es made from a seed, as the pipeline makes them: for tests, benchmarks and memory plans.
 
 Each batch is a pure function of `(seed, index)`, so any process can make its own rows of any
 batch, and the iterator's whole state is the next index.
@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import numpy as np
 
 from emola_jax.config import EmolaConfig, check_ranges
 from emola_jax.data.conversation import IGNORE_INDEX
+from emola_jax.data.pipeline import Batch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -26,7 +28,7 @@ class SyntheticData:
                      at_least_zero=("seed",))
 
 
-def make_batch(config: SyntheticData, model: EmolaConfig, index: int) -> dict[str, np.ndarray]:
+def make_batch(config: SyntheticData, model: EmolaConfig, index: int) -> Batch:
     """One global batch: an image's placeholders after a BOS, random text, the last part scored."""
     rng = np.random.default_rng([config.seed, index])
     batch, seq = config.batch_size, config.seq_length
@@ -44,13 +46,13 @@ def make_batch(config: SyntheticData, model: EmolaConfig, index: int) -> dict[st
     answer_start = (lengths * (1 - config.answer_fraction)).astype(int)
     labels[np.arange(seq)[None, :] < answer_start[:, None]] = IGNORE_INDEX
     size = model.vision.image_size
-    return {
-        "input_ids": np.where(mask.astype(bool), ids, 0).astype(np.int32),
-        "labels": labels,
-        "attention_mask": mask,
-        "pixel_values": rng.standard_normal((batch, size, size, 3), dtype=np.float32),
-        "landmarks": rng.random((batch, model.prior_dim), dtype=np.float32),
-    }
+    return Batch(
+        input_ids=np.where(mask.astype(bool), ids, 0).astype(np.int32),
+        labels=labels,
+        attention_mask=mask,
+        pixel_values=rng.standard_normal((batch, size, size, 3), dtype=np.float32),
+        landmarks=rng.random((batch, model.prior_dim), dtype=np.float32),
+    )
 
 
 class SyntheticLoader:
@@ -67,10 +69,10 @@ class SyntheticLoader:
     def __iter__(self):
         return self
 
-    def __next__(self) -> dict[str, np.ndarray]:
+    def __next__(self) -> Batch:
         batch = make_batch(self.config, self.model, self.index)
         self.index += 1
-        return {name: value[self.rows] for name, value in batch.items()}
+        return jax.tree.map(lambda x: x[self.rows], batch)
 
     def get_state(self) -> dict:
         return {"index": self.index}

@@ -32,7 +32,7 @@ from emola_jax.config import LANDMARK_DIM
 from emola_jax.data import instructions
 from emola_jax.data.conversation import BadRecord, conversation_turns
 from emola_jax.data.landmarks import check_complete
-from emola_jax.data.prior import PriorFeatures
+from emola_jax.data.priors import PriorFeatures
 from emola_jax.data.records import read_annotation_list
 
 log = logging.getLogger(__name__)

@@ -8,10 +8,11 @@ from pathlib import Path
 from emola_jax import atomic
 from emola_jax.data.labels import AU_SETS
 from emola_jax.eval import scoring
+from emola_jax.settings import AuTask, EmotionTask, Protocol, Task, check_choice, choices
 
-EMOTION_TASKS = ("emotion", "rafdb")
-AU_TASKS = ("au", "bp4d", "disfa", "gft")
-TASKS = EMOTION_TASKS + AU_TASKS
+EMOTION_TASKS = choices(EmotionTask)
+AU_TASKS = choices(AuTask)
+TASKS = choices(Task)
 
 # Paper (Tab. 7 and the traditional-dataset tables) and the official repository's own outputs.
 PAPER = {
@@ -77,8 +78,7 @@ def read_predictions(path: str | Path, task: str | None = None) -> list[scoring.
 
 
 def score(samples: list[scoring.Sample], task: str, protocol: str = "official") -> dict:
-    if protocol not in scoring.PROTOCOLS:
-        raise ValueError(f"protocol must be one of {', '.join(scoring.PROTOCOLS)}, not {protocol!r}")
+    check_choice(protocol, Protocol, "protocol")
     if task in EMOTION_TASKS:
         metrics = scoring.score_emotion(samples, protocol)
         metrics["task"] = task
@@ -129,9 +129,11 @@ def write_report(out: str | Path, metrics: dict) -> Path:
 
 
 def _pyplot():
+    # deferred: start-up time (matplotlib)
     import matplotlib
 
     matplotlib.use("Agg")
+    # deferred: start-up time (matplotlib)
     import matplotlib.pyplot as plt
 
     return plt

@@ -22,6 +22,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emola_jax.data.labels import EMOTIONS, FABA_AUS
+from emola_jax.settings import Protocol, choices
 
 SYNONYMS = {
     "happiness": ("happiness", "happy", "smiling", "smile", "pleasant", "content", "contentment", "relaxed",
@@ -45,7 +46,7 @@ FIRST_SENTENCE = re.compile(r"^(.*?)[.!?]")
 WORD = re.compile(r"\b\w+\b")
 
 RECOGNISED_AUS = frozenset(str(a) for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27, 43))
-PROTOCOLS = ("official", "rouge-score")
+PROTOCOLS = choices(Protocol)
 
 
 def _is_negative(sentence: str, protocol: str) -> bool:
@@ -130,12 +131,14 @@ def au_f1(targets: Sequence[set[str]], predictions: Sequence[set[str]], aus: Seq
 def rouge_l(prediction: str, reference: str, protocol: str = "official") -> float | None:
     """ROUGE-L F1 in [0, 1]; None where the official code's `rouge` raises (an empty prediction)."""
     if protocol == "official":
+        # deferred: start-up time (rouge)
         from rouge import Rouge
 
         try:
             return Rouge().get_scores(prediction, reference, avg=True)["rouge-l"]["f"]
         except (ValueError, RecursionError, ZeroDivisionError):
             return None
+    # deferred: start-up time (rouge_score)
     from rouge_score import rouge_scorer
 
     return rouge_scorer.RougeScorer(["rougeL"]).score(reference, prediction)["rougeL"].fmeasure

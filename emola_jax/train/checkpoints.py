@@ -1,11 +1,13 @@
 """Training checkpoints: the small trainable state, written by orbax asynchronously and atomically.
 
-Only what changes during training is saved (trainable weights, optimiser state, step, RNG,
-skipped-update count), each process's data-iterator state in a file of its own
-(`data/process_{i}-of-{n}.json`, grain's naming), and, in the step's metadata, the base
-checkpoint's path and fingerprint. The frozen base is referenced, never copied; restoring
-against a different base is an error. Orbax writes each step into a temporary folder and renames
-it when every process has finished, so a run killed mid-save resumes from the previous checkpoint.
+Only what changes during training is saved: the `TrainState` (trainable weights, optimiser state,
+step, RNG, skipped-update count), which orbax writes as the dict of its fields (the tree these
+checkpoints held before the state was typed, so those resume); each process's data-iterator
+state in a file of its own (`data/process_{i}-of-{n}.json`, grain's naming); and, in the step's
+metadata, the base checkpoint's path and fingerprint. The frozen base is referenced, never
+copied; restoring against a different base is an error. Orbax writes each step into a temporary
+folder and renames it when every process has finished, so a run killed mid-save resumes from the
+previous checkpoint.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import jax
 from orbax.checkpoint import v1 as ocp
 
 from emola_jax.checkpoint import storage_error
+from emola_jax.train.step import TrainState
 from emola_jax.weights import path_name
 
 STATE, DATA = "state", "data"
@@ -83,7 +86,7 @@ class TrainCheckpoints:
         latest = self._checkpointer.latest
         return None if latest is None else int(latest.step)
 
-    def save(self, step: int, state: dict, data_state: Any) -> None:
+    def save(self, step: int, state: TrainState, data_state: Any) -> None:
         """Starts an asynchronous save (every process calls it); the device arrays are copied and
         `data_state` (this process's iterator state, JSON-able) is fixed before this returns."""
         metadata = {"base": self.base, "base_fingerprint": self.fingerprint, "experiment": self.settings}
@@ -98,9 +101,9 @@ class TrainCheckpoints:
             return None
         return (self._checkpointer.metadata(step).custom_metadata or {}).get("experiment")
 
-    def restore(self, abstract_state: dict) -> tuple[dict, Any]:
-        """The latest state, laid out as `abstract_state` (shapes, dtypes, shardings), and this
-        process's data-iterator state."""
+    def restore(self, abstract_state: TrainState) -> tuple[TrainState, Any]:
+        """The latest state, laid out as `abstract_state` (shapes, dtypes, shardings; its tree
+        type too), and this process's data-iterator state."""
         step = self.latest_step()
         metadata = self._checkpointer.metadata(step).custom_metadata or {}
         if self.fingerprint is not None and metadata.get("base_fingerprint") != self.fingerprint:
@@ -131,15 +134,16 @@ class TrainCheckpoints:
         self.close()
 
 
-def _check_same_weights(where: Path, saved: Any, abstract_state: dict) -> None:
+def _check_same_weights(where: Path, saved: Any, abstract_state: TrainState) -> None:
     """The checkpoint's trainable weights must be this run's, name for name and shape for shape
     (else the run changed its model or what trains): one line naming the first differences,
     before orbax would answer with pages of tree dumps."""
-    def shapes(tree) -> dict[str, tuple]:
+    def weights(tree) -> dict[str, tuple]:
+        """`{name: (shape, dtype)}` of the leaves under `params` (a field of the state, a key on disk)."""
         leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-        return {path_name(p): (tuple(x.shape), str(x.dtype)) for p, x in leaves}
+        return {path_name(p[1:]): (tuple(x.shape), str(x.dtype)) for p, x in leaves if path_name(p[:1]) == "params"}
 
-    ours, theirs = shapes(abstract_state["params"]), shapes((saved or {}).get("params", {}))
+    ours, theirs = weights(abstract_state), weights(saved or {})
     diffs = [f"{name}: {theirs.get(name, 'absent')} there, {ours.get(name, 'absent')} here"
              for name in sorted(ours.keys() | theirs.keys()) if ours.get(name) != theirs.get(name)]
     if diffs:

@@ -3,28 +3,30 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Literal
+from typing import Any
 
-from emola_jax.config import (
-    DTYPES,
-    EmolaConfig,
-    LoRAConfig,
+from emola_jax.config import EmolaConfig, LoRAConfig, PriorToken, check_priors, prior_width, upgrade_prior_dim
+from emola_jax.models.tree import LORA_PATTERN, PRIOR_PROJECTOR_PATTERN, PROJECTOR_PATTERN
+from emola_jax.settings import (
+    Attention,
+    Dtype,
+    OnNonfinite,
     PriorPosition,
-    PriorToken,
-    check_priors,
+    Quantize,
+    Remat,
+    Schedule,
+    check_choice,
     check_ranges,
-    prior_width,
-    upgrade_prior_dim,
+    choices,
 )
-from emola_jax.quantization import QUANTIZATIONS
 from emola_jax.sharding import MeshConfig
 
 # (path regex, learning rate): the first pattern a weight's '/'-joined path matches decides;
 # `None` freezes it; weights no pattern matches are frozen.
 EMOLA_TRAINABLE: tuple[tuple[str, float | None], ...] = (
-    (r"language_model/.*/lora_[ab]", 1e-4),
-    (r"prior_projector(_[^/]+)?/.*", 1e-4),  # every prior's projector (`PriorToken.projector_name`)
-    (r"multi_modal_projector/.*", 2e-5),
+    (LORA_PATTERN, 1e-4),
+    (PRIOR_PROJECTOR_PATTERN, 1e-4),
+    (PROJECTOR_PATTERN, 2e-5),
 )
 
 
@@ -36,33 +38,33 @@ class TrainConfig:
     steps: int = 1000  # optimiser updates
     grad_accum_steps: int = 1  # micro-batches per update (the data config's batch is per micro-batch)
     trainable: tuple[tuple[str, float | None], ...] = EMOLA_TRAINABLE
-    schedule: Literal["cosine", "constant"] = "cosine"
+    schedule: Schedule = "cosine"
     warmup_ratio: float = 0.03
     weight_decay: float = 0.0
     adam_b1: float = 0.9
     adam_b2: float = 0.999
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0
-    remat: Literal["none", "full", "dots", "offload"] = "full"
-    attention: Literal["auto", "xla", "cudnn", "blockwise", "splash"] = "auto"
+    remat: Remat = "full"
+    attention: Attention = "auto"
     # QLoRA: the frozen decoder kernels stored quantised on device (emola_jax/quantization.py)
-    base_quantization: Literal["none", "int8", "nf4"] = "none"
+    base_quantization: Quantize = "none"
     quantization_block_size: int = 64  # inputs per scale (0: one scale per output channel)
     mesh: MeshConfig = MeshConfig()
-    on_nonfinite: Literal["skip", "stop"] = "skip"
+    on_nonfinite: OnNonfinite = "skip"
     checkpoint_every: int = 500
     keep_checkpoints: int = 3
     log_every: int = 1
     seed: int = 0
 
     def __post_init__(self):
-        if self.on_nonfinite not in ("skip", "stop"):
-            raise ValueError(f"train.on_nonfinite must be skip or stop, not {self.on_nonfinite!r}")
-        if self.schedule not in ("cosine", "constant"):
-            raise ValueError(f"train.schedule must be cosine or constant, not {self.schedule!r}")
-        if self.base_quantization not in QUANTIZATIONS:
+        check_choice(self.on_nonfinite, OnNonfinite, "train.on_nonfinite")
+        check_choice(self.schedule, Schedule, "train.schedule")
+        check_choice(self.remat, Remat, "train.remat")
+        check_choice(self.attention, Attention, "train.attention")
+        if self.base_quantization not in choices(Quantize):
             raise ValueError(f"train.base_quantization {self.base_quantization!r} is unknown; choose one of "
-                             f"{', '.join(QUANTIZATIONS)}")
+                             f"{', '.join(choices(Quantize))}")
         if not isinstance(self.quantization_block_size, int) or self.quantization_block_size < 0:
             raise ValueError(f"train.quantization_block_size must be a whole number at least 0 (0: one scale per "
                              f"output channel), not {self.quantization_block_size!r}")
@@ -90,13 +92,12 @@ class FromBase:
     prior_position: PriorPosition = "after"
     priors: tuple[PriorToken, ...] = (PriorToken(),)
     visual_tokens: bool = True
-    dtype: str = "float32"
+    dtype: Dtype = "float32"
 
     UPGRADE = staticmethod(upgrade_prior_dim)  # `"prior_dim": N` of older files
 
     def __post_init__(self):
-        if self.dtype not in DTYPES:
-            raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, not {self.dtype!r}")
+        check_choice(self.dtype, Dtype, "dtype")
         check_priors(self)
 
     @property

@@ -18,19 +18,18 @@ from flax import nnx
 from jax.sharding import Mesh
 
 from emola_jax import weights
-from emola_jax.checkpoint import (
-    abstract_model,
-    is_stacked,
-    layer_path,
-    load_config,
-    param_shapes,
-    read_params,
-    read_quantized,
-    stored_params,
-)
+from emola_jax.checkpoint import check_base, load_config, read_params, read_quantized, stored_params
 from emola_jax.config import EmolaConfig, differences
 from emola_jax.models import EmolaForConditionalGeneration
-from emola_jax.quantization import Quantization, check_base, is_quantized_path
+from emola_jax.models.tree import (
+    abstract_model,
+    decoder_kernels,
+    is_decoder_kernel,
+    is_stacked,
+    layer_path,
+    param_shapes,
+)
+from emola_jax.quantization import Quantization
 from emola_jax.sharding import logical_axes_table, param_sharding
 from emola_jax.train.config import Experiment, FromBase
 from emola_jax.weights import path_name
@@ -66,7 +65,7 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
     shapes = param_shapes(config)
     quantization = Quantization.of(experiment.train.base_quantization, experiment.train.quantization_block_size)
     if quantization is not None:
-        quantization.check(shapes)
+        quantization.check(decoder_kernels(shapes))
     stored_as = check_base(quantization, experiment.train.base) if base_config is not None else None
     in_base: set = set()
     if base_config is not None:
@@ -82,7 +81,7 @@ def build_model(experiment: Experiment, mesh: Mesh) -> tuple[EmolaForConditional
     values.update(_init_fresh(config, fresh, experiment.train.seed, mesh, axes))
     if quantization is not None:  # kernels not read from the base (a run from random weights)
         for path in fresh:
-            if is_quantized_path(path):
+            if is_decoder_kernel(path):
                 values[path] = _placed(quantization.quantize(values[path]), path, mesh, axes)
 
     return weights.from_flat(abstract_model(config), values), [path_name(p) for p in fresh]
@@ -92,7 +91,7 @@ def _read_base(base: str, path, spec: jax.ShapeDtypeStruct, mesh: Mesh, axes: di
                quantization: Quantization | None = None, stored_as: Quantization | None = None):
     """One weight (all its layers), cast to the run's dtype and placed in its sharding; a decoder
     kernel of a QLoRA run is a `QArray`, read as stored or quantised on its devices as it arrives."""
-    if quantization is not None and is_quantized_path(path):
+    if quantization is not None and is_decoder_kernel(path):
         keys = [layer_path(path, i) for i in range(spec.shape[0])]
         if stored_as is not None:
             q = jax.tree.map(lambda *x: np.stack(x), *read_quantized(base, keys, stored_as).values())

@@ -27,6 +27,7 @@ from emola_jax.checkpoint import PAD_TO_SQUARE, PRIOR_RECIPES, TOKENIZER_DIR, lo
 from emola_jax.config import EmolaConfig
 from emola_jax.data.conversation import IGNORE_INDEX
 from emola_jax.data.landmark_store import read_info
+from emola_jax.data.pipeline import Batch, make_train_loader
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.emola import check_inputs
@@ -40,8 +41,6 @@ from emola_jax.train.rerun import check_rerun, recorded, to_json
 
 FINAL_MODEL = "model"
 EXAMPLES_DIR = "examples"  # per process: the record ids of each step's rows
-PAD_VALUES = {"labels": IGNORE_INDEX}  # others pad with 0
-HOST_KEYS = ("ids",)  # batch entries that stay on the host
 
 
 def make_loader(experiment: Experiment, config: EmolaConfig):
@@ -52,12 +51,10 @@ def make_loader(experiment: Experiment, config: EmolaConfig):
         return SyntheticLoader(data, config, index, count)
     if data is None:
         raise ValueError("the config has no data section (experiment.data)")
-    from emola_jax.data import pipeline
-
     if experiment.train.base is None:
         raise ValueError("training on records needs train.base: its tokenizer turns the conversations into ids")
     tokenizer = load_tokenizer(experiment.train.base)
-    return iter(pipeline.make_train_loader(data, tokenizer, config, index, count))
+    return iter(make_train_loader(data, tokenizer, config, index, count))
 
 
 def _preprocessing(data) -> dict[str, Any]:
@@ -77,38 +74,35 @@ def _preprocessing(data) -> dict[str, Any]:
     return out
 
 
-def _pad_to(batch: dict[str, np.ndarray], length: int) -> dict[str, np.ndarray]:
-    out = {}
-    for name, value in batch.items():
-        if value.ndim >= 2 and name in ("input_ids", "labels", "attention_mask") and value.shape[1] < length:
-            width = [(0, 0), (0, length - value.shape[1])] + [(0, 0)] * (value.ndim - 2)
-            value = np.pad(value, width, constant_values=PAD_VALUES.get(name, 0))
-        out[name] = value
-    return out
+def _pad_to(batch: Batch, length: int) -> Batch:
+    """The token arrays right-padded from `[rows, L]` to `[rows, length]` (labels with IGNORE_INDEX)."""
+    pad = lambda x, value=0: np.pad(x, [(0, 0), (0, length - x.shape[1])], constant_values=value)  # noqa: E731
+    return batch.replace(input_ids=pad(batch.input_ids), labels=pad(batch.labels, IGNORE_INDEX),
+                         attention_mask=pad(batch.attention_mask))
 
 
-def next_batch(loader, accum: int) -> dict[str, np.ndarray]:
+def next_batch(loader, accum: int) -> Batch:
     """`accum` micro-batches stacked `[accum, rows, ...]`, padded to one length that every
     process agrees on (length buckets may differ between micro-batches and hosts). Record ids,
     when the loader gives them, stay a host array `ids [accum, rows]`."""
     micro = [next(loader) for _ in range(accum)]
-    length = max(m["input_ids"].shape[1] for m in micro)
+    length = max(m.input_ids.shape[1] for m in micro)
     if jax.process_count() > 1:
         length = int(np.max(multihost_utils.process_allgather(np.int32(length))))
-    micro = [_pad_to(m, length) for m in micro]
-    return {name: np.stack([m[name] for m in micro]) for name in micro[0]}
+    return jax.tree.map(lambda *xs: np.stack(xs), *(_pad_to(m, length) for m in micro))
 
 
-def _stacked_global(local: dict[str, np.ndarray], mesh) -> dict[str, jax.Array]:
+def _stacked_global(local: Batch, mesh) -> Batch:
     """Like `global_batch`, for `[accum, rows, ...]` arrays (rows are the sharded axis)."""
-    moved = {name: np.moveaxis(value, 0, 1) for name, value in local.items()}  # rows first
-    return {name: jnp.moveaxis(value, 0, 1) for name, value in global_batch(moved, mesh).items()}
+    rows_first = jax.tree.map(lambda x: np.moveaxis(x, 0, 1), local)
+    return jax.tree.map(lambda x: jnp.moveaxis(x, 0, 1), global_batch(rows_first, mesh))
 
 
 class Trainer:
     """The sharded model, optimiser and jitted step of a run, without files: `step(local_batch)`.
 
-    `local_batch` holds this process's rows as `[accum, rows, ...]` numpy arrays (`next_batch`).
+    `local_batch` holds this process's rows as `[accum, rows, ...]` numpy arrays (`next_batch`);
+    `state` is the `TrainState`, sharded.
     """
 
     def __init__(self, experiment: Experiment, mesh: Mesh | None = None):
@@ -129,19 +123,19 @@ class Trainer:
             out_shardings=(shardings, NamedSharding(self.mesh, PartitionSpec())),
         )
 
-    def step(self, local_batch: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    def step(self, local_batch: Batch) -> dict[str, jax.Array]:
         """One update; returns the step's metrics as device arrays (fetching them waits for the step)."""
-        arrays = {name: value for name, value in local_batch.items() if name not in HOST_KEYS}
-        rows = {name: value.reshape(-1, *value.shape[2:]) for name, value in arrays.items()}  # [accum * rows, ...]
-        check_inputs(self.config, rows["input_ids"], rows.get("pixel_values"), rows["attention_mask"],
-                     rows.get("landmarks"), padding="right")  # on the host: the jitted step cannot see values
+        arrays = local_batch.replace(ids=None)  # the record ids stay on the host
+        rows = jax.tree.map(lambda x: x.reshape(-1, *x.shape[2:]), arrays)  # [accum * rows, ...]
+        check_inputs(self.config, rows.input_ids, rows.pixel_values, rows.attention_mask, rows.landmarks,
+                     padding="right")  # on the host: the jitted step cannot see values
         with jax.set_mesh(self.mesh):  # kernels under shard_map (splash attention) read the mesh here
             self.state, metrics = self._step(self.state, self.frozen, _stacked_global(arrays, self.mesh))
         return metrics
 
     def model(self) -> EmolaForConditionalGeneration:
         """The trained model (trainable weights cast to their storage dtype, LoRA kept apart)."""
-        return nnx.merge(self.graphdef, train_step.as_model_state(self.template, self.state["params"]), self.frozen)
+        return nnx.merge(self.graphdef, train_step.as_model_state(self.template, self.state.params), self.frozen)
 
 
 class Progress:
@@ -168,10 +162,10 @@ class Progress:
         self.metrics.close()
         self.examples.close()
 
-    def started(self, step: int, local: dict[str, np.ndarray], metrics: dict) -> None:
+    def started(self, step: int, local: Batch, metrics: dict) -> None:
         """Step `step` was dispatched: its record ids are logged, the previous step reported."""
-        if "ids" in local:
-            self.examples.write({"step": step, "ids": local["ids"].reshape(-1).tolist()})
+        if local.ids is not None:
+            self.examples.write({"step": step, "ids": local.ids.reshape(-1).tolist()})
         self._report_pending()
         self._pending = (step, metrics)
 

@@ -43,6 +43,7 @@ class MetricsWriter:
         self.enabled = enabled
         if not enabled:
             return
+        # deferred: start-up time (tensorboardX)
         from tensorboardX import SummaryWriter
 
         self._log = StepLog(Path(workdir) / "metrics.jsonl", resume_step=resume_step)

@@ -2,10 +2,7 @@
 
 Gradients and optimiser state exist only for the trainable tree (LoRA factors, the prior
 projector, optionally the multi-modal projector), which is float32; the base keeps its storage
-dtype and is never donated. The state that moves from step to step is a plain dict:
-
-    {"step": int32, "params": trainable weights (pure dict), "opt_state": optax state,
-     "rng": uint32[2], "skipped": int32 (updates dropped for a non-finite loss or gradient)}
+dtype and is never donated. What moves from step to step is a `TrainState`.
 """
 
 from __future__ import annotations
@@ -14,19 +11,37 @@ import functools
 import math
 import re
 from collections.abc import Callable
-from typing import Any
 
 import jax
 import jax.numpy as jnp
 import optax
-from flax import nnx
+from flax import nnx, struct
 
 from emola_jax.data.conversation import IGNORE_INDEX
+from emola_jax.data.pipeline import Batch
 from emola_jax.train.config import TrainConfig
 from emola_jax.weights import path_name
 
 LOSS_CHUNK_BYTES = 512 << 20  # float32 logits that may exist at once in the loss
 LOSS_CHUNK_POSITIONS = 256  # the granularity at which unscored positions are skipped
+
+
+@struct.dataclass
+class TrainState:
+    """Everything a step updates, and all a training checkpoint holds (the frozen base is apart).
+
+        step       int32 []    updates made, skipped ones included
+        params     the trainable weights, a float32 pure dict: the master copy the optimiser updates
+        opt_state  optax state over `params` (Adam's moments shaped like them)
+        rng        uint32 [2]  key data; each step folds its number in
+        skipped    int32 []    updates dropped for a non-finite loss or gradient
+    """
+
+    step: jax.Array
+    params: dict
+    opt_state: optax.OptState
+    rng: jax.Array
+    skipped: jax.Array
 
 
 def learning_rate_for(path: str, trainable: tuple[tuple[str, float | None], ...]) -> float | None:
@@ -192,13 +207,13 @@ def make_loss_fn(graphdef: nnx.GraphDef, template: nnx.State, config: TrainConfi
     of right-padded rows; `dropout_key=None` turns LoRA dropout off. The attention kernel is the
     one the model held when split (`LlamaModel.set_attention`)."""
 
-    def loss_fn(params, frozen, batch, dropout_key):
+    def loss_fn(params, frozen, batch: Batch, dropout_key):
         model = nnx.merge(graphdef, as_model_state(template, params), frozen)
         hidden = model.hidden_states(
-            batch["input_ids"], batch.get("pixel_values"), batch["attention_mask"], batch.get("landmarks"),
+            batch.input_ids, batch.pixel_values, batch.attention_mask, batch.landmarks,
             right_padded=True, remat=config.remat, dropout_key=dropout_key,
         )
-        return token_cross_entropy(model.logits, hidden, batch["labels"])
+        return token_cross_entropy(model.logits, hidden, batch.labels)
 
     return loss_fn
 
@@ -208,20 +223,20 @@ def make_train_step(
     trainable_template: nnx.State,
     optimizer: optax.GradientTransformation,
     config: TrainConfig,
-) -> Callable[[dict, nnx.State, dict], tuple[dict, dict]]:
+) -> Callable[[TrainState, nnx.State, Batch], tuple[TrainState, dict]]:
     """`step(state, frozen, batch) -> (state, metrics)`, to be jitted by the caller.
 
-    `batch` holds `[accum, batch, ...]` arrays (input_ids, labels, attention_mask, pixel_values,
-    landmarks); the gradient is that of the mean loss over every scored token of all micro-batches,
-    exactly as if they were one batch.
+    `batch` holds `[accum, rows, ...]` arrays (its `ids` None: they stay on the host); the gradient
+    is that of the mean loss over every scored token of all micro-batches, exactly as if they were
+    one batch.
     """
 
     grad_fn = jax.value_and_grad(make_loss_fn(graphdef, trainable_template, config), has_aux=True)
 
-    def step(state: dict, frozen: nnx.State, batch: dict) -> tuple[dict, dict]:
-        params = state["params"]
-        key = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-        accum = batch["input_ids"].shape[0]
+    def step(state: TrainState, frozen: nnx.State, batch: Batch) -> tuple[TrainState, dict]:
+        params = state.params
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        accum = batch.input_ids.shape[0]
 
         def micro_step(carry, xs):
             grads, loss, count = carry
@@ -239,28 +254,27 @@ def make_train_step(
         grads = jax.tree.map(lambda g: g / denominator, grads)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
-        updates, opt_state = optimizer.update(grads, state["opt_state"], params)
+        updates, opt_state = optimizer.update(grads, state.opt_state, params)
         new_params = optax.apply_updates(params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)  # noqa: E731
-        new_state = {
-            "step": state["step"] + 1,
-            "params": keep(new_params, params),
-            "opt_state": keep(opt_state, state["opt_state"]),
-            "rng": state["rng"],
-            "skipped": state["skipped"] + (~finite).astype(jnp.int32),
-        }
+        new_state = state.replace(
+            step=state.step + 1,
+            params=keep(new_params, params),
+            opt_state=keep(opt_state, state.opt_state),
+            skipped=state.skipped + (~finite).astype(jnp.int32),
+        )
         metrics = {"loss": loss, "grad_norm": grad_norm, "tokens": count, "finite": finite,
-                   "input_tokens": jnp.sum(batch["attention_mask"]), "skipped": new_state["skipped"]}
+                   "input_tokens": jnp.sum(batch.attention_mask), "skipped": new_state.skipped}
         return new_state, metrics
 
     return step
 
 
-def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> dict[str, Any]:
-    return {
-        "step": jnp.int32(0),
-        "params": params,
-        "opt_state": optimizer.init(params),
-        "rng": jax.random.key_data(jax.random.key(seed)),
-        "skipped": jnp.int32(0),
-    }
+def init_state(params: dict, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.int32(0),
+        params=params,
+        opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)),
+        skipped=jnp.int32(0),
+    )

@@ -36,10 +36,17 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+from tqdm import tqdm
 
+from emola_jax.atomic import atomic_file, check_apart, write_text
+from emola_jax.checkpoint import StagedDirectory
 from emola_jax.data import labels
 from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, Face, FaceFinder
+from emola_jax.data.image import clip_preprocess, decode_rgb
+from emola_jax.data.priors import open_extractors
 from emola_jax.eval import scoring
+from emola_jax.predictor import Predictor
 
 QUESTIONS = {"emotion": labels.EMOTION_QUESTION, "au": labels.AU_QUESTION}
 
@@ -67,17 +74,13 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     """Analyses `photos` with the model at `checkpoint`, writing `out` (see the module) whole: it
     is built in a hidden sibling and renamed into place when every photo is done, so that it
     never mixes two runs, nor looks complete after a kill (a non-empty `out` needs `overwrite`,
-    and is replaced only then). `fit_context`: as `Evaluator`'s.
+    and is replaced only then). `fit_context`: as `Predictor`'s.
 
     `onnx`: the 2d106det landmark graph, for a model with that prior (each of the model's priors
     is computed on each aligned crop: 2d106det with the official recipe, the dlib priors with
     dlib). Returns a summary: photos, faces, photos without a face, skipped photos, seconds per
     stage. Raises ValueError for settings out of range or `out` overlapping an input; a photo that
     cannot be read, or whose face gives no finite prior feature, is reported and skipped."""
-    from emola_jax.atomic import check_apart
-    from emola_jax.checkpoint import StagedDirectory
-    from emola_jax.eval.evaluate import Evaluator
-
     if batch_size < 1 or threads < 1:
         raise ValueError(f"batch size and threads must be at least 1, not {batch_size} and {threads}")
     if not photos:
@@ -86,19 +89,19 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     staged = StagedDirectory(out, overwrite=overwrite)  # a non-empty `out` is refused here, before any work
     finder = FaceFinder(detector, upsample=upsample, chip_size=chip_size, chip_padding=chip_padding,
                         max_faces=max_faces)
-    evaluator = Evaluator(checkpoint, dtype=dtype, generation=generation, records=False, fit_context=fit_context)
+    predictor = Predictor(checkpoint, dtype=dtype, generation=generation, fit_context=fit_context)
     for question in QUESTIONS.values():
-        evaluator.check_room(question)  # before any photo is read
-    prior = _PriorOfCrops(evaluator.config, onnx)
+        predictor.check_room(question)  # before any photo is read
+    prior = _PriorOfCrops(predictor.config, onnx)
     with staged:
-        summary = _analyze_into(staged.staging, photos, evaluator, finder, prior, min_score=min_score,
+        summary = _analyze_into(staged.staging, photos, predictor, finder, prior, min_score=min_score,
                                 batch_size=batch_size, threads=threads, progress=progress)
         summary["out"] = str(staged.publish())
     return summary
 
 
-def _analyze_into(out: Path, photos, evaluator, finder: FaceFinder, prior: _PriorOfCrops, *, min_score: float,
-                  batch_size: int, threads: int, progress: bool) -> dict:
+def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, prior: _PriorOfCrops, *,
+                  min_score: float, batch_size: int, threads: int, progress: bool) -> dict:
     """`analyze`'s work, written into the folder `out`; returns the summary."""
     (out / "faces").mkdir()
 
@@ -110,7 +113,7 @@ def _analyze_into(out: Path, photos, evaluator, finder: FaceFinder, prior: _Prio
         start = time.perf_counter()
         pixels = np.stack([b[2] for b in batch])
         features = None if batch[0][3] is None else np.stack([b[3] for b in batch])
-        replies = {task: evaluator.answer_batch(question, pixels, features, rows=batch_size)
+        replies = {task: predictor.answer_batch(question, pixels, features, rows=batch_size)
                    for task, question in QUESTIONS.items()}
         per_face = (time.perf_counter() - start) / len(batch)
         stage["answer"] += time.perf_counter() - start
@@ -168,8 +171,6 @@ class _PriorOfCrops:
     the crops' CLIP pixels (without LLaVA's padding: a crop is already square)."""
 
     def __init__(self, config, onnx):
-        from emola_jax.data.prior import open_extractors
-
         self.config = config
         self.priors = config.priors if config.prior_position != "off" else ()
         self.extractors = open_extractors(self.priors, onnx) if self.priors else []
@@ -183,10 +184,6 @@ class _PriorOfCrops:
         return np.concatenate([e.features(bgr, names=names) for e in self.extractors], axis=1)
 
     def clip_pixels(self, chips: list[np.ndarray]) -> np.ndarray:
-        from PIL import Image
-
-        from emola_jax.data.image import clip_preprocess
-
         return np.stack([clip_preprocess(Image.fromarray(c), self.config.vision.image_size) for c in chips])
 
 
@@ -205,8 +202,6 @@ def _faces_found(paths: Sequence[str | Path], threads: int, finder: FaceFinder, 
                  ) -> Iterator[Photo]:
     """Photos in order, each decoded, its faces detected and aligned, `2 * threads` photos ahead
     in a thread pool (PIL's decoder and dlib release the GIL: the threads use every core)."""
-    from emola_jax.data.image import decode_rgb
-
     names = _unique_names([Path(p) for p in paths])
 
     def find(item):
@@ -264,8 +259,6 @@ def _label(answer: dict) -> str:
 def _write_photo(out: Path, photo: Photo, priors) -> float:
     """The labelled photo, each face's crop and its prior features (each file written atomically);
     frees the pixels. Returns the seconds it took."""
-    from PIL import Image, ImageDraw, ImageFont
-
     start = time.perf_counter()
     canvas = Image.fromarray(photo.rgb)
     draw = ImageDraw.Draw(canvas)
@@ -301,8 +294,6 @@ def _prior_file(name: str, number: int, prior: str) -> str:
 
 
 def _save_npy(array: np.ndarray, path: Path) -> None:
-    from emola_jax.atomic import atomic_file
-
     buffer = io.BytesIO()
     np.save(buffer, array)
     with atomic_file(path) as staging:
@@ -310,8 +301,6 @@ def _save_npy(array: np.ndarray, path: Path) -> None:
 
 
 def _save_png(image, path: Path) -> None:
-    from emola_jax.atomic import atomic_file
-
     buffer = io.BytesIO()
     image.save(buffer, format="PNG", compress_level=1)  # 3x faster than PIL's default 6, 12 % larger
     with atomic_file(path) as staging:
@@ -336,8 +325,6 @@ def _rounded(seconds: dict) -> dict:
 
 
 def _write_results(out: Path, photos: list[Photo], priors) -> None:
-    from emola_jax.atomic import write_text
-
     lines = [line for photo in photos for line in _lines(photo, priors)]
     write_text(out / "results.jsonl", "".join(json.dumps(line) + "\n" for line in lines))
     write_text(out / "index.html", _index(photos))
@@ -369,6 +356,4 @@ def _index(photos: list[Photo]) -> str:
 
 
 def _progress(total: int, enabled: bool):
-    from tqdm import tqdm
-
     return tqdm(total=total, unit="photo", disable=not enabled, file=sys.stderr)

@@ -19,6 +19,7 @@ import numpy as np
 def bpe_tokenizer(directory: Path, corpus: list[str], vocab_size: int):
     """A byte-level BPE with LLaMA's special tokens (`<unk>`, `<s>` prepended, `</s>`, `<pad>`),
     trained on `corpus` and saved to `directory` as a transformers tokenizer."""
+    # deferred: start-up time (tokenizers, transformers)
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -40,6 +41,7 @@ def toy_landmark_graph(path: str | Path, batch: int | str = 1, normalises_inside
     `[batch, 3, 192, 192] -> [batch, 212]`: 16x16 average pooling, a dense layer, tanh.
     Unlike a global mean, the output depends on where things are, so crop and resize matter.
     `normalises_inside` puts `_minus`/`_mul` nodes first, as mxnet-converted 2d106det graphs have."""
+    # deferred: start-up time (onnx)
     import onnx
     from onnx import TensorProto, helper
 
@@ -79,6 +81,7 @@ def logits_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pix
     slice of `landmarks` (the priors' features concatenated), placed `position` the visual tokens, fed as
     `inputs_embeds`. ids `[batch, seq]` (image placeholders expanded), pixels `[batch, size, size, 3]`,
     landmarks `[batch, prior_dim]`, mask `[batch, seq]`."""
+    # deferred: start-up time (peft, safetensors, torch)
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file

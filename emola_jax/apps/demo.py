@@ -22,20 +22,31 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
+from flax import nnx
+from peft import PeftModel
+from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
+from configs.demo_faces import DemoInputs, feature_files, from_base
+from converters import convert, export, hf_config
+from converters.exporter import prior_file
 from emola_jax import atomic
+from emola_jax.apps.demo_models import bpe_tokenizer, logits_with_prior, toy_landmark_graph
+from emola_jax.checkpoint import load_config, load_pretrained, load_tokenizer
 from emola_jax.config import EmolaConfig, PriorToken
+from emola_jax.data import conversation, drawn_faces, image, precompute
+from emola_jax.data.conversation import SYSTEM
+from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
+from emola_jax.data.priors import PriorFeatures
+from emola_jax.eval.evaluate import evaluate_model
+from emola_jax.generate import GenerationConfig
+from emola_jax.train.loop import train
 
 PREPARED = "prepared.json"  # written last by `prepare`: what the folder was prepared with
 
 
 def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
     """A random transformers LLaVA with the shapes of `config`, saved with the tokenizer beside it."""
-    import torch
-    from transformers import LlavaForConditionalGeneration
-
-    from converters import hf_config
-
     data = hf_config.llava_to_hf(config)
     data["text_config"]["initializer_range"] = 0.1
     torch.manual_seed(seed)
@@ -47,11 +58,6 @@ def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, se
 
 
 def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> float:
-    import torch
-    from flax import nnx
-
-    from emola_jax.checkpoint import load_pretrained
-
     model, config = load_pretrained(checkpoint)
     ids = np.concatenate([[1, 7, 9], np.full(config.image_seq_length, config.image_token_id), rng.integers(3, 500, 8)])
     ids = ids[None].astype(np.int32)
@@ -67,13 +73,6 @@ def _check_import(reference, checkpoint: Path, rng: np.random.Generator) -> floa
 def held_out_inputs(model_dir: Path, eval_file: Path, features: Path | tuple[Path, ...]):
     """The first held-out face of `eval_file` asked the emotion question, as numpy arrays: ids `[1, seq]`
     (image placeholders expanded), pixels `[1, size, size, 3]`, landmarks `[1, prior_dim]`, mask `[1, seq]`."""
-    from transformers import AutoTokenizer
-
-    from emola_jax.checkpoint import load_config
-    from emola_jax.data import conversation, image
-    from emola_jax.data.labels import EMOTION_QUESTION
-    from emola_jax.data.prior import PriorFeatures
-
     config = load_config(model_dir)
     record = json.loads(eval_file.read_text())[0]
     tokenizer = AutoTokenizer.from_pretrained(model_dir / "tokenizer")
@@ -89,15 +88,6 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     """Largest logit difference of the transformers export, and of the PEFT adapter (with the prior
     projectors beside it) over `base_dir`, the llava-hf model the run started from, against this
     project's model, on a held-out face with its prior token."""
-    import torch
-    from flax import nnx
-    from peft import PeftModel
-    from transformers import LlavaForConditionalGeneration
-
-    from converters.exporter import prior_file
-    from emola_jax.checkpoint import load_pretrained
-    from emola_jax.demo_models import logits_with_prior
-
     model, config = load_pretrained(model_dir)
     ids, pixels, landmarks, mask = held_out_inputs(model_dir, eval_file, features)
     ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids.astype(np.int32), pixels,
@@ -112,44 +102,9 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
 
-@dataclasses.dataclass(frozen=True)
-class DemoInputs:
-    """What the demo trains from, all on disk: a converted base (with its tokenizer), drawn faces
-    with their annotation files, and their precomputed prior features: one file, or one per prior
-    of the model in its order."""
-
-    base: Path
-    faces: Path
-    annotations: dict[str, Path]  # train_emotion, train_au, eval_emotion, eval_au
-    landmarks: Path | tuple[Path, ...]
-    import_logit_diff: float | None = None  # the converted base against transformers
-
-    @classmethod
-    def in_folder(cls, workdir: str | Path, priors: tuple[PriorToken, ...] = (PriorToken(),)) -> DemoInputs:
-        """The inputs a finished demo of a model with `priors` left in `workdir` (e.g. `demo_out`)."""
-        from emola_jax.data.drawn_faces import annotation_files
-
-        workdir = Path(workdir)
-        return cls(base=workdir / "base", faces=workdir / "faces", annotations=annotation_files(workdir / "faces"),
-                   landmarks=_feature_files(workdir / "faces", priors))
-
-    def training_data(self, seed: int = 0, **changes):
-        """The grain pipeline over the training faces, as the demo trains."""
-        from emola_jax.data.pipeline import PipelineConfig
-
-        settings = dict(annotations=(str(self.annotations["train_emotion"]), str(self.annotations["train_au"])),
-                        images_root=str(self.faces), max_length=256,
-                        landmarks=self.landmarks,
-                        length_buckets=(128, 192, 256), batch_size=16, seed=seed, worker_count=0)
-        return PipelineConfig(**{**settings, **changes})
-
-
 def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_per_emotion: int = 40,
             eval_per_emotion: int = 4) -> DemoInputs:
     """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features."""
-    from converters import convert
-    from emola_jax.data import drawn_faces
-
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
     _train_tokenizer(workdir / "tokenizer", vocab_size=config.text.vocab_size - 1)
@@ -192,22 +147,13 @@ def prepared(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_p
     return DemoInputs.in_folder(workdir, config.priors)
 
 
-def _feature_files(faces: Path, priors: tuple[PriorToken, ...]) -> Path | tuple[Path, ...]:
-    """One file per prior, named after it (2d106det's: landmarks.array_record); a lone file as a Path."""
-    files = tuple(faces / f"{'landmarks' if p.name == '2d106det' else p.name}.array_record" for p in priors)
-    return files[0] if len(files) == 1 else files
-
-
 def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[PriorToken, ...]):
     """Every prior's features of the drawn faces (the whole image is the face: dlib's detector may not
     find a drawn one); a face a prior cannot process is an error naming its record."""
-    from emola_jax.data import precompute
-    from emola_jax.demo_models import toy_landmark_graph
-
-    features = _feature_files(workdir / "faces", priors)
+    features = feature_files(workdir / "faces", priors)
     for prior, out in zip(priors, (features,) if isinstance(features, Path) else features, strict=True):
         out.unlink(missing_ok=True)
-        onnx = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N") if prior.name == "2d106det" else None
+        onnx = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N") if prior.official else None
         summary = precompute.precompute_priors(annotations, workdir / "faces", out, prior=prior.name, onnx=onnx,
                                                progress=False)
         if summary.failed:
@@ -217,23 +163,8 @@ def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[Pri
     return features
 
 
-def from_base(experiment, inputs: DemoInputs, seed: int = 0):
-    """`experiment` (a whole tiny model) trained from the demo's base on its faces: the model
-    section keeps only what training adds, the rest is the base's."""
-    from emola_jax.train.config import FromBase
-
-    return dataclasses.replace(experiment, model=FromBase.of(experiment.model), data=inputs.training_data(seed),
-                               train=dataclasses.replace(experiment.train, base=str(inputs.base)))
-
-
 def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary."""
-    from converters import export
-    from emola_jax.checkpoint import load_tokenizer
-    from emola_jax.eval.evaluate import evaluate_model
-    from emola_jax.generate import GenerationConfig
-    from emola_jax.train.loop import train
-
     workdir = Path(workdir).absolute()
     for stale in ("run", "evaluation", "export"):
         shutil.rmtree(workdir / stale, ignore_errors=True)
@@ -289,11 +220,6 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
 
 def _train_tokenizer(directory: Path, vocab_size: int):
     """A byte-level BPE trained on the template and the annotations: enough for the demo."""
-    from emola_jax.data import drawn_faces
-    from emola_jax.data.conversation import SYSTEM
-    from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
-    from emola_jax.demo_models import bpe_tokenizer
-
     answers = [drawn_faces.describe_emotion(e) for e in EMOTIONS]
     answers += [drawn_faces.describe_aus(e) for e in EMOTIONS if drawn_faces.EMOTION_AUS[e]]
     return bpe_tokenizer(directory, [SYSTEM, "USER: ASSISTANT:", EMOTION_QUESTION, AU_QUESTION, *answers], vocab_size)
