@@ -45,13 +45,16 @@ def _convert(args: argparse.Namespace) -> None:
 
     kwargs = dict(clip=args.clip, base=args.base, dtype=args.dtype, overwrite=args.overwrite)
     if args.quantize == "none":
+        if args.block_size is not None:
+            raise ValueError("--block-size goes with --quantize int8 or nf4")
         out = convert(args.src, args.out, **kwargs)
     else:
         # deferred: start-up time (jax)
         from emola_jax.apps.convert import convert_quantized
         from emola_jax.quantization import Quantization
 
-        out = convert_quantized(args.src, args.out, Quantization(args.quantize, args.block_size), **kwargs)
+        block_size = 64 if args.block_size is None else args.block_size
+        out = convert_quantized(args.src, args.out, Quantization(args.quantize, block_size), **kwargs)
     print(f"wrote {out}")
 
 
@@ -423,8 +426,8 @@ def _convert_command(commands) -> None:
                         help="dtype the weights are stored in (LoRA factors stay float32)")
     parser.add_argument("--quantize", default="none", choices=choices(Quantize),
                         help="store the decoder's projection kernels quantised (a QLoRA base)")
-    parser.add_argument("--block-size", type=non_negative_int, default=64,
-                        help="with --quantize: inputs per scale (0: one scale per output channel)")
+    parser.add_argument("--block-size", type=non_negative_int,
+                        help="with --quantize: inputs per scale (0: one scale per output channel; default: 64)")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty")
     parser.set_defaults(func=_convert)
 

@@ -231,6 +231,14 @@ def test_convert_quantize_guards_its_source_and_cleans_a_killed_runs_copy(bases,
         assert run.main(["convert", str(hf), str(out), "--quantize", "nf4", "--block-size", "16", "--overwrite"]) == 1
         assert capsys.readouterr().err.strip().startswith(f"error: OUT {out} ")
         assert sorted((p.name, p.stat().st_size) for p in hf.iterdir()) == before
+    # settings that cannot work are refused before any weight is read: nothing written
+    capsys.readouterr()
+    assert run.main(["convert", str(hf), str(tmp_path / "b32"), "--quantize", "nf4", "--block-size", "32"]) == 1
+    assert capsys.readouterr().err.strip() == ("error: --block-size 32 does not divide the input dimension 48 of "
+                                               "language_model/layers/mlp/gate_proj/kernel")
+    assert run.main(["convert", str(hf), str(tmp_path / "plain"), "--block-size", "16"]) == 1
+    assert capsys.readouterr().err.strip() == "error: --block-size goes with --quantize int8 or nf4"
+    assert not list(tmp_path.iterdir())
     # a process that dies the moment the quantisation starts (as under `kill -9`) leaves the whole
     # unquantised copy; the rerun removes it, then writes OUT
     args = ["convert", str(hf), str(tmp_path / "nf4"), "--quantize", "nf4", "--block-size", "16"]

@@ -9,9 +9,10 @@ import shutil
 import uuid
 from pathlib import Path
 
-from converters import convert
+from converters import convert, plan_conversion
 from emola_jax.atomic import check_apart, lock_staging, remove_dead_staging, staging_path
 from emola_jax.checkpoint import quantize_checkpoint
+from emola_jax.models.tree import decoder_kernels, param_shapes
 from emola_jax.quantization import Quantization
 
 
@@ -23,11 +24,15 @@ def convert_quantized(src: str | Path, out: str | Path, quantization: Quantizati
 
     The copy lives in `out`'s own staging folder (`.OUT.tmp-unquantized-*`, locked while this runs),
     so a killed run's copy is removed by the next command that writes `out`, as any staging
-    leftover. Raises ValueError when `out` is, holds or lies inside one of the inputs (plain
-    `convert`'s guard), before anything is read.
+    leftover. Raises ValueError, before any weight is read, when `out` is, holds or lies inside one
+    of the inputs (plain `convert`'s guard), or when the block size does not fit a kernel of the
+    model the source describes (its config files alone say).
     """
     check_apart("OUT", out, {"the source": src, "--clip": convert_args.get("clip"),
                              "--base": convert_args.get("base")})
+    config, _, _ = plan_conversion(src, clip=convert_args.get("clip"), base=convert_args.get("base"),
+                                   dtype=convert_args.get("dtype", "float32"))
+    quantization.check(decoder_kernels(param_shapes(config)), where="--block-size")
     out = Path(out).absolute()
     if out.exists() and (not out.is_dir() or any(out.iterdir())) and not overwrite:
         raise FileExistsError(f"{out} exists and is not empty; pass --overwrite to replace it")
