@@ -158,3 +158,21 @@ def test_analyze_command_on_photos(demo_run, tmp_path):
     images = ["a.png", "a-2.png", "a-2-2.png"]
     assert sorted({(r["photo"], r["image"]) for r in rows}) == list(zip(same_stem, images, strict=True))
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_batch_is_never_padded_past_the_faces_there_are(demo_run, tmp_path):
+    """`--batch-size 20000` on one face runs a batch of one row (padded to 20,000 copies it needed 14 GB)."""
+    from emola_jax.apps.analyze import analyze
+    from emola_jax.checkpoint import load_tokenizer
+    from emola_jax.generate import GenerationConfig
+
+    workdir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    model = workdir / "run" / "model"
+    Image.fromarray(skimage_data.astronaut()).save(tmp_path / "astronaut.png")
+    tokenizer = load_tokenizer(model)
+    summary = analyze([tmp_path / "astronaut.png"], model, tmp_path / "out", onnx=workdir / "landmark_model.onnx",
+                      min_score=0.5, batch_size=20000, progress=False,
+                      generation=GenerationConfig(max_new_tokens=8, eos_token_id=tokenizer.eos_token_id,
+                                                  pad_token_id=tokenizer.pad_token_id))
+    assert summary["faces"] == 1 and summary["batch_rows"] == 1

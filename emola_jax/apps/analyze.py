@@ -15,10 +15,9 @@ list). Written to `out`:
     index.html         each photo with its faces and answers
 
 Photos are decoded, and their faces found and aligned, ahead in threads; faces from several
-photos share a batch through the model
-(padded to `batch_size` rows: one compile per prompt). `results.jsonl` and `index.html` are
-written once every photo is done, each file atomically: a run stopped early leaves no results
-that look complete.
+photos share a batch through the model (padded to `batch_size` rows, or to the faces there are
+when fewer: one compile per prompt). `results.jsonl` and `index.html` are written once every
+photo is done, each file atomically: a run stopped early leaves no results that look complete.
 """
 
 from __future__ import annotations
@@ -78,9 +77,10 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
 
     `onnx`: the 2d106det landmark graph, for a model with that prior (each of the model's priors
     is computed on each aligned crop: 2d106det with the official recipe, the dlib priors with
-    dlib). Returns a summary: photos, faces, photos without a face, skipped photos, seconds per
-    stage. Raises ValueError for settings out of range or `out` overlapping an input; a photo that
-    cannot be read, or whose face gives no finite prior feature, is reported and skipped."""
+    dlib). Returns a summary: photos, faces, photos without a face, skipped photos, the rows the
+    model's batches were padded to (`batch_rows`), seconds per stage. Raises ValueError for settings
+    out of range or `out` overlapping an input; a photo that cannot be read, or whose face gives no
+    finite prior feature, is reported and skipped."""
     if batch_size < 1 or threads < 1:
         raise ValueError(f"batch size and threads must be at least 1, not {batch_size} and {threads}")
     if not photos:
@@ -108,12 +108,15 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
     stage = collections.Counter()
     queue: list[tuple[Photo, int, np.ndarray, np.ndarray | None]] = []
     done: list[Photo] = []
+    queued = rows = 0  # faces queued so far; rows of the batches the model ran
 
     def answer(batch):
+        nonlocal rows
         start = time.perf_counter()
         pixels = np.stack([b[2] for b in batch])
         features = None if batch[0][3] is None else np.stack([b[3] for b in batch])
-        replies = {task: predictor.answer_batch(question, pixels, features, rows=batch_size)
+        rows = max(rows, min(batch_size, queued))  # never padded past the faces there are
+        replies = {task: predictor.answer_batch(question, pixels, features, rows=rows)
                    for task, question in QUESTIONS.items()}
         per_face = (time.perf_counter() - start) / len(batch)
         stage["answer"] += time.perf_counter() - start
@@ -149,6 +152,7 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
         photo.answers, photo.waiting = [{} for _ in photo.faces], len(photo.faces)
         for index in range(len(photo.faces)):
             queue.append((photo, index, pixels[index], None if features is None else features[index]))
+        queued += len(photo.faces)
         while len(queue) >= batch_size:
             answer(queue[:batch_size])
             del queue[:batch_size]
@@ -161,7 +165,7 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
     stage["total"] = time.perf_counter() - began
     faces = sum(len(p.faces) for p in done)
     return {"photos": len(done), "faces": faces, "without_face": sum(p.error is None and not p.faces for p in done),
-            "skipped": sum(p.error is not None for p in done),
+            "skipped": sum(p.error is not None for p in done), "batch_rows": rows,
             "seconds": {k: round(v, 3) for k, v in stage.items()}}
 
 
