@@ -18,7 +18,6 @@ from typing import Any, Literal, Union
 
 from emola_jax.settings import Dtype, FeatureSelect, PriorPosition, RopeType, check_choice, check_ranges, choices
 
-DTYPES = choices(Dtype)
 # insightface 2d106det: 106 (x, y) landmarks, flattened.
 LANDMARK_DIM = 212
 DEFAULT_PRIOR = "2d106det"  # the prior official EmoLA uses; its projector keeps the official names

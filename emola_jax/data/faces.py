@@ -23,9 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from emola_jax.data import dlib_models
-from emola_jax.settings import Detector, check_choice, choices
+from emola_jax.settings import Detector, check_choice
 
-DETECTORS = choices(Detector)
 CHIP_SIZE = 336
 CHIP_PADDING = 0.25
 

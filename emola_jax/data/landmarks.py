@@ -25,10 +25,8 @@ from PIL import Image, UnidentifiedImageError
 
 from emola_jax.config import LANDMARK_DIM
 from emola_jax.data.image import decode_rgb, exif_orientation, mode_problem, too_large, upright
-from emola_jax.settings import Recipe, choices
 
 INPUT_SIZE = 192
-RECIPES = choices(Recipe)
 
 
 def open_session(onnx_path: str | Path, threads: int | None = None, spinning: bool = True):

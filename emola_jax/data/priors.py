@@ -42,6 +42,7 @@ import numpy as np
 from emola_jax.config import LANDMARK_DIM, PriorToken, is_official
 from emola_jax.data import dlib_models, landmarks
 from emola_jax.data.landmark_store import LandmarkTable
+from emola_jax.settings import Recipe, choices
 
 Box = tuple[float, float, float, float]
 
@@ -221,7 +222,7 @@ class DlibFaceDescriptor(Extractor):
 
 PRIORS: dict[str, Prior] = {prior.name: prior for prior in (
     Prior("2d106det", LANDMARK_DIM, "insightface's 106 landmarks (ONNX graph), raw output or image pixels",
-          LandmarkGraph, needs_onnx=True, recipes=landmarks.RECIPES),
+          LandmarkGraph, needs_onnx=True, recipes=choices(Recipe)),
     Prior("dlib68", 136, "dlib's 68 landmarks, (x, y) interleaved, relative to the face box", Dlib68),
     Prior("dlib-face-descriptor", 128, "dlib's ResNet face recognition descriptor (5-point alignment)",
           DlibFaceDescriptor),

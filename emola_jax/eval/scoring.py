@@ -22,7 +22,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from emola_jax.data.labels import EMOTIONS, FABA_AUS
-from emola_jax.settings import Protocol, choices
 
 SYNONYMS = {
     "happiness": ("happiness", "happy", "smiling", "smile", "pleasant", "content", "contentment", "relaxed",
@@ -46,7 +45,6 @@ FIRST_SENTENCE = re.compile(r"^(.*?)[.!?]")
 WORD = re.compile(r"\b\w+\b")
 
 RECOGNISED_AUS = frozenset(str(a) for a in (1, 2, 4, 5, 6, 7, 9, 10, 12, 14, 15, 16, 17, 20, 23, 24, 25, 26, 27, 43))
-PROTOCOLS = choices(Protocol)
 
 
 def _is_negative(sentence: str, protocol: str) -> bool:
