@@ -9,6 +9,10 @@
 2. The whole command (`emola_jax.apps.analyze.analyze`, what `run.py analyze` calls) on the same photos with a
    trained demo model (`run.py demo` in `--demo`, run first if that folder has no model), answers up
    to `--max-new-tokens` tokens.
+3. The model's stage alone on the faces the command found (their crops and prior features as it
+   wrote them), in batches of `--batch-size`: the emotion and the AU question answered one after the
+   other (`Predictor.answer_batch` twice: two prefills per face) against both at once from one
+   prefill per face (`Predictor.answer_questions`, prefix sharing); the answers must be identical.
 
     python benchmarks/analyze_throughput.py [--repeat 10] [--demo demo_out] [--max-new-tokens 64]
 """
@@ -119,6 +123,45 @@ def main() -> None:
         seconds = time.perf_counter() - start
         print(f"whole command: {summary['faces']} faces in {seconds:.1f} s; stages {summary['seconds']}")
         print(f"analyze_faces_per_second: {summary['faces'] / seconds:.2f}")
+        model_stage(model, generation, tmp / "out", args.batch_size)
+
+
+def model_stage(model: Path, generation, out: Path, batch_size: int) -> None:
+    import json
+
+    from emola_jax.checkpoint import load_config
+    from emola_jax.data import labels
+    from emola_jax.predictor import Predictor
+
+    predictor = Predictor(model, generation=generation)
+    priors = [p.name for p in load_config(model).priors]
+    faces = [json.loads(line) for line in (out / "results.jsonl").read_text().splitlines()]
+    faces = [f for f in faces if "crop" in f]
+    pixels = np.stack([predictor.pixels(out / f["crop"]) for f in faces])
+    features = np.stack([np.concatenate([np.load(out / f["priors"][p]) for p in priors]) for f in faces])
+    batches = [slice(i, i + batch_size) for i in range(0, len(faces), batch_size)]
+    questions = [labels.EMOTION_QUESTION, labels.AU_QUESTION]
+
+    def separate(part):
+        return [predictor.answer_batch(q, pixels[part], features[part], rows=batch_size) for q in questions]
+
+    def shared(part):
+        return predictor.answer_questions(questions, pixels[part], features[part], rows=batch_size)
+
+    results = {}
+    for name, fn in (("separate", separate), ("shared", shared)):
+        fn(batches[0])  # compiles
+        best, answers = float("inf"), None
+        for _ in range(3):
+            start = time.perf_counter()
+            answers = [fn(part) for part in batches]
+            best = min(best, time.perf_counter() - start)
+        results[name] = (best, answers)
+    assert results["separate"][1] == results["shared"][1], "prefix sharing changed an answer"
+    for name, (seconds, _) in results.items():
+        print(f"model stage, {name:8s}: {len(faces)} faces, two questions each, in {seconds:.3f} s "
+              f"({len(faces) / seconds:.1f} faces/s)")
+    print(f"answers identical: yes; prefix_sharing_speedup: {results['separate'][0] / results['shared'][0]:.2f}")
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ image, free batch axis) over the same generated JPEGs (face-crop sizes, 260-620 
 official recipe. The official loop is EmoLA's: per image `cv2.imread`, resize, `session.run` at
 batch 1, `np.save`. Ours decodes in a thread pool and runs batches into one ArrayRecord file. The
 features are checked equal; the per-image cost of each part is printed with the speedup that all
-cores could give at most; the last line is `landmarks_speedup: <ours/official>`.
+cores could give at most, with the fixed cost of a run (a run over one image: opening the graph,
+starting the threads, writing the file); the last line is `landmarks_speedup: <ours/official>`.
+The default 5,000 images keep start-up costs from deciding the ratio.
 
-    python benchmarks/landmarks_throughput.py [--images 500] [--batch-size 32]
+    python benchmarks/landmarks_throughput.py [--images 5000] [--batch-size 32]
 """
 
 from __future__ import annotations
@@ -94,25 +96,30 @@ def components(records: list[dict], root: Path, graph: Path) -> tuple[float, flo
 
     from emola_jax.data import landmarks
 
-    start = time.perf_counter()
+    def best_of_3(fn) -> float:  # per image, the best of three passes: one slow moment must not set the ceiling
+        times = []
+        for _ in range(3):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) / len(records) * 1e3)
+        return min(times)
+
     batch = np.stack([landmarks.official_array(landmarks.read_bgr(root / r["image"])) for r in records])
-    decode = (time.perf_counter() - start) / len(records) * 1e3
+    decode = best_of_3(lambda: [landmarks.official_array(landmarks.read_bgr(root / r["image"])) for r in records])
     timings = []
     for threads, size in ((0, 1), (1, 32)):
         options = onnxruntime.SessionOptions()
         options.intra_op_num_threads = threads
         session = onnxruntime.InferenceSession(str(graph), options, providers=["CPUExecutionProvider"])
         session.run(None, {"data": batch[:size]})
-        start = time.perf_counter()
-        for i in range(0, len(batch), size):
-            session.run(None, {"data": batch[i:i + size]})
-        timings.append((time.perf_counter() - start) / len(batch) * 1e3)
+        timings.append(best_of_3(lambda session=session, size=size: [
+            session.run(None, {"data": batch[i:i + size]}) for i in range(0, len(batch), size)]))
     return decode, timings[0], timings[1]
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--images", type=int, default=500)
+    parser.add_argument("--images", type=int, default=5000)
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args()
 
@@ -135,6 +142,13 @@ def main() -> None:
         ours_s = time.perf_counter() - start
         assert summary.written == len(records) and summary.failed == 0
 
+        one = root / "one.json"
+        one.write_text(json.dumps(records[:1]))
+        start = time.perf_counter()
+        precompute.precompute_landmarks(one, root, graph, root / "one.array_record", batch_size=args.batch_size,
+                                        progress=False)
+        fixed_s = time.perf_counter() - start
+
         parts = components(records[:96], root, graph)
         features = landmark_store.read_landmarks(root / "features.array_record")
         worst = max(float(np.abs(features[r["id"]] - np.load(root / "official" / f"{r['id']}.npy")).max())
@@ -147,11 +161,14 @@ def main() -> None:
     print(f"precompute-landmarks (batch {args.batch_size}, thread-pool decode, ArrayRecord): {ours_s:.2f} s  "
           f"{ours_rate:.1f} img/s")
     print(f"max |difference| between the two: {worst:.2e}")
+    print(f"fixed cost of a precompute-landmarks run (one image): {fixed_s * 1000:.0f} ms "
+          f"({100 * fixed_s / ours_s:.1f} % of this run)")
     decode, batch1, batch32 = parts
     cores = os.cpu_count() or 1
     ceiling = (decode + batch1) / ((decode + batch32) / cores)
     print(f"per image: decode+resize {decode:.2f} ms, inference at batch 1 {batch1:.2f} ms (default threads), "
           f"at batch 32 {batch32:.2f} ms of one core; ceiling with all {cores} cores busy: {ceiling:.2f}x")
+    print(f"share of the ceiling reached: {100 * ours_rate / official_rate / ceiling:.0f} %")
     print(f"landmarks_speedup: {ours_rate / official_rate:.2f}")
 
 

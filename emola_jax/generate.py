@@ -12,9 +12,10 @@ import math
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
-from emola_jax.models.emola import EmolaForConditionalGeneration, check_inputs, default_position_ids
+from emola_jax.models.emola import EmolaForConditionalGeneration, check_inputs, check_padding, default_position_ids
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,8 +84,18 @@ def generate_step(model, input_ids, pixel_values, attention_mask, landmarks, key
     kv_valid = jnp.concatenate([attention_mask.astype(bool), jnp.ones((batch, config.max_new_tokens), bool)], axis=1)
     layers = lm.unstacked_layers()
     hidden, cache = lm.prefill(embeds, attention_mask, positions, cache, layers)
+    return _decode_loop(model, layers, hidden[:, -1], cache, kv_valid, positions[:, -1:], prompt_len, key, config)
+
+
+def _decode_loop(model, layers, last_hidden: jax.Array, cache, kv_valid: jax.Array, last_position: jax.Array,
+                 start: int, key: jax.Array, config: GenerationConfig) -> jax.Array:
+    """New tokens `[rows, max_new_tokens]` after a prompt whose keys and values fill cache slots
+    `0 .. start-1`: `last_hidden [rows, embed]` is the prompt's last normed hidden state,
+    `last_position [rows, 1]` its position id; `kv_valid [rows, cache_len]` marks real slots."""
+    lm = model.language_model
+    batch = last_hidden.shape[0]
     key, step_key = jax.random.split(key)
-    first = sample_next(model.logits(hidden[:, -1]), config, step_key)
+    first = sample_next(model.logits(last_hidden), config, step_key)
     out = jnp.full((batch, config.max_new_tokens), config.pad_token_id, jnp.int32).at[:, 0].set(first)
 
     def cond(state):
@@ -93,10 +104,8 @@ def generate_step(model, input_ids, pixel_values, attention_mask, landmarks, key
 
     def body(state):
         step, token, cache, done, out, key = state
-        position = positions[:, -1:] + step  # the token written at slot prompt_len + step - 1
-        hidden, cache = lm.decode(
-            lm.embed_tokens(token[:, None]), position, kv_valid, cache, prompt_len + step - 1, layers
-        )
+        position = last_position + step  # the token written at slot start + step - 1
+        hidden, cache = lm.decode(lm.embed_tokens(token[:, None]), position, kv_valid, cache, start + step - 1, layers)
         key, step_key = jax.random.split(key)
         token = sample_next(model.logits(hidden[:, -1]), config, step_key)
         token = jnp.where(done, config.pad_token_id, token)
@@ -109,3 +118,65 @@ def generate_step(model, input_ids, pixel_values, attention_mask, landmarks, key
 
 
 _generate = nnx.jit(generate_step, static_argnames=("config",))
+
+
+def generate_shared(
+    model: EmolaForConditionalGeneration,
+    prefix_ids: jax.Array,
+    pixel_values: jax.Array | None,
+    landmarks: jax.Array | None,
+    suffix_ids: jax.Array,
+    suffix_mask: jax.Array,
+    key: jax.Array,
+    config: GenerationConfig,
+) -> jax.Array:
+    """New tokens `[questions, batch, max_new_tokens]`: several questions about each image of a
+    batch, the image side and the prompt prefix they share run once per image (prefix sharing).
+
+    prefix_ids `[batch, prefix]`: the tokens every question's prompt starts with (the image's
+    placeholders among them), without padding; suffix_ids and suffix_mask `[questions, suffix]`:
+    the rest of each question's prompt, left-padded. Question q's answer about image b is the one
+    `generate` gives for the prompt `prefix_ids[b] + suffix_ids[q]` (greedy: the same tokens, up
+    to float rounding): the prefix is prefilled once, its keys and values copied to a cache row per
+    question, each suffix run on its copy, then every row decodes in one loop. The concrete inputs
+    are checked here, before tracing; ValueError names what is wrong.
+    """
+    suffix_ids, suffix_mask = np.asarray(suffix_ids), np.asarray(suffix_mask)
+    if suffix_ids.ndim != 2 or suffix_ids.shape != suffix_mask.shape:
+        raise ValueError(f"suffix_ids and suffix_mask must both be [questions, suffix], not {suffix_ids.shape} "
+                         f"and {suffix_mask.shape}")
+    if (suffix_ids == model.config.image_token_id).any():
+        raise ValueError("a suffix holds image placeholders; they belong to the shared prefix")
+    check_padding(suffix_mask, "left", "suffix_mask")  # every question keeps its prompt's last token
+    prefix_mask = np.ones(np.shape(prefix_ids), np.int32)
+    check_inputs(model.config, prefix_ids, pixel_values, prefix_mask, landmarks, padding="left",
+                 max_new_tokens=int(suffix_mask.sum(axis=1).max()) + config.max_new_tokens)
+    return _generate_shared(model, prefix_ids, pixel_values, landmarks, suffix_ids, suffix_mask, key, config)
+
+
+def generate_shared_step(model, prefix_ids, pixel_values, landmarks, suffix_ids, suffix_mask, key,
+                         config: GenerationConfig) -> jax.Array:
+    """`generate_shared` after its checks, to be traced. Cache rows are question-major
+    (row `q * batch + b`)."""
+    batch, prefix_len = prefix_ids.shape
+    questions, suffix_len = suffix_ids.shape
+    rows = questions * batch
+    lm = model.language_model
+    layers = lm.unstacked_layers()
+    embeds = model.embed(prefix_ids, pixel_values, landmarks)
+    prefix_positions = jnp.broadcast_to(jnp.arange(prefix_len, dtype=jnp.int32), (batch, prefix_len))
+    cache = lm.init_cache(batch, prefix_len + suffix_len + config.max_new_tokens, embeds.dtype)
+    _, cache = lm.prefill(embeds, jnp.ones((batch, prefix_len), jnp.int32), prefix_positions, cache, layers)
+    cache = [(jnp.tile(k, (questions, 1, 1, 1)), jnp.tile(v, (questions, 1, 1, 1))) for k, v in cache]
+    mask = jnp.repeat(suffix_mask, batch, axis=0)  # [rows, suffix]
+    positions = prefix_len + default_position_ids(mask)
+    kv_valid = jnp.concatenate([jnp.ones((rows, prefix_len), bool), mask.astype(bool),
+                                jnp.ones((rows, config.max_new_tokens), bool)], axis=1)
+    suffix_embeds = lm.embed_tokens(jnp.repeat(suffix_ids, batch, axis=0))
+    hidden, cache = lm.decode(suffix_embeds, positions, kv_valid, cache, prefix_len, layers)
+    tokens = _decode_loop(model, layers, hidden[:, -1], cache, kv_valid, positions[:, -1:], prefix_len + suffix_len,
+                          key, config)
+    return tokens.reshape(questions, batch, config.max_new_tokens)
+
+
+_generate_shared = nnx.jit(generate_shared_step, static_argnames=("config",))

@@ -7,7 +7,7 @@ import torch
 
 import emola_jax
 from converters import convert
-from emola_jax.generate import GenerationConfig, generate, sample_next
+from emola_jax.generate import GenerationConfig, generate, generate_shared, sample_next
 from tests import reference as ref
 
 NEW = 12
@@ -46,6 +46,36 @@ def test_greedy_tokens_match_transformers(converted, pad):
                               GenerationConfig(max_new_tokens=NEW, eos_token_id=eos, pad_token_id=0)))
     np.testing.assert_array_equal(got, expected)
     assert (got[1, 5:] == 0).all()
+
+
+def test_questions_sharing_an_image_prefix_match_transformers_per_question(converted):
+    """Two questions about each of three images, the image side and the shared prefix run once:
+    each question's tokens are transformers' `generate` on that question's whole prompt."""
+    config, hf, model = converted
+    ids, pixels, _ = ref.inputs(config, batch=3, suffix=2, seed=4)
+    rng = np.random.default_rng(9)
+    questions = [rng.integers(3, ref.IMAGE_TOKEN, n) for n in (3, 6)]  # left-padded to 6 below
+    suffixes = np.zeros((2, 6), np.int32)
+    suffix_mask = np.zeros((2, 6), np.int32)
+    for q, tokens in enumerate(questions):
+        suffixes[q, 6 - len(tokens):], suffix_mask[q, 6 - len(tokens):] = tokens, 1
+    free_run = _hf_generate(hf, np.concatenate([ids, np.tile(questions[1], (3, 1))], 1), pixels,
+                            np.ones((3, ids.shape[1] + 6), np.int64), eos=None)
+    eos = int(free_run[2, 3])  # one row of the second question stops early
+    got = np.asarray(generate_shared(model, ids.astype(np.int32), pixels, None, suffixes, suffix_mask,
+                                     jax.random.key(0), GenerationConfig(max_new_tokens=NEW, eos_token_id=eos)))
+    assert got.shape == (2, 3, NEW)
+    for q, tokens in enumerate(questions):
+        prompts = np.concatenate([ids, np.tile(tokens, (3, 1))], 1)
+        expected = _hf_generate(hf, prompts, pixels, np.ones_like(prompts), eos=eos)
+        np.testing.assert_array_equal(got[q], expected)
+    assert (got[1, 2, 4:] == 0).all()
+    with pytest.raises(ValueError, match=r"^a suffix holds image placeholders; they belong to the shared prefix$"):
+        generate_shared(model, ids, pixels, None, np.full((1, 2), config.image_token_index), np.ones((1, 2)),
+                        jax.random.key(0), GenerationConfig(max_new_tokens=2))
+    with pytest.raises(ValueError, match=r"^row 0 of suffix_mask is not left-padded with its last token real$"):
+        generate_shared(model, ids, pixels, None, suffixes, suffix_mask[:, ::-1], jax.random.key(0),
+                        GenerationConfig(max_new_tokens=2))
 
 
 def test_wrong_placeholder_count_is_refused_before_tracing(converted):

@@ -87,6 +87,7 @@ def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
     face: the answer `run.py generate` gives with the same weights, dtype and prior feature."""
     import emola_jax
     from emola_jax.apps.demo import held_out_inputs
+    from emola_jax.data.labels import AU_QUESTION
 
     workdir, demo = demo_run
     assert demo.returncode == 0, demo.stderr[-2000:]
@@ -101,7 +102,9 @@ def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
     assert generated.returncode == 0, generated.stderr[-2000:]
     code = readme_block("Answers rather than logits").replace("checkpoints/emola-7b", str(model))
     scope = {"emola_jax": emola_jax, "feature": features[0], "question": question, "pixels": pixels,
-             "features": features}
+             "features": features, "au_question": AU_QUESTION}
     exec(compile(code.replace('"face.jpg"', repr(str(face))), "README.md", "exec"), scope)  # noqa: S102
     assert scope["text"] == generated.stdout.strip() != ""
     assert scope["answers"][0][0] == scope["text"]  # the same face, as a batch of one
+    assert scope["both"][0] == scope["answers"]  # the shared prefix changes no answer
+    assert scope["both"][1] == scope["predictor"].answer_batch(AU_QUESTION, pixels, features)

