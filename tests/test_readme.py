@@ -107,4 +107,3 @@ def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
     assert scope["text"] == generated.stdout.strip() != ""
     assert scope["answers"][0][0] == scope["text"]  # the same face, as a batch of one
     assert scope["both"][0] == scope["answers"]  # the shared prefix changes no answer
-    assert scope["both"][1] == scope["predictor"].answer_batch(AU_QUESTION, pixels, features)
