@@ -73,15 +73,14 @@ class Predictor:
                  fit_context: bool = True):
         devices = jax.devices()
         self.mesh = make_mesh(MeshConfig(dcn_data=slice_count(devices)), devices)
-        model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=jax.sharding.NamedSharding(
-            self.mesh, jax.sharding.PartitionSpec()))
+        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=self._replicated)
         self.model = merge_lora(model)
         self.tokenizer = load_tokenizer(checkpoint)
         self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                          pad_token_id=conversation.pad_token_id(self.tokenizer))
         self.fit_context = fit_context
         self.key = jax.random.key(0)
-        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
 
     @property
     def uses_prior(self) -> bool:
