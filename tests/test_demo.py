@@ -6,6 +6,7 @@ import json
 def test_demo_trains_a_model_that_reads_faces_and_exports_it(demo_run):
     tmp_path, result = demo_run  # the run is shared with the tests that need a trained model
     assert result.returncode == 0, result.stderr[-3000:]
+    assert "Warning:" not in result.stderr, result.stderr[-3000:]  # no library's warning reaches the user
     summary = dict(line.split(None, 1) for line in result.stdout.strip().splitlines())
     assert float(summary["max_abs_logit_diff_vs_transformers"]) < 1e-4
 

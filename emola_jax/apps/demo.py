@@ -19,6 +19,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -95,7 +96,10 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
     projectors = [hf_dir / prior_file(prior) for prior in config.priors]  # one per prior, in order
     merged = logits_with_prior(hf, projectors, ids, pixels, landmarks, mask)
-    with torch.no_grad():
+    with torch.no_grad(), warnings.catch_warnings():
+        # peft reads transformers 5's deprecated `is_gradient_checkpointing`: its FutureWarning is the two
+        # libraries' business, not the user's
+        warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
         peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
     adapted = logits_with_prior(peft.eval(), [peft_dir / prior_file(prior) for prior in config.priors], ids,
                                 pixels, landmarks, mask)
