@@ -72,7 +72,7 @@ def _demo(args: argparse.Namespace) -> None:
     from emola_jax.apps import demo
 
     experiment = override(configs.load(args.config), args.set)
-    summary = demo.run(args.workdir, experiment, seed=args.seed)
+    summary = demo.run(args.workdir, experiment, seed=args.seed, progress=True)
     width = max(map(len, summary))
     for key, value in summary.items():
         print(f"{key:<{width}}  {value}")
@@ -97,7 +97,7 @@ def _ablation(args: argparse.Namespace) -> None:
         raise ValueError(f"config {args.config} trains from {experiment.train.base}: give --eval-emotion, --eval-au "
                          "and --eval-landmarks to score it (the demo's faces go with a whole tiny model)")
     table = ablation.run_table(args.table, args.workdir, experiment, seed=args.seed, eval_sets=eval_sets,
-                               max_new_tokens=args.max_new_tokens)
+                               max_new_tokens=args.max_new_tokens, progress=True)
     print(table.read_text(), end="")
     print(f"chart: {table.with_suffix('.png')}")
 
@@ -177,20 +177,20 @@ def _generate(args: argparse.Namespace) -> None:
     from emola_jax.checkpoint import load_config, load_tokenizer
     from emola_jax.predictor import Predictor
 
-    if args.landmarks is not None and args.onnx is not None:
-        raise ValueError("give --landmarks or --onnx, not both")
+    if args.prior_npy is not None and args.onnx is not None:
+        raise ValueError("give --prior-npy or --onnx, not both")
     config = load_config(args.ckpt)
     priors = config.priors if config.prior_position != "off" else ()
     if args.save_prior is not None:
         if not priors:
             raise ValueError(f"--save-prior: the model at {args.ckpt} has no prior token")
         check_apart("--save-prior", args.save_prior, {"--image": args.image, "CKPT": args.ckpt,
-                                                      "--landmarks": args.landmarks, "--onnx": args.onnx},
+                                                      "--prior-npy": args.prior_npy, "--onnx": args.onnx},
                     writes=[f"{p.name}.npy" for p in priors])
-    landmarks = image_feature(args.image, npy=args.landmarks, onnx=args.onnx, priors=priors) if priors else None
+    landmarks = image_feature(args.image, npy=args.prior_npy, onnx=args.onnx, priors=priors) if priors else None
     if priors and landmarks is None:
         raise ValueError(f"the model's priors ({', '.join(p.name for p in priors)}) include 2d106det, which runs a "
-                         "landmark model: give --onnx MODEL.onnx, or --landmarks FILE.npy per prior")
+                         "landmark model: give --onnx MODEL.onnx, or --prior-npy FILE.npy per prior")
     decode_rgb(args.image)  # a bad image is one line naming it, before any model loads
     _join(args)
     if args.save_prior is not None and landmarks is not None and jax.process_index() == 0:
@@ -204,7 +204,7 @@ def _generate(args: argparse.Namespace) -> None:
 
 
 def _save_prior(folder: Path, priors, feature) -> None:
-    """`FOLDER/<prior>.npy`, one per prior of the model: what `generate --landmarks` takes back."""
+    """`FOLDER/<prior>.npy`, one per prior of the model: what `generate --prior-npy` takes back."""
     make_folder(folder)
     start = 0
     for prior in priors:
@@ -342,11 +342,14 @@ class _Parser(argparse.ArgumentParser):
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """Shows each option's default after its help (unless the help says it already, or the option
-    is a flag that is off by default), and keeps the epilog's lines as lines."""
+    """Marks each required option as such and shows each other option's default after its help
+    (unless the help says it already, or the option is a flag that is off by default), and keeps
+    the epilog's lines as lines."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        if action.required and action.option_strings and "required" not in text:
+            return f"{text} (required)"
         if "default" in text or action.default == [] or any(
                 action.default is v for v in (None, False, argparse.SUPPRESS)):
             return text
@@ -361,7 +364,35 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
 
 
 def _command(commands, name: str, **kwargs) -> argparse.ArgumentParser:
-    return commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+    parser = commands.add_parser(name, formatter_class=_HelpFormatter, **kwargs)
+    # after the command too (`run.py train ... --debug`); unset here, the top level's value stands
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help=DEBUG_HELP)
+    return parser
+
+
+def _add_checkpoint(parser, help: str) -> None:
+    """The checkpoint as the first positional or as `--ckpt` (which every command that takes a
+    checkpoint accepts); `_one_checkpoint` keeps one."""
+    parser.add_argument("ckpt", type=Path, nargs="?", metavar="CKPT", help=f"{help}; or --ckpt CKPT")
+    parser.add_argument("--ckpt", type=Path, dest="ckpt_option", metavar="CKPT",
+                        help="the checkpoint as an option, in place of CKPT (default: none)")
+
+
+def _one_checkpoint(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """`CKPT` and `--ckpt CKPT` as one `args.ckpt`; both at once, or neither where the command needs
+    one, is a usage error."""
+    if "ckpt_option" not in vars(args):
+        return
+    given = [path for path in (args.ckpt, vars(args).pop("ckpt_option")) if path is not None]
+    if len(given) == 2:
+        parser.error(f"{args.command}: give the checkpoint once, as CKPT or as --ckpt CKPT")
+    args.ckpt = given[0] if given else None
+    if args.ckpt is None and args.command in CHECKPOINT_REQUIRED:
+        parser.error(f"{args.command}: the checkpoint is required (CKPT or --ckpt CKPT)")
+
+
+CHECKPOINT_REQUIRED = ("generate", "export")  # evaluate takes --predictions instead
+DEBUG_HELP = "show full tracebacks instead of one-line errors"
 
 
 DISTRIBUTED_EPILOG = ("multi-process run: give --coordinator, --num-processes and --process-id together (one "
@@ -440,10 +471,10 @@ def _export_command(commands) -> None:
         "(LoRA merged; the prior projector beside it as prior_projector.safetensors), peft: a PEFT LoRA adapter for "
         "that model, or emola: an official EmoLA run (PEFT adapter, non_lora_trainables.bin, "
         "landmark_feature_projector.bin, config.json) to load over its base LLaVA-1.5. Streams one layer at a time.",
-        epilog="go together: --max-shard-size and --no-merge with --format hf; --adapter-format with --format peft "
-        "or emola.",
+        epilog="required: CKPT (or --ckpt CKPT), OUT and --format. Go together: --max-shard-size and --no-merge "
+        "with --format hf; --adapter-format with --format peft or emola.",
     )
-    parser.add_argument("ckpt", type=Path, help="the emola-jax checkpoint")
+    _add_checkpoint(parser, "the emola-jax checkpoint (required)")
     parser.add_argument("out", type=Path, help="the folder to write")
     parser.add_argument("--format", required=True, choices=choices(ExportFormat), help="what to write (required)")
     parser.add_argument("--dtype", choices=choices(Dtype),
@@ -469,7 +500,8 @@ def _demo_command(commands) -> None:
         "evaluate REGE on held-out faces, export to transformers and PEFT and check the reloaded logits.",
     )
     parser.add_argument("--workdir", type=Path, default=Path("demo_out"), help="where the demo writes its files")
-    parser.add_argument("--config", default="tiny", help="config name in configs/ or a path; its "
+    parser.add_argument("--config", default="tiny", help="a config's name (run.py train --help lists them) or a "
+                        "path; its "
                         "model and train sections are used, the base and data are the demo's own")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set model.text.num_hidden_layers=4 (repeatable; "
@@ -486,8 +518,8 @@ def _evaluate_command(commands) -> None:
         "(each runs the same command with its --process-id), into OUT/predictions.jsonl (a rerun continues where "
         "a killed one stopped), or score an existing predictions "
         "file (JSON lines with prediction, reference, label); then write OUT/metrics.json and OUT/report.md.",
-        epilog="required: --task, --out, and either --predictions FILE (score it) or --ckpt CKPT together with "
-        "--data SPLIT.json (generate, then score).\n"
+        epilog="required: --task, --out, and either --predictions FILE (score it) or CKPT (or --ckpt CKPT) "
+        "together with --data SPLIT.json (generate, then score).\n"
         "--images-root, --landmarks, --record-prompts, --batch-size, the decoding options and the multi-process "
         "options go with --ckpt.\n" + DISTRIBUTED_EPILOG,
     )
@@ -501,8 +533,7 @@ def _evaluate_command(commands) -> None:
     scoring.add_argument("--predictions", type=Path,
                          help="JSON-lines file with prediction, reference and label (default: none)")
     generating = parser.add_argument_group("generate with a checkpoint", "--ckpt and --data go together")
-    generating.add_argument("--ckpt", type=Path, help="emola-jax checkpoint to generate the predictions with "
-                            "(default: none)")
+    _add_checkpoint(generating, "emola-jax checkpoint to generate the predictions with (default: none)")
     generating.add_argument("--data", type=Path, help="annotation file of the split (e.g. eval_emotion_anno.json; "
                             "default: none)")
     generating.add_argument("--images-root", type=Path,
@@ -587,6 +618,14 @@ def _train_command(commands) -> None:
         "WORKDIR/experiment.json (the run's settings), WORKDIR/metrics.jsonl, TensorBoard logs in "
         "WORKDIR/tensorboard, checkpoints in WORKDIR/checkpoints and, at the end, the trained model in WORKDIR/model.",
         epilog="required: --config and --workdir.\n"
+        "configs (--config NAME):\n" + "".join(f"- {name}: {about}\n" for name, about in configs.available().items())
+        + "- ablations/TABLE:row=ROW,task=TASK: a row of an ablation table (" + ", ".join(configs.ablation_tables())
+        + ")\n- or a path: a Python file with get_config(), or a run's WORKDIR/experiment.json\n"
+        "your own data (--set KEY=VALUE): data.annotations (one annotation file, or a JSON list of them), "
+        "data.images_root (the folder their image paths are relative to; default: each file's folder), "
+        "data.landmarks (the precompute-landmarks/precompute-priors output, FEATURES.array_record, one per prior of "
+        "the model; null: each record's official .npy), or data.tfds_dir with data.split (a built tfds dataset); "
+        "data.batch_size (global), data.max_length, data.seed; train.base (the converted base checkpoint).\n"
         "A rerun in a WORKDIR that holds checkpoints must give the run's settings (WORKDIR/experiment.json): a change "
         "that alters the run's trajectory is refused, each difference named. It may change the logging and "
         "checkpoint cadence, train.keep_checkpoints, train.remat, train.attention, train.mesh, train.on_nonfinite and "
@@ -594,7 +633,7 @@ def _train_command(commands) -> None:
         "checkpoint.\n" + DISTRIBUTED_EPILOG,
     )
     parser.add_argument("--config", required=True,
-                        help="config name in configs/ (tiny, emola_7b, llava15_7b) or a path (required)")
+                        help="a config's name (listed below) or a path (required)")
     parser.add_argument("--workdir", type=Path, required=True,
                         help="run folder (created; resumed when it holds one; required)")
     parser.add_argument("--steps", type=positive_int,
@@ -619,21 +658,21 @@ def _generate_command(commands) -> None:
         commands, "generate", help="answer one prompt about one image",
         description="Print the model's answer about IMAGE (on several processes, every one computes it and "
         "process 0 prints it).",
-        epilog="required: CKPT, --image and --prompt. A model with a 2d106det prior token needs --landmarks or "
-        "--onnx, not both; dlib priors are computed from the image unless --landmarks gives them.\n"
+        epilog="required: CKPT (or --ckpt CKPT), --image and --prompt. A model with a 2d106det prior token needs "
+        "--prior-npy or --onnx, not both; dlib priors are computed from the image unless --prior-npy gives them.\n"
         + DISTRIBUTED_EPILOG,
     )
-    parser.add_argument("ckpt", type=Path, help="emola-jax checkpoint (with its tokenizer)")
+    _add_checkpoint(parser, "emola-jax checkpoint (with its tokenizer; required)")
     parser.add_argument("--image", type=Path, required=True, help="the face image (required)")
     parser.add_argument("--prompt", required=True, help='e.g. "What emotions are conveyed by this face?" (required)')
-    prior = parser.add_argument_group("prior feature", "--landmarks or --onnx, not both")
-    prior.add_argument("--landmarks", type=Path, nargs="+", help="the image's prior features (.npy), one per prior "
-                       "of the model in its order (2d106det: 212 values; default: none)")
+    prior = parser.add_argument_group("prior feature", "--prior-npy or --onnx, not both")
+    prior.add_argument("--prior-npy", type=Path, nargs="+", metavar="FILE.npy", help="the image's prior features, "
+                       "one .npy file per prior of the model in its order (2d106det: 212 values; default: none)")
     prior.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) to compute the 2d106det feature "
                        "on the fly with the official recipe; the dlib priors are computed on the whole image "
                        "without it (default: none)")
     prior.add_argument("--save-prior", type=Path, metavar="FOLDER", help="write the prior feature the answer used "
-                       "as FOLDER/<prior>.npy, one per prior of the model, as --landmarks takes them (default: none)")
+                       "as FOLDER/<prior>.npy, one per prior of the model, as --prior-npy takes them (default: none)")
     _add_decoding_flags(parser.add_argument_group("decoding"), scored=False)
     _add_distributed_flags(parser)
     parser.set_defaults(func=_generate)
@@ -682,7 +721,8 @@ def _analyze_command(commands) -> None:
         epilog="required: PHOTO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
     )
     parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
-    parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer)")
+    parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer; "
+                        "required)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, results.jsonl, index.html; "
                         "written whole when every photo is done")
     parser.add_argument("--overwrite", action="store_true", help="replace OUT if it exists and is not empty (once "
@@ -726,7 +766,8 @@ def _plan_command(commands) -> None:
                         "(this machine's devices; required)")
     parser.add_argument("--num-slices", type=positive_int, default=1,
                         help="slices joined over the data-centre network (set the mesh's dcn_* sizes to match)")
-    parser.add_argument("--config", default="emola_7b", help="config name in configs/ or a path")
+    parser.add_argument("--config", default="emola_7b",
+                        help="a config's name (run.py train --help lists them) or a path")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                         help="override a config field, e.g. --set model.lora.rank=8 (repeatable; default: none)")
     parser.add_argument("--mesh", help="mesh axis sizes, e.g. fsdp=-1 or data=2,fsdp=4,dcn_data=2 (default: the "
@@ -752,7 +793,7 @@ def _plan_command(commands) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = _Parser(prog="run.py", description=__doc__, formatter_class=_HelpFormatter)
-    parser.add_argument("--debug", action="store_true", help="show full tracebacks instead of one-line errors")
+    parser.add_argument("--debug", action="store_true", help=DEBUG_HELP)
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _convert_command(commands)
     _export_command(commands)
@@ -785,7 +826,9 @@ def _skip_absent_tpu() -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    _one_checkpoint(parser, args)
     _skip_absent_tpu()
     # deferred: start-up time (jax)
     from emola_jax import distributed

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import sys
 from pathlib import Path
@@ -16,6 +17,18 @@ def ablation_tables() -> list[str]:
     return sorted(p.stem for p in (CONFIG_DIR / "ablations").glob("*.py") if p.stem != "__init__")
 
 
+def available() -> dict[str, str]:
+    """Each config of `configs/` by name, with the first sentence of its docstring (read, not
+    imported: `--help` lists them without loading jax)."""
+    summaries = {}
+    for path in sorted(CONFIG_DIR.glob("*.py")):
+        if path.stem != "__init__":
+            doc = ast.get_docstring(ast.parse(path.read_text())) or ""
+            first_paragraph = " ".join(doc.split("\n\n")[0].split())
+            summaries[path.stem] = first_paragraph.split(". ")[0].rstrip(".")
+    return summaries
+
+
 def load(name_or_path: str) -> Any:
     """`tiny`, `emola_7b`, `ablations/tokens`, a path to any file with a `get_config()`, or a run's
     `WORKDIR/experiment.json`; a `:ARG` suffix (`ablations/tokens:row=both,task=au`) is passed on as
@@ -25,8 +38,7 @@ def load(name_or_path: str) -> Any:
     if not path.suffix:
         path = CONFIG_DIR / f"{name_or_path}.py"
     if not path.is_file():
-        known = sorted(p.stem for p in CONFIG_DIR.glob("*.py") if p.stem != "__init__")
-        raise FileNotFoundError(f"config {name_or_path!r} not found; known configs: {', '.join(known)}")
+        raise FileNotFoundError(f"config {name_or_path!r} not found; known configs: {', '.join(available())}")
     if path.suffix == ".json":  # a run's settings as a workdir keeps them (WORKDIR/experiment.json)
         if arg:
             raise ValueError(f"config {path} is a run's settings and takes no :ARG")

@@ -1,6 +1,7 @@
-"""The demo's tiny EmoLA trained on the demo's drawn faces, from the demo's converted base; and the
-layout of the folder `python run.py demo` writes (`DemoInputs`), which the demo fills and this
-config reads.
+"""The demo's tiny EmoLA trained on its drawn faces from its converted base (after `run.py demo`).
+
+Also the layout of the folder `python run.py demo` writes (`DemoInputs`), which the demo fills
+and this config reads.
 
 Run `python run.py demo` first (it writes `demo_out/`), then, e.g. on two processes of one machine:
 

@@ -32,7 +32,6 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from converters import hf_config, tables
 from converters.writers import SafetensorsWriter, nbytes, parse_size, plan_shards, save_torch, shard_names
@@ -49,6 +48,7 @@ from emola_jax.checkpoint import (
 from emola_jax.config import EmolaConfig, PriorToken
 from emola_jax.lora import fold, target_regex, to_peft_config
 from emola_jax.models.tree import LAYER_AXIS_PARENT, layer_path
+from emola_jax.progress import bar as progress_bar
 from emola_jax.settings import AdapterFormat, Dtype, ExportFormat, check_choice
 from emola_jax.weights import Path_
 
@@ -274,8 +274,8 @@ def _stream(ckpt: Path, items: list[Item], stored: dict[Path_, Any], files: _Fil
         wanted = {e: stored[e] for item in group for e in item.entries}
         return read_params(ckpt, wanted)
 
-    with ThreadPoolExecutor(1) as reader, tqdm(total=len(items), desc="exporting", unit="tensor",
-                                               disable=not progress) as bar:
+    with ThreadPoolExecutor(1) as reader, progress_bar(total=len(items), desc="exporting", unit="tensor",
+                                                       enabled=progress) as bar:
         upcoming = reader.submit(read, groups[0])
         for g, group in enumerate(groups):
             arrays = upcoming.result()

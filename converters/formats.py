@@ -29,6 +29,33 @@ def read_json(path: Path) -> dict[str, Any]:
         raise ValueError(f"{path} is not valid JSON: {err}") from err
 
 
+def local_directory(src: str | Path, what: str = "the source") -> Path:
+    """`src` as a local directory: a folder that exists, or else a Hugging Face hub id (`owner/name`)
+    found in the local Hugging Face cache (`HF_HUB_CACHE`, default `HF_HOME/hub`), offline, by
+    huggingface_hub's own lookup, as transformers' `from_pretrained(..., local_files_only=True)`
+    finds a model: the snapshot `refs/main` points to.
+
+    Raises FileNotFoundError, in one sentence naming the cache and how to fill it, when `src` is
+    neither."""
+    path = Path(src)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"{what} {src} is a file, not a checkpoint directory")
+    # deferred: import time (huggingface_hub's http stack), for the sources that are not folders
+    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub.errors import HFValidationError, LocalEntryNotFoundError
+
+    try:
+        return Path(snapshot_download(str(src), local_files_only=True))
+    except HFValidationError:  # not shaped like a hub id: a folder that is not there
+        raise FileNotFoundError(f"{what} {src} is not a directory") from None
+    except LocalEntryNotFoundError:
+        raise FileNotFoundError(
+            f"{what} {src} is neither a directory nor a model in the Hugging Face cache ({constants.HF_HUB_CACHE}); "
+            f"download it with `hf download {src}` (or set HF_HOME to the cache that holds it)") from None
+
+
 def detect(src: Path) -> str:
     """'llava-hf', 'llava' (original LLaVA-1.5 layout) or 'emola' (an official EmoLA run)."""
     if not src.is_dir():

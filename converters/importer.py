@@ -17,7 +17,6 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
-from tqdm import tqdm
 
 from converters import formats, hf_config, tables
 from converters.readers import TensorStore, weight_files
@@ -27,6 +26,7 @@ from emola_jax.checkpoint import PAD_TO_SQUARE, CheckpointWriter
 from emola_jax.config import DEFAULT_PRIOR, EmolaConfig, PriorToken, VisionConfig
 from emola_jax.models.clip import CLIPVisionModel
 from emola_jax.models.tree import is_stacked, layer_path
+from emola_jax.progress import bar as progress_bar
 from emola_jax.settings import Dtype, check_choice
 
 _IGNORED = re.compile("|".join(tables.IGNORED_KEY_PATTERNS))
@@ -184,10 +184,16 @@ def _prior_dim(sources: list[Source]) -> int:
     raise KeyError("the EmoLA run has no landmark_feature_projector weights (landmark_feature_projector.bin)")
 
 
+def _local(src, clip, base) -> tuple[Path, Path | None, Path | None]:
+    """The three sources as local folders (hub ids looked up in the Hugging Face cache)."""
+    return (formats.local_directory(src), clip and formats.local_directory(clip, "--clip"),
+            base and formats.local_directory(base, "--base"))
+
+
 def plan_conversion(
     src: str | Path, *, clip: str | Path | None = None, base: str | Path | None = None, dtype: str = "float32"
 ) -> tuple[EmolaConfig, list[Assignment], dict]:
-    src, clip, base = Path(src), clip and Path(clip), base and Path(base)
+    src, clip, base = _local(src, clip, base)
     check_choice(dtype, Dtype, "dtype")
     kind = formats.detect(src)
     if kind == "emola":
@@ -220,15 +226,17 @@ def convert(
     overwrite: bool = False,
     progress: bool = True,
 ) -> Path:
-    """Writes an emola-jax checkpoint for `src` at `out`; returns `out`."""
+    """Writes an emola-jax checkpoint for `src` at `out`; returns `out`. `src`, `clip` and `base` are
+    folders or hub ids in the local Hugging Face cache (`formats.local_directory`)."""
+    src, clip, base = _local(src, clip, base)
     check_apart("OUT", out, {"the source": src, "--clip": clip, "--base": base})
     config, plan, provenance = plan_conversion(src, clip=clip, base=base, dtype=dtype)
-    tokenizer = formats.tokenizer_files(Path(src), base and Path(base))
+    tokenizer = formats.tokenizer_files(src, base)
     with CheckpointWriter(out, overwrite=overwrite) as writer, ThreadPoolExecutor(1) as reader:
         # Read tensor k+1 (file I/O) while tensor k is transposed and cast (XLA), and an earlier
         # group is written (orbax): one tensor of look-ahead keeps the memory bounded.
         upcoming = reader.submit(plan[0].source.store.read, plan[0].key)
-        for i, item in enumerate(tqdm(plan, desc="converting", unit="tensor", disable=not progress)):
+        for i, item in enumerate(progress_bar(iterable=plan, desc="converting", unit="tensor", enabled=progress)):
             array = upcoming.result()
             if i + 1 < len(plan):
                 upcoming = reader.submit(plan[i + 1].source.store.read, plan[i + 1].key)
@@ -244,8 +252,10 @@ def _to_model_layout(array: jax.Array, transform: tables.Transform, dtype: jnp.d
 
 
 def load_clip_vision(clip: str | Path, dtype: str = "float32") -> tuple[CLIPVisionModel, VisionConfig]:
-    """A CLIP vision tower straight from a transformers CLIP directory (small: read in memory)."""
-    source, vision = _clip_source(Path(clip), Path(clip))
+    """A CLIP vision tower straight from a transformers CLIP directory or cached hub id (small: read
+    in memory)."""
+    clip = formats.local_directory(clip, "CLIP")
+    source, vision = _clip_source(clip, clip)
     model = weights.abstract(lambda rngs: CLIPVisionModel(vision, dtype=jnp.dtype(dtype), rngs=rngs))
     layout = source.layouts[0]
     values = {}

@@ -60,6 +60,7 @@ from emola_jax.models.tree import (
     layer_path,
     param_shapes,
 )
+from emola_jax.progress import bar as progress_bar
 from emola_jax.quantization import QTYPES, Quantization, as_array
 from emola_jax.weights import Path_, path_name
 
@@ -536,9 +537,7 @@ def quantize_checkpoint(src: str | Path, out: str | Path, quantization: Quantiza
     source = {**read_source(src), "quantized": dataclasses.asdict(quantization)}
     tokenizer = Path(src) / TOKENIZER_DIR
     with CheckpointWriter(out, overwrite=overwrite) as writer:
-        for i, path in enumerate(specs):
-            if progress and i % 50 == 0:
-                print(f"quantising {i}/{len(specs)} weights", flush=True)
+        for path in progress_bar(iterable=specs, desc="quantising", unit="weight", enabled=progress):
             value = np.asarray(read_params(src, {path: stored[path]})[path])
             if is_decoder_kernel(path):
                 codes, scales = pack_codes(quantization, jax.device_get(quantization.quantize(jnp.asarray(value))))

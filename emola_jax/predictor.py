@@ -118,7 +118,7 @@ class Predictor:
         if not self.uses_prior:
             return None
         if feature is None:
-            raise ValueError("this model uses a facial prior token: give --landmarks FILE.npy or --onnx MODEL.onnx")
+            raise ValueError("this model uses a facial prior token: give --prior-npy FILE.npy or --onnx MODEL.onnx")
         if np.size(feature) != self.config.prior_dim:
             raise ValueError(f"the prior feature has {np.size(feature)} values; this model's priors "
                              f"({', '.join(p.name for p in self.config.priors)}) take {self.config.prior_dim}")

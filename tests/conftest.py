@@ -24,6 +24,7 @@ torch.set_num_threads(2)
 import pytest  # noqa: E402
 from filelock import FileLock  # noqa: E402
 
+from tests.processes import SMALL_TRAIN, cpu_env  # noqa: E402
 from tests.reference import official_emola_run, write_eval_checkpoint  # noqa: E402
 
 
@@ -75,3 +76,18 @@ def emola_run(tmp_path_factory):
     """An official EmoLA run on disk with the PyTorch modules that are its truth
     (`reference.official_emola_run`); once per worker, as it holds live PyTorch modules."""
     return official_emola_run(tmp_path_factory.mktemp("emola"))
+
+
+@pytest.fixture(scope="session")
+def small_run(tmp_path_factory) -> Path:
+    """`SMALL_TRAIN` run once for the whole test run: 4 steps, checkpoints at 2 and 4, WORKDIR/model.
+    Read it, or copy it before changing anything (other workers read it at the same time)."""
+
+    def train(folder):
+        result = subprocess.run([sys.executable, str(ROOT / "run.py"), *SMALL_TRAIN, "--workdir", str(folder / "run")],
+                                cwd=ROOT, env=cpu_env(1), capture_output=True, text=True, timeout=600)
+        return {"returncode": result.returncode, "stderr": result.stderr[-3000:]}
+
+    folder, result = shared_once(tmp_path_factory, "small_run", train)
+    assert result["returncode"] == 0, result["stderr"]
+    return folder / "run"

@@ -20,7 +20,7 @@ PACKAGES = ("emola_jax", "converters", "configs")
 
 # (layer, module-name regex), first match wins
 LAYERS = (
-    ("foundation", r"emola_jax\.(settings|atomic|weights|config|quantization|lora|sharding|distributed)"),
+    ("foundation", r"emola_jax\.(settings|atomic|progress|weights|config|quantization|lora|sharding|distributed)"),
     ("data", r"emola_jax\.data(\..*)?"),
     ("models", r"emola_jax\.models(\..*)?"),
     ("storage and decoding", r"emola_jax\.(checkpoint|generate)"),

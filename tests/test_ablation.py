@@ -12,7 +12,7 @@ import configs
 from configs import ablations as ablation
 from configs.demo_faces import DemoInputs
 from emola_jax.apps import demo
-from emola_jax.apps.ablation import write_table
+from emola_jax.apps.ablation import chart, write_table
 from emola_jax.config import PriorToken
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -82,6 +82,9 @@ def test_table_puts_this_run_beside_the_paper(tmp_path):
         in lines
     assert "| prior token after visual tokens | au | au | 40.0 | 10.0 | 50.0 | 60.2 | 34.7 | 94.9 |" in lines
     assert (tmp_path / "table.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    axes = chart("position", results).axes[0]  # the table's scale: S_rege = S_re + S_ge runs to 200
+    assert axes.get_ylim() == (0, 200) and "0-200" in axes.get_ylabel()
+    assert [bar.get_height() for bar in axes.patches[:2]] == [70.25, 50.0]
     priors = write_table(tmp_path / "p", "priors", [dict(results[0], row="2d106det")])
     assert "| 2d106det landmarks | emotion | emotion | 50.0 | 20.2 | 70.2 | — | — | — |" in priors.read_text()
 
@@ -101,6 +104,11 @@ def test_ablation_command_on_the_demo_faces(demo_run, tmp_path):
                                                      ("after", "au")]
     assert all(0 <= r["s_rege"] <= 200 for r in rows)
     assert "prior token before visual tokens" in result.stdout and (tmp_path / "table.png").is_file()
+    said = [line for line in result.stderr.splitlines() if line.startswith("run ")]  # a line per run and score
+    assert len(said) == 8 and said[0].startswith("run 1/4: before, trained on emotion (")
+    assert said[1] == (f"run 1/4: before, scored on emotion: S_re {rows[0]['s_re']:.1f}  S_ge {rows[0]['s_ge']:.1f}  "
+                       f"S_rege {rows[0]['s_rege']:.1f}")
+    assert "\r" not in result.stderr and "train: 100%" in result.stderr and "evaluating: 100%" in result.stderr
     run = json.loads((tmp_path / "runs" / "before-au" / "experiment.json").read_text())
     assert run["model"]["prior_position"] == "before" and run["train"]["steps"] == 1  # half of 2: one set of two
     assert [Path(a).name for a in run["data"]["annotations"]] == ["train_au_anno.json"]

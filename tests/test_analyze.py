@@ -3,18 +3,19 @@ photographs (scikit-image's astronaut, insightface's group photo t1.jpg) with th
 
 import importlib.util
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
+from PIL import Image, ImageDraw
 
 from emola_jax.data import dlib_models
 from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, FaceFinder, insightface_detector
 from emola_jax.data.image import decode_rgb
-from tests.processes import RUN, cpu_env
+from tests.processes import ROOT, RUN, cpu_env
 
 dlib = pytest.importorskip("dlib")
 skimage_data = pytest.importorskip("skimage.data")
@@ -48,6 +49,35 @@ def test_hog_faces_equal_dlib(photo):
         np.testing.assert_array_equal(face.points, want_points)
         assert face.chip.shape == (CHIP_SIZE, CHIP_SIZE, 3)
         np.testing.assert_array_equal(face.chip, want_chip)
+
+
+def test_the_readmes_min_score_keeps_every_real_face_and_drops_the_patch():
+    """The README's suggested `--min-score` against the HOG scores of real photos."""
+    suggested = {float(v) for v in re.findall(r"--min-score ([0-9.]+)", (ROOT / "README.md").read_text())}
+    assert len(suggested) == 1
+    threshold = suggested.pop()
+    finder = FaceFinder("hog")
+    group = finder.detect(decode_rgb(_group_photo()))
+    astronaut = sorted(d.score for d in finder.detect(skimage_data.astronaut()))
+    assert len(group) == 6 and all(d.score >= threshold for d in group)  # the weakest real face: 0.37
+    assert astronaut[0] < threshold <= astronaut[1]  # her mission patch (0.12) goes, her face (1.16) stays
+
+
+@pytest.mark.parametrize("size,face", [((112, 112), (8, 10, 100, 104)), ((512, 512), (180, 60, 290, 170)),
+                                       ((4000, 3000), (100, 10, 900, 900))])
+def test_labels_fit_the_photo(size, face):
+    from emola_jax.apps.analyze import LABEL_MIN_PX, layout_label
+
+    text = "1: neutral (fallback: no emotion named); AU1 AU2 AU4 AU6 AU12 AU25"
+    label = layout_label(text, size, face)
+    left, top, right, bottom = label.box
+    assert 0 <= left <= right < size[0] and 0 <= top <= bottom < size[1]
+    assert label.font.size == (LABEL_MIN_PX if size[0] == 112 else max(12, round(max(size) / 60)))
+    assert label.text.replace("\n", " ") == text and ("\n" in label.text) == (size[0] == 112)
+    image = Image.new("RGB", size)
+    draw = ImageDraw.Draw(image)
+    x0, y0, x1, y1 = draw.multiline_textbbox(label.origin, label.text, font=label.font)
+    assert left <= x0 and x1 <= right + 1 and top <= y0 and y1 <= bottom + 1  # every glyph on its background
 
 
 def test_cnn_detector_crop_options_and_limits_equal_dlib():

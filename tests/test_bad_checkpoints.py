@@ -8,7 +8,7 @@ import sys
 import numpy as np
 import pytest
 
-from tests.processes import ROOT, cpu_env
+from tests.processes import ROOT, SMALL_TRAIN, cpu_env
 
 RUN = [sys.executable, str(ROOT / "run.py")]
 
@@ -26,11 +26,11 @@ def _one_line_error(result: subprocess.CompletedProcess, expected: str) -> str:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A tiny synthetic run of 2 steps: a checkpoint at step 2 and WORKDIR/model."""
+def trained(tmp_path_factory, small_run):
+    """A finished synthetic run (`SMALL_TRAIN`: checkpoints at steps 2 and 4, WORKDIR/model), this
+    module's own copy."""
     workdir = tmp_path_factory.mktemp("run") / "w"
-    result = _run("train", "--config", "tiny", "--workdir", str(workdir), "--steps", "2", cwd=ROOT)
-    assert result.returncode == 0, result.stderr
+    shutil.copytree(small_run, workdir)
     return workdir
 
 
@@ -75,8 +75,7 @@ def test_resume_of_other_weights_is_one_line_and_leaves_the_run(trained, tmp_pat
     workdir = tmp_path / "w"
     shutil.copytree(trained, workdir)
     before = sorted(p.name for p in (workdir / "checkpoints").iterdir())
-    result = _run("train", "--config", "tiny", "--workdir", str(workdir), "--steps", "3",
-                  "--set", "model.lora.rank=2", cwd=tmp_path)
+    result = _run(*SMALL_TRAIN, "--workdir", str(workdir), "--set", "model.lora.rank=2", cwd=tmp_path)
     _one_line_error(result, "")
     assert "Traceback" not in result.stderr and "registry" not in result.stderr
     assert sorted(p.name for p in (workdir / "checkpoints").iterdir()) == before
@@ -92,11 +91,11 @@ def test_weights_of_another_shape_are_named_before_orbax_reads(trained):
     with TrainCheckpoints(trained, keep=1, base=None, fingerprint=None) as checkpoints:
         saved = checkpoints._checkpointer.metadata(2).metadata
         abstract = {"params": jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype), saved["params"])}
-        lora_a = abstract["params"]["language_model"]["layers"]["mlp"]["up_proj"]
-        lora_a["lora_a"] = jax.ShapeDtypeStruct((2, 128, 4), np.float32)
+        lora_a = abstract["params"]["language_model"]["layers"]["self_attn"]["q_proj"]
+        lora_a["lora_a"] = jax.ShapeDtypeStruct((1, 128, 4), np.float32)
         with pytest.raises(ValueError, match=r"holds other trainable weights than this run has \(1 differ; "
-                                             r"language_model/layers/mlp/up_proj/lora_a: \(\(2, 128, 16\), "
-                                             r"'float32'\) there, \(\(2, 128, 4\), 'float32'\) here\)"):
+                                             r"language_model/layers/self_attn/q_proj/lora_a: \(\(1, 128, 16\), "
+                                             r"'float32'\) there, \(\(1, 128, 4\), 'float32'\) here\)"):
             checkpoints.restore(abstract)
 
 
@@ -121,7 +120,7 @@ def test_a_checkpoint_that_is_not_there_or_has_a_torn_tokenizer_is_named(demo_ru
     (tmp_path / "face.png").write_bytes((ROOT / "docs" / "analyze_example.png").read_bytes())
     np.save(tmp_path / "face.npy", np.zeros(212, np.float32))
     for command in (["generate", str(model), "--image", str(tmp_path / "face.png"), "--prompt", "?",
-                     "--landmarks", str(tmp_path / "face.npy")],
+                     "--prior-npy", str(tmp_path / "face.npy")],
                     ["evaluate", "--ckpt", str(model), "--data", str(tmp_path / "a.json"), "--task", "emotion",
                      "--out", str(tmp_path / "out")]):
         line = _one_line_error(_run(*command, cwd=tmp_path), "")

@@ -22,13 +22,10 @@ import run
 from emola_jax.config import LoRAConfig, override
 from emola_jax.data.pipeline import PipelineConfig
 from emola_jax.train.rerun import EXPERIMENT_FILE, check_rerun, recorded
-from tests.processes import cpu_env
+from tests.processes import SMALL_TRAIN, cpu_env
 
 ROOT = Path(__file__).resolve().parents[1]
-TRAIN = ["train", "--config", "tiny", "--steps", "4", "--set", "train.checkpoint_every=2",  # a smaller tiny: quick
-         "--set", "data.seq_length=48", "--set", "model.vision.num_hidden_layers=1",
-         "--set", "model.vision.image_size=28", "--set", "model.text.num_hidden_layers=1",
-         "--set", 'model.lora.targets=["q_proj", "v_proj"]']
+TRAIN = SMALL_TRAIN
 
 
 def run_py(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
@@ -51,11 +48,11 @@ def snapshot(workdir: Path) -> dict[str, tuple[int, int]]:
 
 
 @pytest.fixture(scope="module")
-def finished(tmp_path_factory) -> Path:
-    """A finished tiny run: 4 steps, checkpoints at 2 and 4, WORKDIR/model written."""
+def finished(tmp_path_factory, small_run) -> Path:
+    """A finished run of `TRAIN`: 4 steps, checkpoints at 2 and 4, WORKDIR/model written (this
+    module's own copy of the shared run, at a path of its own)."""
     workdir = tmp_path_factory.mktemp("runs") / "finished"
-    result = run_py(*TRAIN, "--workdir", str(workdir))
-    assert result.returncode == 0, result.stderr[-3000:]
+    shutil.copytree(small_run, workdir)
     assert (workdir / "model").is_dir() and (workdir / EXPERIMENT_FILE).is_file()
     return workdir
 
@@ -304,11 +301,11 @@ def _commands() -> dict[str, argparse.ArgumentParser]:
 TOGETHER = {
     "convert": ["--base and --clip"],
     "export": ["--adapter-format with --format peft"],
-    "evaluate": ["--ckpt CKPT together with --data SPLIT.json", "--coordinator, --num-processes and --process-id "
-                 "together"],
+    "evaluate": ["CKPT (or --ckpt CKPT) together with --data SPLIT.json",
+                 "--coordinator, --num-processes and --process-id together"],
     "precompute-landmarks": ["--onnx together with --images-root"],
     "train": ["--coordinator, --num-processes and --process-id together", "--extend"],
-    "generate": ["--landmarks or --onnx, not both"],
+    "generate": ["--prior-npy or --onnx, not both"],
     "demo": [],
     "ablation": ["--eval-emotion, --eval-au and --eval-landmarks go together"],
     "precompute-priors": ["--onnx for 2d106det"],

@@ -1,6 +1,7 @@
 """Bad checkpoints fail with one sentence naming the key and file, and leave nothing behind."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -139,4 +140,15 @@ def test_cli_errors_are_one_sentence(tmp_path):
         capture_output=True, text=True, cwd=ROOT,
     )
     assert result.returncode == 1
-    assert result.stderr.strip() == f"error: {tmp_path / 'nope'} is not a directory"
+    assert result.stderr.strip() == f"error: the source {tmp_path / 'nope'} is not a directory"
+    # a hub id absent from the Hugging Face cache: where it was looked for, and how to fetch it
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_CACHE"}
+    result = subprocess.run([sys.executable, str(ROOT / "run.py"), "convert", "llava-hf/llava-1.5-7b-hf",
+                             str(tmp_path / "out")], capture_output=True, text=True, cwd=ROOT,
+                            env={**env, "HF_HOME": str(tmp_path / "hf_home")})
+    assert result.returncode == 1
+    assert result.stderr.strip() == (
+        f"error: the source llava-hf/llava-1.5-7b-hf is neither a directory nor a model in the Hugging Face cache "
+        f"({tmp_path / 'hf_home' / 'hub'}); download it with `hf download llava-hf/llava-1.5-7b-hf` (or set "
+        "HF_HOME to the cache that holds it)")
+    assert not (tmp_path / "out").exists()

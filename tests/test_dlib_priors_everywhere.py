@@ -115,5 +115,5 @@ def test_generate_needs_the_graph_of_2d106det_alone(three_priors, tmp_path):
     assert missing.returncode == 1 and missing.stdout == ""
     assert missing.stderr.strip().splitlines() == [
         "error: the model's priors (2d106det, dlib68, dlib-face-descriptor) include 2d106det, which runs a landmark "
-        "model: give --onnx MODEL.onnx, or --landmarks FILE.npy per prior"]
+        "model: give --onnx MODEL.onnx, or --prior-npy FILE.npy per prior"]
     assert not (tmp_path / "none").exists()

@@ -205,7 +205,7 @@ def test_two_processes_resume_after_a_kill(eval_checkpoint, one_process, tmp_pat
 
 def test_generate_on_two_processes_prints_the_answer_of_one(eval_checkpoint, capsys, tmp_path):
     root, ckpt = eval_checkpoint
-    args = ["generate", str(ckpt), "--image", str(root / "data" / "images" / "0.png"), "--landmarks",
+    args = ["generate", str(ckpt), "--image", str(root / "data" / "images" / "0.png"), "--prior-npy",
             str(root / "data" / "landmarks" / "0.npy"), "--prompt", "What emotions are conveyed by this face?",
             "--max-new-tokens", "6"]
     assert run.main(args) == 0

@@ -61,9 +61,9 @@ def test_generate_cli(eval_checkpoint, tmp_path):
     _landmark_graph(tmp_path / "2d106det.onnx")
     image = root / "data" / "images" / "2.png"
     question = "What emotions are conveyed by this face?"
-    run = [sys.executable, str(ROOT / "run.py"), "generate", str(ckpt), "--image", str(image), "--prompt", question,
-           "--max-new-tokens", "6"]
-    with_npy = subprocess.run(run + ["--landmarks", str(root / "data" / "landmarks" / "2.npy")],
+    run = [sys.executable, str(ROOT / "run.py"), "generate", "--ckpt", str(ckpt), "--image", str(image),
+           "--prompt", question, "--max-new-tokens", "6"]
+    with_npy = subprocess.run(run + ["--prior-npy", str(root / "data" / "landmarks" / "2.npy")],
                               capture_output=True, text=True)
     assert with_npy.returncode == 0, with_npy.stderr[-2000:]
     evaluator = Predictor(ckpt, generation=GenerationConfig(max_new_tokens=6, eos_token_id=2, pad_token_id=3))
@@ -74,7 +74,7 @@ def test_generate_cli(eval_checkpoint, tmp_path):
     features = landmarks.official_features(landmarks.open_session(tmp_path / "2d106det.onnx"), [image])[0]
     assert with_onnx.stdout.strip() == evaluator.answer(image, question, features)
     missing = subprocess.run(run, capture_output=True, text=True)
-    assert missing.returncode == 1 and "--landmarks" in missing.stderr
+    assert missing.returncode == 1 and "--prior-npy" in missing.stderr
 
 
 def test_generate_refuses_bad_numbers_and_arrays(eval_checkpoint, tmp_path, capsys):
@@ -91,12 +91,12 @@ def test_generate_refuses_bad_numbers_and_arrays(eval_checkpoint, tmp_path, caps
         ("--top-p", "0"): "top_p must be in (0, 1] (1 keeps every token), not 0.0",
         ("--top-p", "5"): "top_p must be in (0, 1] (1 keeps every token), not 5.0",
         ("--max-new-tokens", "0"): "max_new_tokens must be at least 1, not 0",
-        ("--landmarks", str(tmp_path / "nan.npy")): f"landmark file {tmp_path / 'nan.npy'} holds 2 values that are "
+        ("--prior-npy", str(tmp_path / "nan.npy")): f"landmark file {tmp_path / 'nan.npy'} holds 2 values that are "
                                                    "NaN or infinite",
         ("--max-new-tokens", "5000"): "exceeds the model's context of 4096 positions",
     }
     for flags, message in cases.items():
-        landmarks = [] if "--landmarks" in flags else ["--landmarks", str(root / "data" / "landmarks" / "2.npy")]
+        landmarks = [] if "--prior-npy" in flags else ["--prior-npy", str(root / "data" / "landmarks" / "2.npy")]
         assert run.main([*common, *landmarks, *flags]) == 1, flags
         out, err = capsys.readouterr()
         assert out == "" and err.startswith("error: ") and message in err and len(err.splitlines()) == 1, (flags, err)

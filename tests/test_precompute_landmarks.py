@@ -1,6 +1,7 @@
 """`precompute-landmarks`: features equal the graph run by hand (batch 1) for both recipes, bad images
 are listed and skipped, a killed run resumes without redoing or losing work, `.npy` trees import."""
 
+import importlib.metadata
 import json
 import subprocess
 import sys
@@ -67,6 +68,19 @@ def dataset(tmp_path):
     records = make_images(tmp_path / "images", 10)
     (tmp_path / "anno.json").write_text(json.dumps(records))
     return tmp_path, records
+
+
+def test_one_opencv():
+    """opencv-python (insightface's) and opencv-python-headless (ours) fill one `cv2` folder: where
+    both are installed they must be one version, or the folder mixes two builds."""
+    versions = {}
+    for name in ("opencv-python", "opencv-python-headless"):
+        try:
+            versions[name] = importlib.metadata.version(name)
+        except importlib.metadata.PackageNotFoundError:
+            pass
+    assert versions and len(set(versions.values())) == 1, versions
+    assert cv2.__version__ == next(iter(versions.values())).rsplit(".", 1)[0]  # 5.1.0.95 is cv2 5.1.0
 
 
 @pytest.mark.parametrize("batch", [1, "N"])

@@ -20,7 +20,7 @@ import configs
 import run
 from converters import convert
 from emola_jax import weights
-from emola_jax.checkpoint import check_base, load_pretrained, write_quantization
+from emola_jax.checkpoint import SOURCE_FILE, check_base, load_pretrained, write_quantization
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.tree import abstract_model, is_decoder_kernel, quantize_model
 from emola_jax.quantization import Quantization, as_array
@@ -166,16 +166,25 @@ def get_config():
 """
 
 
+HF_COMMIT = "5dc5a3c7e8a1b0f2d4c6e8a0b2d4f6a8c0e2a4b6"  # the snapshot folder a hub commit names
+HF_SNAPSHOT = Path("hf_home/hub/models--tiny-org--llava-tiny-hf/snapshots") / HF_COMMIT
+
+
 @pytest.fixture(scope="module")
 def bases(tmp_path_factory):
     """A tiny transformers LLaVA converted twice: unquantised in-process, NF4 (block 16) by
-    `run.py convert --quantize` in its own process, as a user runs it."""
+    `run.py convert --quantize` in its own process, as a user runs it: by its hub id, from a
+    Hugging Face cache laid out as huggingface_hub lays it out, in the process's HF_HOME."""
     tmp = tmp_path_factory.mktemp("qlora")
-    hf = tmp / "hf"
+    repo = tmp / "hf_home" / "hub" / "models--tiny-org--llava-tiny-hf"
+    hf = tmp / HF_SNAPSHOT
     ref.build_llava(ref.llava_config()).save_pretrained(hf)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(HF_COMMIT)
     convert(hf, tmp / "plain")
-    Run(["convert", str(hf), str(tmp / "nf4"), "--quantize", "nf4", "--block-size", "16"], count=1, devices=1,
-        cwd=ROOT, logs=tmp / "logs").check()
+    Run(["convert", "tiny-org/llava-tiny-hf", str(tmp / "nf4"), "--quantize", "nf4", "--block-size", "16"], count=1,
+        devices=1, cwd=ROOT, logs=tmp / "logs", env={"HF_HOME": str(tmp / "hf_home"), "HF_HUB_CACHE": None}).check()
+    assert json.loads((tmp / "nf4" / SOURCE_FILE).read_text())["src"] == str(hf.resolve())
     (tmp / "qlora_run.py").write_text(RUN_CONFIG)
     return tmp
 
@@ -224,7 +233,7 @@ def test_convert_quantize_then_train_and_load_as_a_user_does(bases, tmp_path, ca
 def test_convert_quantize_guards_its_source_and_cleans_a_killed_runs_copy(bases, tmp_path, capsys):
     """`convert --quantize --overwrite` into the source (or its parent) is refused as plain `convert`
     refuses it, the source untouched; the unquantised copy a killed run left is removed by the rerun."""
-    hf = bases / "hf"
+    hf = bases / HF_SNAPSHOT
     before = sorted((p.name, p.stat().st_size) for p in hf.iterdir())
     for out in (hf, bases):
         capsys.readouterr()

@@ -97,7 +97,7 @@ def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
     _, pixels, features, _ = held_out_inputs(model, faces / "eval_emotion_anno.json", faces / "landmarks.array_record")
     np.save(tmp_path / "feature.npy", features[0])
     generated = subprocess.run([sys.executable, "run.py", "generate", str(model), "--image", str(face), "--prompt",
-                                question, "--landmarks", str(tmp_path / "feature.npy"), "--dtype", "bfloat16"],
+                                question, "--prior-npy", str(tmp_path / "feature.npy"), "--dtype", "bfloat16"],
                                capture_output=True, text=True, cwd=ROOT)
     assert generated.returncode == 0, generated.stderr[-2000:]
     code = readme_block("Answers rather than logits").replace("checkpoints/emola-7b", str(model))
@@ -107,3 +107,47 @@ def test_the_predictor_snippet_answers_as_generate_does(demo_run, tmp_path):
     assert scope["text"] == generated.stdout.strip() != ""
     assert scope["answers"][0][0] == scope["text"]  # the same face, as a batch of one
     assert scope["both"][0] == scope["answers"]  # the shared prefix changes no answer
+
+
+def readme_commands(after: str) -> list[list[str]]:
+    """The `python run.py ...` commands of the first ```bash block after the line starting with
+    `after`, continuation lines joined, each as its `run.py` arguments."""
+    text = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", text[text.index("\n" + after):], re.S).group(1)
+    lines = block.replace("\\\n", " ").splitlines()
+    return [line.split()[2:] for line in lines if line.startswith("python run.py ")]
+
+
+def test_training_on_your_own_files_as_written(demo_run, tmp_path):
+    """The README's three commands from one's own annotation files to a scored model, run as written
+    on a few of the demo's faces copied into `my_faces/`; only the model changes (`demo_faces` and the
+    demo's base, landmark graph, context and a short run in place of the 7B's)."""
+    import shutil
+
+    workdir, demo = demo_run
+    assert demo.returncode == 0, demo.stderr[-2000:]
+    faces = workdir / "faces"
+    (tmp_path / "demo_out").symlink_to(workdir)  # where demo_faces finds its base
+    mine = {"train.json": json.loads((faces / "train_emotion_anno.json").read_text())[::20],
+            "test.json": json.loads((faces / "eval_emotion_anno.json").read_text())[::7]}
+    for name, records in mine.items():
+        for record in records:
+            (tmp_path / "my_faces" / record["image"]).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy(faces / record["image"], tmp_path / "my_faces" / record["image"])
+        (tmp_path / "my_faces" / name).write_text(json.dumps(records))
+    changes = {"~/.insightface/models/buffalo_l/2d106det.onnx": str(workdir / "landmark_model.onnx"),
+               "emola_7b": "demo_faces", "200": "2"}
+    commands = readme_commands("From your own files to a scored model")
+    assert [c[0] for c in commands] == ["precompute-landmarks", "train", "evaluate"]
+    for command in commands:
+        args = [changes.get(arg, arg) for arg in command]
+        if command[0] == "evaluate":
+            args += ["--max-new-tokens", "16"]  # the demo's model has 512 positions in all
+        done = subprocess.run([sys.executable, str(ROOT / "run.py"), *args], capture_output=True, text=True,
+                              cwd=tmp_path)
+        assert done.returncode == 0, (args, done.stderr[-2000:])
+    steps = (tmp_path / "runs" / "my-faces" / "examples" / "process_0-of-1.jsonl").read_text().splitlines()
+    trained = {i for line in steps for i in json.loads(line)["ids"]}
+    assert len(steps) == 2 and trained == {r["id"] for r in mine["train.json"]}  # the given file, not the config's
+    predictions = (tmp_path / "results" / "my-faces" / "predictions.jsonl").read_text().splitlines()
+    assert [json.loads(line)["id"] for line in predictions] == [r["id"] for r in mine["test.json"]]

@@ -22,6 +22,7 @@ from emola_jax.config import PriorToken
 from emola_jax.data.conversation import pad_token_id
 from emola_jax.eval.evaluate import evaluate_model
 from emola_jax.generate import GenerationConfig
+from emola_jax.progress import stage_lines
 from emola_jax.train.loop import train
 
 # ---------------------------------------------------------------------------------------------
@@ -47,7 +48,12 @@ def write_table(out: str | Path, table: str, results: list[dict[str, Any]]) -> P
                      + " |")
     path = out / "table.md"
     path.write_text("\n".join(lines) + "\n")
+    chart(table, results).savefig(out / "table.png", dpi=120)
+    return path
 
+
+def chart(table: str, results: list[dict[str, Any]]) -> Figure:
+    """S_rege of each row and task beside the paper's, on the table's scale (0-200)."""
     labels = [f"{r['row']}\n{r['task']}" for r in results]
     ours = [r["s_rege"] for r in results]
     theirs = [((row(table, r["row"]).paper or {}).get(r["task"]) or (math.nan,) * 3)[2] for r in results]
@@ -57,12 +63,12 @@ def write_table(out: str | Path, table: str, results: list[dict[str, Any]]) -> P
     axes.bar([i - 0.2 for i in x], ours, width=0.4, label="this run")
     axes.bar([i + 0.2 for i in x], theirs, width=0.4, label="paper", hatch="//", alpha=0.6)
     axes.set_xticks(list(x), labels, fontsize=7)
-    axes.set_ylabel("S_rege")
+    axes.set_ylabel("S_rege = S_re + S_ge (0-200)")
+    axes.set_ylim(0, 200)  # the table's scale: each of S_re and S_ge runs to 100
     axes.set_title(f"Ablation: {table}")
     axes.legend(fontsize=7)
     figure.tight_layout()
-    figure.savefig(out / "table.png", dpi=120)
-    return path
+    return figure
 
 
 # ---------------------------------------------------------------------------------------------
@@ -110,14 +116,19 @@ def run_table(table: str, workdir: str | Path, experiment, *, seed: int = 0, eva
     workdir = Path(workdir).absolute()
     everything = _all_priors(table, experiment)
     on_demo = eval_sets is None
+    note = stage_lines(progress)
     if on_demo:
         data_dir = workdir / "data"
         model = experiment.model.replace(priors=everything)
-        inputs = demo.prepared(data_dir, model, seed) or demo.prepare(data_dir, model, seed)  # runs need this base
+        inputs = demo.prepared(data_dir, model, seed)  # runs trained on an earlier preparation need its base
+        if inputs is None:
+            note(f"preparing the demo's base and drawn faces in {data_dir}")
+            inputs = demo.prepare(data_dir, model, seed, progress=progress)
         eval_sets = EvalSets({t: inputs.annotations[f"eval_{t}"] for t in TASKS}, inputs.faces,
                              inputs.landmarks if isinstance(inputs.landmarks, tuple) else (inputs.landmarks,))
     results = []
-    for chosen, task in runs(table):
+    planned = runs(table)
+    for number, (chosen, task) in enumerate(planned, 1):
         whole = chosen.change(experiment)
         priors = whole.model.priors
         if not on_demo:
@@ -128,6 +139,8 @@ def run_table(table: str, workdir: str | Path, experiment, *, seed: int = 0, eva
         else:
             start = from_base(experiment, DemoInputs.in_folder(data_dir, priors), seed)
         run = experiment_for(start, table, chosen.name, task)
+        steps = f"{run.train.steps} step{'' if run.train.steps == 1 else 's'}"
+        note(f"run {number}/{len(planned)}: {chosen.name}, trained on {task} ({steps})")
         result = train(run, workdir / "runs" / f"{chosen.name}-{task}", progress=progress)
         tokenizer = load_tokenizer(run.train.base)
         generation = GenerationConfig(max_new_tokens=max_new_tokens, eos_token_id=tokenizer.eos_token_id,
@@ -141,5 +154,7 @@ def run_table(table: str, workdir: str | Path, experiment, *, seed: int = 0, eva
                 else None)
             results.append({"row": chosen.name, "trained_on": task, "task": scored,
                             **{k: float(metrics[k]) for k in ("s_re", "s_ge", "s_rege")}})
+            note(f"run {number}/{len(planned)}: {chosen.name}, scored on {scored}: S_re {metrics['s_re']:.1f}  "
+                 f"S_ge {metrics['s_ge']:.1f}  S_rege {metrics['s_rege']:.1f}")
             (workdir / "results.json").write_text(json.dumps(results, indent=2) + "\n")
     return write_table(workdir, table, results)

@@ -8,7 +8,7 @@ list). Written to `out`:
     <photo>.png        the photo, each face boxed and labelled with its emotion and AUs
     faces/<photo>-<i>.png  each aligned crop, as the model saw it
     faces/<photo>-<i>.<prior>.npy  its feature of each of the model's priors (what
-                       `run.py generate --image CROP --landmarks ...` takes back)
+                       `run.py generate --image CROP --prior-npy ...` takes back)
     results.jsonl      one line per face (photo, box, score, emotion, AUs, both answers, seconds);
                        a photo with no face, or skipped (unreadable, over Pillow's size limit, a
                        face whose prior feature is not finite): one line saying so
@@ -36,7 +36,6 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
-from tqdm import tqdm
 
 from emola_jax.atomic import atomic_file, check_apart, write_text
 from emola_jax.checkpoint import StagedDirectory
@@ -46,6 +45,7 @@ from emola_jax.data.image import clip_preprocess, decode_rgb
 from emola_jax.data.priors import open_extractors
 from emola_jax.eval import scoring
 from emola_jax.predictor import Predictor
+from emola_jax.progress import bar as progress_bar
 
 QUESTIONS = {"emotion": labels.EMOTION_QUESTION, "au": labels.AU_QUESTION}
 
@@ -260,25 +260,70 @@ def _label(answer: dict) -> str:
     return f"{_emotion_shown(answer)}; {' '.join(answer['aus']) or 'no AUs'}"
 
 
+LABEL_MIN_PX = 8  # the smallest label font; a label that does not fit at it is wrapped
+
+
+@dataclasses.dataclass(frozen=True)
+class Label:
+    font: ImageFont.FreeTypeFont
+    text: str  # wrapped onto lines where it must be
+    box: tuple[int, int, int, int]  # the filled background, [left, top, right, bottom] pixels, inside the photo
+    origin: tuple[int, int]  # where the text is drawn
+
+
+def _line_width(size: tuple[int, int]) -> int:
+    return max(2, round(max(size) / 400))
+
+
+def layout_label(text: str, size: tuple[int, int], face_box: tuple[int, int, int, int]) -> Label:
+    """Where and how large a face's label is drawn on a photo of `size` (width, height) pixels: the
+    font 1/60 of the photo's longer side (at least 12 px), smaller until the label fits the photo's
+    width (down to `LABEL_MIN_PX`), then wrapped onto lines; above the face's box where there is
+    room, else below it, else over its top, always inside the photo."""
+    width, height = size
+    line = _line_width(size)
+    room = width - 2 * line
+    font_px = max(12, round(max(size) / 60))
+    font = ImageFont.load_default(size=font_px)
+    while font_px > LABEL_MIN_PX and font.getlength(text) > room:
+        font_px = max(LABEL_MIN_PX, min(font_px - 1, int(font_px * room / font.getlength(text))))
+        font = ImageFont.load_default(size=font_px)
+    if font.getlength(text) > room:  # wrapped at words
+        lines = [""]
+        for word in text.split():
+            joined = f"{lines[-1]} {word}".strip()
+            if lines[-1] and font.getlength(joined) > room:
+                lines.append(word)
+            else:
+                lines[-1] = joined
+        text = "\n".join(lines)
+    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    x0, y0, x1, y1 = probe.multiline_textbbox((0, 0), text, font=font)
+    box_width, box_height = min(x1 - x0 + 2 * line, width), min(y1 - y0 + 2 * line, height)
+    left, top, _, bottom = face_box
+    x = max(0, min(left, width - box_width))
+    if top - box_height >= 0:
+        y = top - box_height
+    elif bottom + line + box_height <= height:
+        y = bottom + line
+    else:
+        y = max(0, min(top, height - box_height))
+    return Label(font, text, (x, y, x + box_width - 1, y + box_height - 1), (x + line - x0, y + line - y0))
+
+
 def _write_photo(out: Path, photo: Photo, priors) -> float:
     """The labelled photo, each face's crop and its prior features (each file written atomically);
     frees the pixels. Returns the seconds it took."""
     start = time.perf_counter()
     canvas = Image.fromarray(photo.rgb)
     draw = ImageDraw.Draw(canvas)
-    line = max(2, round(max(canvas.size) / 400))
-    font = ImageFont.load_default(size=max(12, round(max(canvas.size) / 60)))
+    line = _line_width(canvas.size)
     for face in photo.faces:  # every box first, so that no box is drawn over a label
         draw.rectangle(face.detection.box, outline=(255, 64, 32), width=line)
     for number, (face, answer) in enumerate(zip(photo.faces, photo.answers, strict=True), 1):
-        left, top, _, bottom = face.detection.box
-        text = f"{number}: {_label(answer)}"
-        x0, y0, x1, y1 = draw.textbbox((0, 0), text, font=font)
-        width, height = x1 - x0 + 2 * line, y1 - y0 + 2 * line
-        x = max(0, min(left, canvas.width - width))  # inside the photo where it fits
-        y = top - height if top - height >= 0 else bottom + line
-        draw.rectangle((x, y, x + width, y + height), fill=(255, 64, 32))
-        draw.text((x + line - x0, y + line - y0), text, fill=(255, 255, 255), font=font)
+        label = layout_label(f"{number}: {_label(answer)}", canvas.size, face.detection.box)
+        draw.rectangle(label.box, fill=(255, 64, 32))
+        draw.multiline_text(label.origin, label.text, fill=(255, 255, 255), font=label.font)
         _save_png(Image.fromarray(face.chip), out / "faces" / f"{photo.name}-{number}.png")
         if photo.features is not None:
             for prior, feature in zip(priors, _split(photo.features[number - 1], priors), strict=True):
@@ -360,4 +405,4 @@ def _index(photos: list[Photo]) -> str:
 
 
 def _progress(total: int, enabled: bool):
-    return tqdm(total=total, unit="photo", disable=not enabled, file=sys.stderr)
+    return progress_bar(total=total, unit="photo", enabled=enabled)

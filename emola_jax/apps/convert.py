@@ -43,7 +43,8 @@ def convert_quantized(src: str | Path, out: str | Path, quantization: Quantizati
     lock = lock_staging(holder)
     try:
         unquantized = convert(src, holder / "checkpoint", **convert_args)
-        return quantize_checkpoint(unquantized, out, quantization, overwrite=overwrite)
+        return quantize_checkpoint(unquantized, out, quantization, overwrite=overwrite,
+                                   progress=convert_args.get("progress", True))
     finally:
         shutil.rmtree(holder, ignore_errors=True)
         os.close(lock)

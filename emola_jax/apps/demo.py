@@ -15,6 +15,7 @@ The same steps with real weights are in the README.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import shutil
@@ -27,6 +28,7 @@ import torch
 from flax import nnx
 from peft import PeftModel
 from transformers import AutoTokenizer, LlavaForConditionalGeneration
+from transformers.utils import logging as transformers_logging
 
 from configs.demo_faces import DemoInputs, feature_files, from_base
 from converters import convert, export, hf_config
@@ -41,9 +43,20 @@ from emola_jax.data.labels import AU_QUESTION, EMOTION_QUESTION, EMOTIONS
 from emola_jax.data.priors import PriorFeatures
 from emola_jax.eval.evaluate import evaluate_model
 from emola_jax.generate import GenerationConfig
+from emola_jax.progress import stage_lines
 from emola_jax.train.loop import train
 
 PREPARED = "prepared.json"  # written last by `prepare`: what the folder was prepared with
+
+
+@contextlib.contextmanager
+def _without_transformers_bars():
+    """transformers' own bars (writing and loading one shard of a tiny model) off: nothing to follow."""
+    transformers_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        transformers_logging.enable_progress_bar()
 
 
 def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, seed: int):
@@ -52,7 +65,8 @@ def _tiny_llava_hf(directory: Path, config: EmolaConfig, tokenizer_dir: Path, se
     data["text_config"]["initializer_range"] = 0.1
     torch.manual_seed(seed)
     model = LlavaForConditionalGeneration(hf_config.to_transformers(data)).eval()
-    model.save_pretrained(directory)
+    with _without_transformers_bars():
+        model.save_pretrained(directory)
     for file in tokenizer_dir.iterdir():
         shutil.copy2(file, directory / file.name)
     return model
@@ -93,31 +107,40 @@ def _check_exports(model_dir: Path, hf_dir: Path, base_dir: Path, peft_dir: Path
     ids, pixels, landmarks, mask = held_out_inputs(model_dir, eval_file, features)
     ours = np.asarray(nnx.jit(lambda m, i, p, lm: m(i, p, landmarks=lm))(model, ids.astype(np.int32), pixels,
                                                                           landmarks))
-    hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+    with _without_transformers_bars():
+        hf = LlavaForConditionalGeneration.from_pretrained(hf_dir).eval()
+        base = LlavaForConditionalGeneration.from_pretrained(base_dir).eval()
     projectors = [hf_dir / prior_file(prior) for prior in config.priors]  # one per prior, in order
     merged = logits_with_prior(hf, projectors, ids, pixels, landmarks, mask)
     with torch.no_grad(), warnings.catch_warnings():
         # peft reads transformers 5's deprecated `is_gradient_checkpointing`: its FutureWarning is the two
         # libraries' business, not the user's
         warnings.filterwarnings("ignore", message="`is_gradient_checkpointing` is deprecated", category=FutureWarning)
-        peft = PeftModel.from_pretrained(LlavaForConditionalGeneration.from_pretrained(base_dir).eval(), peft_dir)
+        peft = PeftModel.from_pretrained(base, peft_dir)
     adapted = logits_with_prior(peft.eval(), [peft_dir / prior_file(prior) for prior in config.priors], ids,
                                 pixels, landmarks, mask)
     return float(np.abs(merged - ours).max()), float(np.abs(adapted - ours).max())
 
 
 def prepare(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_per_emotion: int = 40,
-            eval_per_emotion: int = 4) -> DemoInputs:
-    """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features."""
+            eval_per_emotion: int = 4, progress: bool = False) -> DemoInputs:
+    """Steps 1 and 2: tokenizer, converted base (checked against transformers), faces, features;
+    with `progress`, a line per stage and the bars of the long ones (stderr)."""
     workdir = Path(workdir).absolute()
     workdir.mkdir(parents=True, exist_ok=True)
+    note = stage_lines(progress)
+    note("[1/5] base: a tokenizer trained on the spot, a random tiny LlavaForConditionalGeneration saved, "
+         "converted, and its logits compared with transformers'")
     _train_tokenizer(workdir / "tokenizer", vocab_size=config.text.vocab_size - 1)
     reference = _tiny_llava_hf(workdir / "llava-hf", config, workdir / "tokenizer", seed)
-    base = convert(workdir / "llava-hf", workdir / "base", overwrite=True, progress=False)
+    base = convert(workdir / "llava-hf", workdir / "base", overwrite=True, progress=progress)
     diff = _check_import(reference, base, np.random.default_rng(seed))
+    faces = len(EMOTIONS) * (train_per_emotion + eval_per_emotion)
+    note(f"[2/5] faces: {faces} drawn ({len(EMOTIONS) * eval_per_emotion} held out), and their prior features "
+         f"({', '.join(p.name for p in config.priors)})")
     files = drawn_faces.write_dataset(workdir / "faces", train_per_emotion=train_per_emotion,
                                       eval_per_emotion=eval_per_emotion, seed=seed, size=4 * config.vision.image_size)
-    features = _precompute_priors(workdir, list(files.values()), config.priors)
+    features = _precompute_priors(workdir, list(files.values()), config.priors, progress)
     atomic.write_text(workdir / PREPARED, json.dumps(_preparation(config, seed, train_per_emotion, eval_per_emotion),
                                                      indent=2) + "\n")  # last: the folder is complete
     return DemoInputs(base=Path(base), faces=workdir / "faces", annotations=files, landmarks=features,
@@ -151,7 +174,7 @@ def prepared(workdir: str | Path, config: EmolaConfig, seed: int = 0, *, train_p
     return DemoInputs.in_folder(workdir, config.priors)
 
 
-def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[PriorToken, ...]):
+def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[PriorToken, ...], progress: bool):
     """Every prior's features of the drawn faces (the whole image is the face: dlib's detector may not
     find a drawn one); a face a prior cannot process is an error naming its record."""
     features = feature_files(workdir / "faces", priors)
@@ -159,7 +182,7 @@ def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[Pri
         out.unlink(missing_ok=True)
         onnx = toy_landmark_graph(workdir / "landmark_model.onnx", batch="N") if prior.official else None
         summary = precompute.precompute_priors(annotations, workdir / "faces", out, prior=prior.name, onnx=onnx,
-                                               progress=False)
+                                               progress=progress)
         if summary.failed:
             first = json.loads(summary.errors.read_text().splitlines()[0])
             raise ValueError(f"the {prior.name} prior could not process {summary.failed} drawn face(s), e.g. record "
@@ -167,8 +190,9 @@ def _precompute_priors(workdir: Path, annotations: list[Path], priors: tuple[Pri
     return features
 
 
-def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
-    """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary."""
+def run(workdir: str | Path, experiment, seed: int = 0, progress: bool = False) -> dict:
+    """Runs the demo in `workdir` (its earlier outputs are replaced); returns the summary. With
+    `progress`, each stage says what it does on stderr, and the long ones show their bars."""
     workdir = Path(workdir).absolute()
     for stale in ("run", "evaluation", "export"):
         shutil.rmtree(workdir / stale, ignore_errors=True)
@@ -182,7 +206,8 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
         clock = now
 
     # 1-2. tokenizer, base model and import check; faces and their prior features
-    inputs = prepare(workdir, experiment.model, seed)
+    note = stage_lines(progress)
+    inputs = prepare(workdir, experiment.model, seed, progress=progress)
     files, features = inputs.annotations, inputs.landmarks
     summary["base_checkpoint"] = str(inputs.base)
     summary["max_abs_logit_diff_vs_transformers"] = inputs.import_logit_diff
@@ -192,7 +217,9 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
 
     # 3. training
     experiment = from_base(experiment, inputs, seed)
-    result = train(experiment, workdir / "run", progress=False)
+    note(f"[3/5] training: {experiment.train.steps} steps of LoRA, the prior projector and the multi-modal "
+         "projector")
+    result = train(experiment, workdir / "run", progress=progress)
     summary["train_loss"] = f"{result['first_loss']:.3f} (step 1) -> {result['last_loss']:.3f} (step {result['steps']})"
     summary["trained_model"] = result["model"]
     lap("train")
@@ -202,8 +229,9 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     generation = GenerationConfig(max_new_tokens=64, eos_token_id=tokenizer.eos_token_id,
                                   pad_token_id=tokenizer.pad_token_id)
     for task in ("emotion", "au"):
+        note(f"[4/5] evaluation: the {'emotion' if task == 'emotion' else 'AU'} question on the held-out faces")
         metrics = evaluate_model(result["model"], files[f"eval_{task}"], task, workdir / "evaluation" / task,
-                                 batch_size=14, progress=False, generation=generation, landmarks=features)
+                                 batch_size=14, progress=progress, generation=generation, landmarks=features)
         recognition = f"accuracy {metrics['accuracy']:.1f}%" if task == "emotion" else f"mean F1 {metrics['s_re']:.1f}"
         summary[f"rege_{task}"] = (f"S_re {metrics['s_re']:.1f}  S_ge {metrics['s_ge']:.1f}  "
                                    f"S_rege {metrics['s_rege']:.1f}  ({recognition})")
@@ -211,9 +239,10 @@ def run(workdir: str | Path, experiment, seed: int = 0) -> dict:
     lap("evaluate")
 
     # 5. export to PyTorch and reload
-    hf_dir = export(result["model"], workdir / "export" / "hf", fmt="hf", progress=False)
+    note("[5/5] export: to transformers and to PEFT, both reloaded in PyTorch and their logits compared")
+    hf_dir = export(result["model"], workdir / "export" / "hf", fmt="hf", progress=progress)
     base_dir = workdir / "llava-hf"  # the transformers model the run's base was converted from
-    peft_dir = export(result["model"], workdir / "export" / "peft", fmt="peft", progress=False)
+    peft_dir = export(result["model"], workdir / "export" / "peft", fmt="peft", progress=progress)
     merged_diff, peft_diff = _check_exports(Path(result["model"]), hf_dir, base_dir, peft_dir,
                                             files["eval_emotion"], features)
     summary["export_transformers"] = f"{hf_dir} (max |logit diff| {merged_diff:.1e})"

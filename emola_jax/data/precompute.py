@@ -28,13 +28,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
 from emola_jax.atomic import STAGING_GLOB, make_folder, staging_path
 from emola_jax.config import is_official
 from emola_jax.data import landmark_store, landmarks, priors
 from emola_jax.data.priors import read_npy
 from emola_jax.data.records import read_annotation_list
+from emola_jax.progress import bar as progress_bar
 from emola_jax.settings import Recipe, check_choice
 
 
@@ -216,7 +216,7 @@ def _run(jobs: list[Job], out: str | Path, compute: Callable[[list[Job]], Iterat
     written = 0
     what = "landmarks" if is_official(info.prior) else info.prior
     try:
-        with tqdm(total=len(todo), unit="img", desc=what, disable=not progress) as bar:
+        with progress_bar(total=len(todo), unit="img", desc=what, enabled=progress) as bar:
             for job, result in compute(todo):
                 if isinstance(result, str):
                     errors.add(job, result)

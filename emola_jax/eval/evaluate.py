@@ -18,7 +18,6 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
-from tqdm import tqdm
 
 from emola_jax import atomic
 from emola_jax.atomic import make_folder
@@ -31,6 +30,7 @@ from emola_jax.data.records import EvalRecord, read_eval_records
 from emola_jax.eval import report, scoring
 from emola_jax.generate import GenerationConfig
 from emola_jax.predictor import Answer, Predictor
+from emola_jax.progress import bar as progress_bar
 
 PREDICTIONS = "predictions.jsonl"
 RUN_SETTINGS = "run_settings.json"
@@ -115,7 +115,7 @@ def evaluate_model(
         predictor, features = _open(checkpoint, landmarks, dtype=dtype, generation=generation)
         # every process takes the same number of rows; the global batch is a multiple of the devices
         global_batch = -(-batch_size // jax.device_count()) * jax.device_count()
-        bar = tqdm(total=len(todo), desc="evaluating", unit="record", disable=not (progress and lead))  # one bar
+        bar = progress_bar(total=len(todo), desc="evaluating", unit="record", enabled=progress and lead)  # one bar
         for batch in batches(todo, global_batch):
             padded = batch + [batch[-1]] * (global_batch - len(batch))  # repeat the last: static shapes
             answers = answer_records(predictor, features, padded)[: len(batch)]

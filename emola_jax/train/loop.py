@@ -21,7 +21,6 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
-from tqdm import tqdm
 
 from emola_jax.checkpoint import PAD_TO_SQUARE, PRIOR_RECIPES, TOKENIZER_DIR, load_tokenizer, save_pretrained
 from emola_jax.config import EmolaConfig
@@ -31,6 +30,7 @@ from emola_jax.data.pipeline import Batch, make_train_loader
 from emola_jax.data.synthetic import SyntheticData, SyntheticLoader
 from emola_jax.models import EmolaForConditionalGeneration
 from emola_jax.models.emola import check_inputs
+from emola_jax.progress import bar as progress_bar
 from emola_jax.sharding import global_batch, logical_axes_table, make_mesh, state_shardings
 from emola_jax.train import step as train_step
 from emola_jax.train.checkpoints import TrainCheckpoints, abstract_like, base_fingerprint
@@ -149,7 +149,7 @@ class Progress:
         self.metrics = MetricsWriter(workdir, resume_step=start, enabled=is_main)
         ids_file = f"process_{jax.process_index()}-of-{jax.process_count()}.jsonl"
         self.examples = StepLog(workdir / EXAMPLES_DIR / ids_file, resume_step=start)
-        self.bar = tqdm(total=last, initial=start, desc="train", unit="step", disable=not (progress and is_main))
+        self.bar = progress_bar(total=last, initial=start, desc="train", unit="step", enabled=progress and is_main)
         self.losses: dict[int, float] = {}
         self._pending: tuple[int, dict] | None = None
         self._clock = time.perf_counter()
@@ -195,7 +195,7 @@ class Progress:
             record.update({f"learning_rate/{name}": rate for name, rate in rates.items()})
         if step % self.cfg.log_every == 0 or step == self.last:
             self.metrics.write(record)
-        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}")
+        self.bar.set_postfix(loss=f"{loss:.4f}", tok_s=f"{record['tokens_per_second']:.0f}", refresh=False)
         self.bar.update(1)
 
 
