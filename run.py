@@ -197,7 +197,7 @@ def _generate(args: argparse.Namespace) -> None:
         _save_prior(args.save_prior, priors, landmarks)
     tokenizer = load_tokenizer(args.ckpt)
     predictor = Predictor(args.ckpt, dtype=args.dtype, generation=_generation_config(args, tokenizer),
-                          fit_context=args.max_new_tokens is None)
+                          fit_context=args.max_new_tokens is None, seed=args.seed)
     answer = predictor.answer(args.image, args.prompt, landmarks)  # every process computes: one program
     if jax.process_index() == 0:
         print(answer)
@@ -229,6 +229,30 @@ def _analyze(args: argparse.Namespace) -> None:
     print(f"{summary['faces']} faces in {summary['photos'] - summary['skipped']} photos "
           f"({summary['without_face']} without a face, {summary['skipped']} skipped): "
           f"{summary['out']}/index.html")
+
+
+def _serve(args: argparse.Namespace) -> None:
+    # deferred: start-up time (jax, fastapi)
+    import uvicorn
+
+    from emola_jax.apps.serve import Server, create_app
+    from emola_jax.data.labels import EMOTION_QUESTION
+    from emola_jax.predictor import Predictor
+    from emola_jax.serving import Engine
+
+    api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    predictor = Predictor(args.ckpt, dtype=args.dtype)
+    engine = Engine(predictor, rows=args.rows, queue_size=args.queue).start()
+    engine.warm_up(predictor.prompt_ids(EMOTION_QUESTION))
+    name = args.name or args.ckpt.resolve().name
+    server = Server(engine, name=name, onnx=args.onnx, max_new_tokens=args.max_new_tokens or DEFAULT_NEW_TOKENS)
+    app = create_app(server, api_key=api_key)
+    print(f"serving {args.ckpt} as {name!r} on http://{args.host}:{args.port} ({engine.rows} rows, a queue of "
+          f"{args.queue}{', API key required' if api_key else ''})", flush=True)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning", access_log=False)
+    finally:
+        engine.close()
 
 
 def _precompute_priors(args: argparse.Namespace) -> None:
@@ -673,7 +697,10 @@ def _generate_command(commands) -> None:
                        "without it (default: none)")
     prior.add_argument("--save-prior", type=Path, metavar="FOLDER", help="write the prior feature the answer used "
                        "as FOLDER/<prior>.npy, one per prior of the model, as --prior-npy takes them (default: none)")
-    _add_decoding_flags(parser.add_argument_group("decoding"), scored=False)
+    decoding = parser.add_argument_group("decoding")
+    _add_decoding_flags(decoding, scored=False)
+    decoding.add_argument("--seed", type=non_negative_int, default=0, help="random seed of the sampling (with "
+                          "--temperature > 0)")
     _add_distributed_flags(parser)
     parser.set_defaults(func=_generate)
 
@@ -749,6 +776,38 @@ def _analyze_command(commands) -> None:
     parser.set_defaults(func=_analyze)
 
 
+API_KEY_VARIABLE = "EMOLA_API_KEY"
+
+
+def _serve_command(commands) -> None:
+    parser = _command(
+        commands, "serve", help="answer over HTTP: an OpenAI-compatible API, a per-face endpoint, a web page",
+        description="Serve the model at CKPT: POST /v1/chat/completions (OpenAI's schema; one user message with "
+        "the question and one image as a data: URL; streaming), GET /v1/models, GET /health, POST /v1/faces (a "
+        "photo -> each face's box, answers and readings, as analyze gives them) and GET / (a page to drop a photo "
+        "on). One engine batches every request continuously over --rows decoding rows; the answers are those "
+        "generate gives for the same image, question and seed.",
+        epilog="required: --ckpt; --onnx for a model with the 2d106det prior. /v1/faces needs the faces extra "
+        "(dlib).",
+    )
+    parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer)")
+    parser.add_argument("--onnx", type=Path, help="landmark model (2d106det.onnx) for the prior token, run on each "
+                        "image with the official recipe (default: none)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: every interface)")
+    parser.add_argument("--port", type=positive_int, default=8000, help="port to listen on")
+    parser.add_argument("--api-key", help=f"require Authorization: Bearer KEY on /v1/ (default: the "
+                        f"{API_KEY_VARIABLE} variable, else none)")
+    parser.add_argument("--name", help="the model's id in the API (default: CKPT's folder name)")
+    parser.add_argument("--rows", type=positive_int, default=8, help="requests decoded at once")
+    parser.add_argument("--queue", type=positive_int, default=32,
+                        help="requests that may wait for a row; beyond, 429 with Retry-After")
+    parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+                        help=f"an answer's length when a request gives no max_tokens (default: {DEFAULT_NEW_TOKENS}, "
+                        "or what the context leaves after the prompt where that is less)")
+    parser.add_argument("--dtype", default="float32", choices=choices(Dtype), help="compute dtype")
+    parser.set_defaults(func=_serve)
+
+
 def _plan_command(commands) -> None:
     parser = _command(
         commands, "plan", help="will a run fit a TPU pod? the real step compiled for a TPU topology, no TPU needed",
@@ -805,6 +864,7 @@ def build_parser() -> argparse.ArgumentParser:
     _generate_command(commands)
     _analyze_command(commands)
     _ablation_command(commands)
+    _serve_command(commands)
     _plan_command(commands)
     return parser
 

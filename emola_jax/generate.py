@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -43,13 +44,32 @@ def sample_next(logits: jax.Array, config: GenerationConfig, key: jax.Array) -> 
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
     logits = logits.astype(jnp.float32) / config.temperature
     if config.top_p < 1.0:
-        order = jnp.argsort(-logits, axis=-1)
-        sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
-        probs = jax.nn.softmax(sorted_logits, axis=-1)
-        mass_before = jnp.cumsum(probs, axis=-1) - probs
-        sorted_logits = jnp.where(mass_before < config.top_p, sorted_logits, -jnp.inf)  # always keeps the top token
-        logits = jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+        logits = top_p_filter(logits, config.top_p)
     return jax.random.categorical(key, logits, axis=-1).astype(jnp.int32)
+
+
+def top_p_filter(logits: jax.Array, top_p: float | jax.Array) -> jax.Array:
+    """`logits [batch, vocab]` with the tokens outside the nucleus (the smallest set of the most
+    likely tokens whose probability reaches `top_p`) at -inf; the top token is always kept."""
+    order = jnp.argsort(-logits, axis=-1)
+    sorted_logits = jnp.take_along_axis(logits, order, axis=-1)
+    probs = jax.nn.softmax(sorted_logits, axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    sorted_logits = jnp.where(mass_before < top_p, sorted_logits, -jnp.inf)
+    return jnp.full_like(logits, -jnp.inf).at[jnp.arange(logits.shape[0])[:, None], order].set(sorted_logits)
+
+
+def sample_rows(logits: jax.Array, temperature: jax.Array, top_p: jax.Array, keys: jax.Array) -> jax.Array:
+    """`sample_next` with settings of each row's own: logits `[rows, vocab]`, temperature and top_p
+    `[rows]`, keys `[rows]`; each row draws what `sample_next` draws for it alone with its key."""
+
+    def one(row: jax.Array, t: jax.Array, p: jax.Array, key: jax.Array) -> jax.Array:
+        scaled = row[None].astype(jnp.float32) / jnp.where(t > 0, t, 1.0)
+        scaled = jnp.where(p < 1.0, top_p_filter(scaled, p), scaled)
+        drawn = jax.random.categorical(key, scaled, axis=-1)[0]
+        return jnp.where(t > 0, drawn, jnp.argmax(row)).astype(jnp.int32)
+
+    return jax.vmap(one)(logits, temperature, top_p, keys)
 
 
 def generate(
@@ -180,3 +200,90 @@ def generate_shared_step(model, prefix_ids, pixel_values, landmarks, suffix_ids,
 
 
 _generate_shared = nnx.jit(generate_shared_step, static_argnames=("config",))
+
+
+# ---------------------------------------------------------------------------------------------
+# continuous batching: a fixed set of rows ("slots") that requests join and leave between steps
+
+
+class Slots(NamedTuple):
+    """The decoding state of `rows` requests that joined at different times (`run.py serve`).
+
+    The cache (k, v `[rows, kv_heads, length, head_dim]` per layer) is a ring: step `clock` writes
+    every row's next key and value at slot `clock % length`, and a joining request's prompt fills
+    the slots just before it. Slot order is not time order across rows, and need not be: each key
+    carries its RoPE angle from its own position, and each row attends to exactly the slots
+    `kv_valid` marks as its own. A request with a prompt of `p` tokens and up to `n` new ones keeps
+    its slots while it runs as long as `p + n <= length`.
+    """
+
+    cache: list[tuple[jax.Array, jax.Array]]
+    kv_valid: jax.Array  # [rows, length] bool
+    token: jax.Array  # [rows] int32: the token each row feeds next
+    position: jax.Array  # [rows] int32: its position id
+    key: jax.Array  # [rows] PRNG keys, each row's own chain
+    temperature: jax.Array  # [rows] float32
+    top_p: jax.Array  # [rows] float32
+    active: jax.Array  # [rows] bool
+    clock: jax.Array  # int32: the steps taken
+
+
+def empty_slots(model: EmolaForConditionalGeneration, rows: int, length: int, dtype: jnp.dtype) -> Slots:
+    """`rows` free slots over a ring of `length` cache slots."""
+    return Slots(cache=model.language_model.init_cache(rows, length, dtype),
+                 kv_valid=jnp.zeros((rows, length), bool), token=jnp.zeros(rows, jnp.int32),
+                 position=jnp.zeros(rows, jnp.int32), key=jax.random.split(jax.random.key(0), rows),
+                 temperature=jnp.zeros(rows, jnp.float32), top_p=jnp.ones(rows, jnp.float32),
+                 active=jnp.zeros(rows, bool), clock=jnp.int32(0))
+
+
+def prefill_one(model: EmolaForConditionalGeneration, input_ids: jax.Array, pixel_values: jax.Array | None,
+                attention_mask: jax.Array, landmarks: jax.Array | None):
+    """One request's prompt (`input_ids`, `attention_mask` `[1, prompt]`, left-padded) through the
+    model, as `generate_step` prefills it: `(cache, last_hidden [1, embed], last_position [1])`."""
+    lm = model.language_model
+    embeds = model.embed(input_ids, pixel_values, landmarks)
+    positions = default_position_ids(attention_mask)
+    cache = lm.init_cache(1, input_ids.shape[1], embeds.dtype)
+    hidden, cache = lm.prefill(embeds, attention_mask, positions, cache)
+    return cache, hidden[:, -1], positions[:, -1]
+
+
+def join_slot(model: EmolaForConditionalGeneration, slots: Slots, row: jax.Array, cache, attention_mask: jax.Array,
+              last_hidden: jax.Array, last_position: jax.Array, temperature: jax.Array, top_p: jax.Array,
+              key: jax.Array) -> tuple[Slots, jax.Array]:
+    """A prefilled request (`prefill_one`'s outputs) takes slot `row`: its keys and values fill the
+    ring's slots just before the next step's, and its first token is drawn as `generate`'s first
+    is (`key` split once for it, as there). Returns the new state and that token `[]`."""
+    length = slots.kv_valid.shape[1]
+    where = (slots.clock - attention_mask.shape[1] + jnp.arange(attention_mask.shape[1])) % length
+    ring = []
+    for (k, v), (new_k, new_v) in zip(slots.cache, cache, strict=True):
+        ring.append(tuple(old.at[row].set(old[row].at[:, where].set(new[0])) for old, new in ((k, new_k), (v, new_v))))
+    key, step_key = jax.random.split(key)
+    first = sample_rows(model.logits(last_hidden), temperature[None], top_p[None], step_key[None])[0]
+    return Slots(cache=ring, kv_valid=slots.kv_valid.at[row].set(jnp.zeros(length, bool).at[where].set(
+                     attention_mask[0].astype(bool))),
+                 token=slots.token.at[row].set(first), position=slots.position.at[row].set(last_position[0] + 1),
+                 key=slots.key.at[row].set(key), temperature=slots.temperature.at[row].set(temperature),
+                 top_p=slots.top_p.at[row].set(top_p), active=slots.active.at[row].set(True),
+                 clock=slots.clock), first
+
+
+def leave_slot(slots: Slots, row: jax.Array) -> Slots:
+    """Slot `row` free again (its keys and values are overwritten when it is next taken)."""
+    return slots._replace(active=slots.active.at[row].set(False), kv_valid=slots.kv_valid.at[row].set(False))
+
+
+def step_slots(model: EmolaForConditionalGeneration, slots: Slots) -> tuple[Slots, jax.Array]:
+    """One decode step of every slot, each at its own position: tokens `[rows]` (a free slot's
+    is meaningless)."""
+    lm = model.language_model
+    slot = slots.clock % slots.kv_valid.shape[1]
+    kv_valid = slots.kv_valid.at[:, slot].set(slots.active)
+    hidden, cache = lm.decode(lm.embed_tokens(slots.token[:, None]), slots.position[:, None], kv_valid, slots.cache,
+                              slot, mask=kv_valid[:, None, None, :])
+    split = jax.vmap(jax.random.split)(slots.key)
+    tokens = sample_rows(model.logits(hidden[:, -1]), slots.temperature, slots.top_p, split[:, 1])
+    return slots._replace(cache=cache, kv_valid=kv_valid, token=tokens, position=slots.position + 1, key=split[:, 0],
+                          clock=slots.clock + 1), tokens

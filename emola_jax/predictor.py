@@ -18,9 +18,11 @@ from pathlib import Path
 import jax
 import numpy as np
 from jax.experimental import multihost_utils
+from PIL import Image
 
 from emola_jax.checkpoint import load_pretrained, load_tokenizer
 from emola_jax.data import conversation, image
+from emola_jax.data.priors import open_extractors
 from emola_jax.generate import GenerationConfig, generate, generate_shared
 from emola_jax.lora import merge_lora
 from emola_jax.sharding import MeshConfig, batch_sharding, make_mesh, slice_count
@@ -66,11 +68,12 @@ class Predictor:
     and padding). `fit_context`: `generation.max_new_tokens` is a ceiling, lowered by `check_room`
     to the positions the context leaves after a prompt (as transformers' `generate` stops at the
     model's length); False: a prompt that leaves too little room is refused (evaluation, whose
-    metrics depend on the answer length).
+    metrics depend on the answer length). `seed`: where the chain of sampling keys starts (the first
+    call samples with `jax.random.split(jax.random.key(seed))[1]`).
     """
 
     def __init__(self, checkpoint: str | Path, *, dtype: str = "float32", generation: GenerationConfig | None = None,
-                 fit_context: bool = True):
+                 fit_context: bool = True, seed: int = 0):
         devices = jax.devices()
         self.mesh = make_mesh(MeshConfig(dcn_data=slice_count(devices)), devices)
         self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
@@ -80,7 +83,7 @@ class Predictor:
         self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
                                                          pad_token_id=conversation.pad_token_id(self.tokenizer))
         self.fit_context = fit_context
-        self.key = jax.random.key(0)
+        self.key = jax.random.key(seed)  # each call draws with the next key of this chain
 
     @property
     def uses_prior(self) -> bool:
@@ -196,3 +199,27 @@ class Predictor:
         stop = np.flatnonzero(row == self.generation.eos_token_id)
         row = row[: stop[0]] if stop.size else row
         return self.tokenizer.decode(row.tolist(), skip_special_tokens=True).strip(), bool(stop.size)
+
+
+class ImageInputs:
+    """What the model takes of decoded images (RGB uint8 `[H, W, 3]`, each a whole face: an aligned
+    crop, or a photo given as a face): CLIP's pixels, and each of the model's priors computed on the
+    whole image, concatenated in the config's order (2d106det with the official recipe and the
+    landmark graph `onnx`, the dlib priors with dlib), as `run.py generate` computes them from a file."""
+
+    def __init__(self, config, onnx: str | Path | None = None):
+        self.config = config
+        self.priors = config.priors if config.prior_position != "off" else ()
+        self.extractors = open_extractors(self.priors, onnx) if self.priors else []
+
+    def features(self, images: Sequence[np.ndarray], names: Sequence[str]) -> np.ndarray | None:
+        """`[n, prior_dim]` float32 (None for a model without a prior token); ValueError naming the
+        image (`names[i]`) whose feature cannot be computed or is not finite."""
+        if not self.extractors:
+            return None
+        bgr = [np.ascontiguousarray(rgb[..., ::-1]) for rgb in images]
+        return np.concatenate([e.features(bgr, names=list(names)) for e in self.extractors], axis=1)
+
+    def pixels(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """`[n, size, size, 3]` float32: CLIP's preprocessing, without LLaVA's padding to a square."""
+        return np.stack([image.clip_preprocess(Image.fromarray(rgb), self.config.vision.image_size) for rgb in images])

@@ -310,6 +310,7 @@ TOGETHER = {
     "ablation": ["--eval-emotion, --eval-au and --eval-landmarks go together"],
     "precompute-priors": ["--onnx for 2d106det"],
     "analyze": ["--onnx for a model with the 2d106det prior"],
+    "serve": ["--onnx for a model with the 2d106det prior"],
     "plan": ["--prompt-length and --new-tokens go with --evaluate"],
 }
 

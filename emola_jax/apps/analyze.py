@@ -41,10 +41,9 @@ from emola_jax.atomic import atomic_file, check_apart, write_text
 from emola_jax.checkpoint import StagedDirectory
 from emola_jax.data import labels
 from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, Face, FaceFinder
-from emola_jax.data.image import clip_preprocess, decode_rgb
-from emola_jax.data.priors import open_extractors
+from emola_jax.data.image import decode_rgb
 from emola_jax.eval import scoring
-from emola_jax.predictor import Predictor
+from emola_jax.predictor import ImageInputs, Predictor
 from emola_jax.progress import bar as progress_bar
 
 QUESTIONS = {"emotion": labels.EMOTION_QUESTION, "au": labels.AU_QUESTION}
@@ -92,7 +91,7 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     predictor = Predictor(checkpoint, dtype=dtype, generation=generation, fit_context=fit_context)
     for question in QUESTIONS.values():
         predictor.check_room(question)  # before any photo is read
-    prior = _PriorOfCrops(predictor.config, onnx)
+    prior = ImageInputs(predictor.config, onnx)
     with staged:
         summary = _analyze_into(staged.staging, photos, predictor, finder, prior, min_score=min_score,
                                 batch_size=batch_size, threads=threads, progress=progress)
@@ -100,7 +99,7 @@ def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     return summary
 
 
-def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, prior: _PriorOfCrops, *,
+def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, prior: ImageInputs, *,
                   min_score: float, batch_size: int, threads: int, progress: bool) -> dict:
     """`analyze`'s work, written into the folder `out`; returns the summary."""
     (out / "faces").mkdir()
@@ -121,7 +120,7 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
         per_face = (time.perf_counter() - start) / len(batch)
         stage["answer"] += time.perf_counter() - start
         for row, (photo, index, _, _) in enumerate(batch):
-            photo.answers[index] = _reading(replies["emotion"][row], replies["au"][row], per_face)
+            photo.answers[index] = reading(replies["emotion"][row], replies["au"][row], per_face)
             photo.waiting -= 1
             if photo.waiting == 0:  # drawn and saved on the writer thread, beside the next detections
                 writes.append(writer.submit(_write_photo, out, photo, prior.priors))
@@ -135,7 +134,8 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
         if photo.error is None and photo.faces:
             start = time.perf_counter()
             try:
-                features = photo.features = prior([f.chip for f in photo.faces], photo.path)
+                names = [f"face {n} of {photo.path}" for n in range(1, len(photo.faces) + 1)]
+                features = photo.features = prior.features([f.chip for f in photo.faces], names)
             except ValueError as err:  # a face no prior feature could be computed for: the photo is skipped
                 photo.error, photo.faces, photo.rgb = str(err), [], None
             photo.seconds["prior"] = time.perf_counter() - start
@@ -147,7 +147,7 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
             print(f"{photo.path}: no face found")
             continue
         start = time.perf_counter()
-        pixels = prior.clip_pixels([f.chip for f in photo.faces])
+        pixels = prior.pixels([f.chip for f in photo.faces])
         stage["clip"] += time.perf_counter() - start
         photo.answers, photo.waiting = [{} for _ in photo.faces], len(photo.faces)
         for index in range(len(photo.faces)):
@@ -169,29 +169,7 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
             "seconds": {k: round(v, 3) for k, v in stage.items()}}
 
 
-class _PriorOfCrops:
-    """Prior features `[n, prior_dim]` of aligned crops, each of the model's priors computed on
-    the whole crop (as on a dataset's aligned images), concatenated in the config's order; and
-    the crops' CLIP pixels (without LLaVA's padding: a crop is already square)."""
-
-    def __init__(self, config, onnx):
-        self.config = config
-        self.priors = config.priors if config.prior_position != "off" else ()
-        self.extractors = open_extractors(self.priors, onnx) if self.priors else []
-
-    def __call__(self, chips: list[np.ndarray], photo: Path) -> np.ndarray | None:
-        """ValueError naming the photo and face when a face's feature cannot be computed or is not finite."""
-        if not self.extractors:
-            return None
-        bgr = [np.ascontiguousarray(c[..., ::-1]) for c in chips]
-        names = [f"face {n} of {photo}" for n in range(1, len(chips) + 1)]
-        return np.concatenate([e.features(bgr, names=names) for e in self.extractors], axis=1)
-
-    def clip_pixels(self, chips: list[np.ndarray]) -> np.ndarray:
-        return np.stack([clip_preprocess(Image.fromarray(c), self.config.vision.image_size) for c in chips])
-
-
-def _reading(emotion_answer: tuple[str, bool], au_answer: tuple[str, bool], seconds: float) -> dict:
+def reading(emotion_answer: tuple[str, bool], au_answer: tuple[str, bool], seconds: float) -> dict:
     """What the official scoring reads from the two answers (`scoring.emotion_of`, `scoring.aus_of`).
     The official rule falls back to class 0 when no emotion word is found: `emotion_named` says
     whether one was."""

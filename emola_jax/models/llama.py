@@ -308,11 +308,15 @@ class LlamaModel(nnx.Module):
             new_cache.append(kv)
         return self.norm(hidden), new_cache
 
-    def decode(self, inputs_embeds, position_ids, kv_valid, cache, index, layers=None):
+    def decode(self, inputs_embeds, position_ids, kv_valid, cache, index, layers=None, mask=None):
         """Runs `inputs_embeds [batch, seq, embed]` at cache slots `index ..`; returns the normed
-        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens."""
+        hidden states and the updated cache. `kv_valid [batch, cache_len]` marks real tokens. `mask`
+        `[batch, 1, seq, cache_len]`: what each query sees (default: the valid slots up to its own,
+        `cached_attention_mask`; a cache used as a ring, whose slot order is not time order, gives
+        its own)."""
         cos, sin = rope_cos_sin(self.config, position_ids, inputs_embeds.dtype)
-        mask = cached_attention_mask(kv_valid, index, inputs_embeds.shape[1])
+        if mask is None:
+            mask = cached_attention_mask(kv_valid, index, inputs_embeds.shape[1])
         hidden, new_cache = inputs_embeds, []
         for layer, kv in zip(layers or self.unstacked_layers(), cache, strict=True):
             hidden, kv = layer.decode(hidden, cos, sin, mask, kv, index)
