@@ -237,15 +237,18 @@ def _serve(args: argparse.Namespace) -> None:
 
     from emola_jax.apps.serve import Server, create_app
     from emola_jax.data.labels import EMOTION_QUESTION
+    from emola_jax.generate import GenerationConfig
     from emola_jax.predictor import Predictor
     from emola_jax.serving import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
+    new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
+    GenerationConfig(max_new_tokens=new_tokens)  # its range, checked before the model loads
     predictor = Predictor(args.ckpt, dtype=args.dtype)
     engine = Engine(predictor, rows=args.rows, queue_size=args.queue).start()
     engine.warm_up(predictor.prompt_ids(EMOTION_QUESTION))
     name = args.name or args.ckpt.resolve().name
-    server = Server(engine, name=name, onnx=args.onnx, max_new_tokens=args.max_new_tokens or DEFAULT_NEW_TOKENS)
+    server = Server(engine, name=name, onnx=args.onnx, max_new_tokens=new_tokens)
     app = create_app(server, api_key=api_key)
     print(f"serving {args.ckpt} as {name!r} on http://{args.host}:{args.port} ({engine.rows} rows, a queue of "
           f"{args.queue}{', API key required' if api_key else ''})", flush=True)
@@ -801,7 +804,7 @@ def _serve_command(commands) -> None:
     parser.add_argument("--rows", type=positive_int, default=8, help="requests decoded at once")
     parser.add_argument("--queue", type=positive_int, default=32,
                         help="requests that may wait for a row; beyond, 429 with Retry-After")
-    parser.add_argument("--max-new-tokens", type=positive_int, metavar="N",
+    parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help=f"an answer's length when a request gives no max_tokens (default: {DEFAULT_NEW_TOKENS}, "
                         "or what the context leaves after the prompt where that is less)")
     parser.add_argument("--dtype", default="float32", choices=choices(Dtype), help="compute dtype")

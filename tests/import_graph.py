@@ -24,7 +24,7 @@ LAYERS = (
     ("data", r"emola_jax\.data(\..*)?"),
     ("models", r"emola_jax\.models(\..*)?"),
     ("storage and decoding", r"emola_jax\.(checkpoint|generate)"),
-    ("engines", r"emola_jax\.(predictor|train|eval)(\..*)?"),
+    ("engines", r"emola_jax\.(predictor|serving|train|eval)(\..*)?"),
     ("plans", r"emola_jax\.plan"),
     ("package facade", r"emola_jax"),
     ("converters", r"converters(\..*)?"),

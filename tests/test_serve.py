@@ -26,7 +26,8 @@ AU = "What AUs are conveyed by this face?"
 
 @pytest.fixture(scope="module")
 def server(demo_run, tmp_path_factory):
-    """`run.py serve` on the demo's model (4 rows, a queue of 2, an API key): (url, workdir, log)."""
+    """`run.py serve` on the demo's model over 2 devices (4 rows, 2 on each; a queue of 2; an API key):
+    (url, workdir, log)."""
     workdir, demo = demo_run
     assert demo.returncode == 0, demo.stderr[-2000:]
     port = free_port()
@@ -35,7 +36,7 @@ def server(demo_run, tmp_path_factory):
         process = subprocess.Popen([*RUN, "serve", "--ckpt", str(workdir / "run" / "model"), "--onnx",
                                     str(workdir / "landmark_model.onnx"), "--port", str(port), "--rows", "4",
                                     "--queue", "2", "--api-key", KEY, "--name", "emola-demo"],
-                                   cwd=ROOT, env=cpu_env(1), stdout=out, stderr=subprocess.STDOUT)
+                                   cwd=ROOT, env=cpu_env(2), stdout=out, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
@@ -117,6 +118,17 @@ def test_answers_are_generates_whatever_else_is_in_flight(server):
         assert finish == ("length" if a.get("max_new_tokens") else "stop"), (a, finish)
         assert usage.prompt_tokens > 16 and usage.total_tokens == usage.prompt_tokens + usage.completion_tokens
     assert replies[2][2].completion_tokens == 5
+
+
+def test_the_readmes_client_snippet(server, capsys):
+    from tests.test_readme import readme_block
+
+    url, workdir, _ = server
+    face = _faces(workdir, 1)[0]
+    code = readme_block("With OpenAI's own client").replace("http://127.0.0.1:8000", url).replace(
+        '"KEY"', repr(KEY)).replace('"emola-7b"', '"emola-demo"').replace('"face.png"', repr(str(face)))
+    exec(compile(code, "README.md", "exec"), {})  # noqa: S102 - the README's code, as a reader runs it
+    assert capsys.readouterr().out.strip() == _expected(workdir, face, EMOTION)
 
 
 def _long_seed(workdir, image) -> int:

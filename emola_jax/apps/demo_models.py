@@ -81,13 +81,28 @@ def logits_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pix
     slice of `landmarks` (the priors' features concatenated), placed `position` the visual tokens, fed as
     `inputs_embeds`. ids `[batch, seq]` (image placeholders expanded), pixels `[batch, size, size, 3]`,
     landmarks `[batch, prior_dim]`, mask `[batch, seq]`."""
+    # deferred: start-up time (torch)
+    import torch
+
+    embeds = embeds_with_prior(model, prior_file, ids, pixels, landmarks, position)
+    mask = torch.tensor(mask)
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.no_grad():
+        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits.float().numpy()
+
+
+def embeds_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pixels: np.ndarray,
+                      landmarks: np.ndarray, position: str = "after"):
+    """The `inputs_embeds` `[batch, seq, embed]` (torch) that `logits_with_prior` feeds: the token
+    embeddings with the visual and prior tokens spliced in at the image placeholders (what
+    transformers' `generate(inputs_embeds=...)` continues)."""
     # deferred: start-up time (peft, safetensors, torch)
     import torch
     from peft import PeftModel
     from safetensors.torch import load_file
 
     files = [prior_file] if isinstance(prior_file, (str, Path)) else list(prior_file)
-    input_ids, mask = torch.tensor(ids), torch.tensor(mask)
+    input_ids = torch.tensor(ids)
     with torch.no_grad():
         tokens, start = [], 0
         llava = model.get_base_model() if isinstance(model, PeftModel) else model
@@ -108,5 +123,4 @@ def logits_with_prior(model, prior_file: str | Path | list, ids: np.ndarray, pix
         is_image = input_ids == llava.config.image_token_id
         embeds = model.get_input_embeddings()(torch.where(is_image, 0, input_ids))
         embeds[is_image] = image_side.reshape(-1, image_side.shape[-1]).to(embeds.dtype)
-        position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
-        return model(inputs_embeds=embeds, attention_mask=mask, position_ids=position_ids).logits.float().numpy()
+        return embeds
