@@ -245,7 +245,7 @@ def _serve(args: argparse.Namespace) -> None:
     new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     GenerationConfig(max_new_tokens=new_tokens)  # its range, checked before the model loads
     predictor = Predictor(args.ckpt, dtype=args.dtype)
-    engine = Engine(predictor, rows=args.rows, queue_size=args.queue).start()
+    engine = Engine(predictor, rows=args.rows, queue_size=args.queue, length=args.cache_length).start()
     engine.warm_up(predictor.prompt_ids(EMOTION_QUESTION))
     name = args.name or args.ckpt.resolve().name
     server = Server(engine, name=name, onnx=args.onnx, max_new_tokens=new_tokens)
@@ -804,6 +804,9 @@ def _serve_command(commands) -> None:
     parser.add_argument("--rows", type=positive_int, default=8, help="requests decoded at once")
     parser.add_argument("--queue", type=positive_int, default=32,
                         help="requests that may wait for a row; beyond, 429 with Retry-After")
+    parser.add_argument("--cache-length", type=positive_int, metavar="TOKENS",
+                        help="cache slots per row: the longest prompt plus answer served (default: the model's "
+                        "context); every decode step reads all of them, so a shorter cache is a faster step")
     parser.add_argument("--max-new-tokens", type=int, metavar="N",
                         help=f"an answer's length when a request gives no max_tokens (default: {DEFAULT_NEW_TOKENS}, "
                         "or what the context leaves after the prompt where that is less)")

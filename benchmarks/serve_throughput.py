@@ -1,7 +1,8 @@
 """`run.py serve` under load, beside transformers' `generate` serving the same model one request at a time.
 
-For each model, `run.py serve` is started (16 rows) and N clients (1, 4, 8, 16) each send requests
-one after another through the official `openai` client, streaming: throughput is every answer's
+For each model, `run.py serve` is started (16 rows, 512 cache slots per row) and N clients (1, 4, 8,
+16) each send requests one after another through the official `openai` client, streaming: throughput
+is every answer's
 tokens (the server's `usage`) over the wall time of the level; time to first token is from sending
 to the first content chunk. The baseline answers the same requests in this process, one at a time,
 with transformers' `generate` (greedy, the same answer lengths) on the model's transformers form:
@@ -20,6 +21,7 @@ import argparse
 import base64
 import concurrent.futures
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -32,6 +34,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+os.environ.setdefault("JAX_PLATFORMS", "cpu")  # libtpu is installed with the dev extra; no TPU here
 QUESTION = "What emotions are conveyed by this face?"
 
 
@@ -60,7 +63,7 @@ def main() -> None:
                 print(f"{level:8d} {tps:9.1f} {tps / one[0]:10.2f} {tps / base[0]:10.2f} {ttft:11.3f} "
                       f"{ttft / one[1]:10.2f}")
             print(f"{'baseline':>8} {base[0]:9.1f} {'':>10} {'1.00':>10} {base[1]:11.3f}   (transformers generate, "
-                  "one request at a time, in process)")
+                  "one request at a time, in process; its column is seconds per whole answer)")
 
 
 def _serve_levels(model: Path, onnx: Path | None, images: list[Path], levels: list[int], requests: int,
@@ -73,9 +76,9 @@ def _serve_levels(model: Path, onnx: Path | None, images: list[Path], levels: li
 
     port = free_port()
     command = [sys.executable, str(ROOT / "run.py"), "serve", "--ckpt", str(model), "--port", str(port),
-               "--rows", "16", "--queue", "64", "--name", "m"]
-    server = subprocess.Popen(command + (["--onnx", str(onnx)] if onnx else []), stdout=subprocess.DEVNULL,
-                              stderr=subprocess.DEVNULL)
+               "--rows", "16", "--queue", "64", "--name", "m", "--cache-length", "512"]
+    log = tempfile.NamedTemporaryFile("w+", suffix=".log")
+    server = subprocess.Popen(command + (["--onnx", str(onnx)] if onnx else []), stdout=log, stderr=log)
     try:
         deadline = time.monotonic() + 600
         while True:
@@ -83,7 +86,9 @@ def _serve_levels(model: Path, onnx: Path | None, images: list[Path], levels: li
                 if httpx.get(f"http://127.0.0.1:{port}/health", timeout=2).status_code == 200:
                     break
             except httpx.HTTPError:
-                assert server.poll() is None and time.monotonic() < deadline, "the server did not start"
+                if server.poll() is not None or time.monotonic() > deadline:
+                    log.seek(0)
+                    raise RuntimeError(f"the server did not start: {log.read()[-3000:]}") from None
                 time.sleep(0.5)
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="-", max_retries=0)
         urls = ["data:image/png;base64," + base64.b64encode(p.read_bytes()).decode() for p in images]
@@ -135,7 +140,7 @@ def _demo(demo: Path):
         hf = LlavaForConditionalGeneration.from_pretrained(demo / "export" / "hf").eval()
         ids = conversation.tokenize_with_image(tokenizer, conversation.generation_prompt(QUESTION),
                                                config.image_token_id, config.image_seq_length)[None].astype(np.int64)
-        inputs = ImageInputs(config)
+        inputs = ImageInputs(config, demo / "landmark_model.onnx")
 
         def one(image: Path) -> int:
             from emola_jax.data.image import decode_rgb

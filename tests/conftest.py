@@ -28,6 +28,13 @@ from tests.processes import SMALL_TRAIN, cpu_env  # noqa: E402
 from tests.reference import official_emola_run, write_eval_checkpoint  # noqa: E402
 
 
+def pytest_collection_modifyitems(config, items):
+    """The demo first, then the files that do not need it, then those that do: with one worker
+    building the shared demo run (a minute or more), the others have other work than waiting."""
+    uses_demo = {item.path for item in items if "demo_run" in getattr(item, "fixturenames", ())}
+    items.sort(key=lambda item: 0 if item.path.name == "test_demo.py" else 2 if item.path in uses_demo else 1)
+
+
 def pytest_unconfigure(config):
     if OWN_XLA_CACHE:
         shutil.rmtree(os.environ["JAX_COMPILATION_CACHE_DIR"], ignore_errors=True)

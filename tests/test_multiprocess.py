@@ -137,6 +137,8 @@ def get_config():
 '''
 
 
+@pytest.mark.slow  # two more two-process trainings (60 s); the default run trains two processes from annotation
+# files, and one process from a built tfds dataset (test_pipeline.py)
 def test_two_processes_train_as_one_on_a_built_tfds_dataset(folder):
     from emola_jax.data import tfds_builders
 
