@@ -10,7 +10,8 @@ its throughput does not grow with clients, and its time to first token is its qu
 
 Models: the demo's (`--demo DIR`, what `run.py demo` wrote: its trained model, landmark graph and
 transformers export with the prior projector) and the mid-size LLaVA-shaped one of the other
-benchmarks (random, no prior token, the demo's tokenizer; its answers run to `--max-tokens`).
+benchmarks (random, no prior token, the demo's tokenizer with a word for every id of its 32,000;
+its answers run to `--max-tokens`).
 
     python benchmarks/serve_throughput.py --demo demo_out [--clients 1,4,8,16] [--requests 3]
 """
@@ -22,7 +23,6 @@ import base64
 import concurrent.futures
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -164,15 +164,18 @@ def _midsize(demo: Path, tmp: Path):
     """The mid-size random LLaVA (no prior token) converted, with the demo's tokenizer; its baseline."""
     import midsize
     import torch
-    from transformers import LlavaForConditionalGeneration
+    from transformers import AutoTokenizer, LlavaForConditionalGeneration
 
     from converters import convert
 
     torch.manual_seed(0)
-    reference = LlavaForConditionalGeneration(midsize.llava_config()).eval()
+    config = midsize.llava_config()
+    reference = LlavaForConditionalGeneration(config).eval()
     reference.save_pretrained(tmp / "hf")
-    for file in (demo / "run" / "model" / "tokenizer").iterdir():
-        shutil.copy2(file, tmp / "hf" / file.name)
+    tokenizer = AutoTokenizer.from_pretrained(demo / "run" / "model" / "tokenizer")
+    # every id of the random model's vocabulary a word, so that each new token is text the client sees
+    tokenizer.add_tokens([f" w{i}" for i in range(config.text_config.vocab_size - len(tokenizer))])
+    tokenizer.save_pretrained(tmp / "hf")
     model = convert(tmp / "hf", tmp / "jax", progress=False)
 
     def baseline(images: list[Path], max_tokens: int) -> tuple[float, float]:
