@@ -76,8 +76,8 @@ class Predictor:
                  fit_context: bool = True, seed: int = 0):
         devices = jax.devices()
         self.mesh = make_mesh(MeshConfig(dcn_data=slice_count(devices)), devices)
-        self._replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
-        model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=self._replicated)
+        self.replicated = jax.sharding.NamedSharding(self.mesh, jax.sharding.PartitionSpec())
+        model, self.config = load_pretrained(checkpoint, dtype=dtype, sharding=self.replicated)
         self.model = merge_lora(model)
         self.tokenizer = load_tokenizer(checkpoint)
         self.generation = generation or GenerationConfig(eos_token_id=self.tokenizer.eos_token_id,
@@ -148,7 +148,7 @@ class Predictor:
         row = self.check_room(question)
         pixels, landmarks = _fill(pixels, rows), _fill(landmarks, rows)
         ids, mask = left_pad([row] * len(pixels), self.generation.pad_token_id, bucket(len(row)))
-        tokens = self._generate(*jax.device_put((ids, mask, pixels, landmarks), self._replicated))
+        tokens = self._generate(*jax.device_put((ids, mask, pixels, landmarks), self.replicated))
         return [self.decode(tokens_row) for tokens_row in np.asarray(tokens)[:count]]
 
     def answer_questions(self, questions: Sequence[str], pixels: np.ndarray, landmarks: np.ndarray | None,
@@ -166,7 +166,7 @@ class Predictor:
         pixels, landmarks = _fill(pixels, rows), _fill(landmarks, rows)
         prefix = np.repeat(prompts[0][None, :shared], len(pixels), axis=0).astype(np.int32)
         self.key, key = jax.random.split(self.key)
-        inputs = jax.device_put((prefix, pixels, landmarks, suffixes, suffix_mask), self._replicated)
+        inputs = jax.device_put((prefix, pixels, landmarks, suffixes, suffix_mask), self.replicated)
         with jax.set_mesh(self.mesh):
             tokens = np.asarray(generate_shared(self.model, *inputs, key, self.generation))
         return [[self.decode(row) for row in question_tokens[:count]] for question_tokens in tokens]

@@ -123,7 +123,7 @@ class Engine:
             dtype = model.language_model.embed_tokens(np.zeros((1, 1), np.int32)).dtype  # the cache's, as generate's
             state = empty_slots(model, self.rows, self.length, dtype)
             self._slots = jax.device_put(state, jax.tree.map(
-                lambda x: batch_sharding(predictor.mesh, x.ndim) if x.ndim else predictor._replicated, state))
+                lambda x: batch_sharding(predictor.mesh, x.ndim) if x.ndim else predictor.replicated, state))
         # The model split once, and plain `jax.jit` over its weights: `nnx.jit` walks the model's graph
         # on every call (measured 100-260 ms a call on a CPU, more than a small model's step). The
         # decoder's layers are sliced once, here (a second copy of the decoder's weights): sliced
@@ -251,7 +251,7 @@ class Engine:
             request, row = stream.request, self._owners.index(None)
             ids, mask = left_pad([request.prompt], self.pad, bucket(len(request.prompt)))
             landmarks = None if request.landmarks is None else np.asarray(request.landmarks, np.float32)[None]
-            inputs = jax.device_put((ids, request.pixels[None], mask, landmarks), self.predictor._replicated)
+            inputs = jax.device_put((ids, request.pixels[None], mask, landmarks), self.predictor.replicated)
             cache, hidden, position = self._prefill(self._weights, self._layers, *inputs)
             key = jax.random.split(jax.random.key(request.seed))[1]  # as Predictor hands a seed's key to generate
             self._slots, first = self._join(self._weights, self._slots, row, cache, inputs[2], hidden, position,
