@@ -236,19 +236,21 @@ def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from emola_jax.apps.serve import Server, create_app
+    from emola_jax.checkpoint import load_config
     from emola_jax.data.labels import EMOTION_QUESTION
     from emola_jax.generate import GenerationConfig
-    from emola_jax.predictor import Predictor
+    from emola_jax.predictor import ImageInputs, Predictor
     from emola_jax.serving import Engine
 
     api_key = args.api_key or os.environ.get(API_KEY_VARIABLE) or None
     new_tokens = DEFAULT_NEW_TOKENS if args.max_new_tokens is None else args.max_new_tokens
     GenerationConfig(max_new_tokens=new_tokens)  # its range, checked before the model loads
+    inputs = ImageInputs(load_config(args.ckpt), args.onnx)  # a missing or unwanted --onnx, said before too
     predictor = Predictor(args.ckpt, dtype=args.dtype)
     engine = Engine(predictor, rows=args.rows, queue_size=args.queue, length=args.cache_length).start()
     engine.warm_up(predictor.prompt_ids(EMOTION_QUESTION))
     name = args.name or args.ckpt.resolve().name
-    server = Server(engine, name=name, onnx=args.onnx, max_new_tokens=new_tokens)
+    server = Server(engine, inputs, name=name, max_new_tokens=new_tokens)
     app = create_app(server, api_key=api_key)
     print(f"serving {args.ckpt} as {name!r} on http://{args.host}:{args.port} ({engine.rows} rows, a queue of "
           f"{args.queue}{', API key required' if api_key else ''})", flush=True)

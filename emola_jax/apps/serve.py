@@ -60,12 +60,14 @@ class ApiError(Exception):
 
 
 class Server:
-    """The engine, the image inputs of its model, and the face finder of `/v1/faces`."""
+    """The engine, the image inputs of its model (`ImageInputs` of the engine's config, made before
+    the model loads so that a missing landmark graph is said first), and the face finder of
+    `/v1/faces`."""
 
-    def __init__(self, engine: Engine, *, name: str, onnx=None, max_new_tokens: int = 512):
+    def __init__(self, engine: Engine, inputs: ImageInputs, *, name: str, max_new_tokens: int = 512):
         self.engine, self.name = engine, name
         self.predictor = engine.predictor
-        self.inputs = ImageInputs(engine.config, onnx)
+        self.inputs = inputs
         self.max_new_tokens = max_new_tokens
         self._finder: FaceFinder | None = None
 
@@ -82,8 +84,7 @@ class Server:
         """The engine's request for `question` about `rgb`; ApiError naming the field (`where`: the
         image's) when it cannot run."""
         prompt = self.predictor.prompt_ids(question)
-        room = self.engine.config.text.max_position_embeddings - len(prompt)
-        new_tokens = max_tokens if max_tokens is not None else max(1, min(self.max_new_tokens, room))
+        new_tokens = max_tokens if max_tokens is not None else self.default_length(prompt)
         try:
             features = self.inputs.features([rgb], [where])
         except ValueError as err:
@@ -96,6 +97,12 @@ class Server:
         except ValueError as err:
             raise ApiError(400, str(err), "max_tokens" if "context" in str(err) else "messages") from None
         return request
+
+    def default_length(self, prompt: np.ndarray) -> int:
+        """An answer's length where a request gives none: `max_new_tokens`, or what the context leaves
+        after `prompt` where that is less (as `generate`'s default)."""
+        room = self.engine.config.text.max_position_embeddings - len(prompt)
+        return max(1, min(self.max_new_tokens, room))
 
     def submit(self, request: EngineRequest) -> Stream:
         try:
@@ -387,16 +394,12 @@ async def _faces(server: Server, rgb: np.ndarray) -> dict:
     features = await anyio.to_thread.run_sync(
         server.inputs.features, chips, [f"face {n}" for n in range(1, len(chips) + 1)])
     pixels = server.inputs.pixels(chips)
-    streams = {}
-    for n in range(len(found)):
-        for name, question in QUESTIONS.items():
-            prompt = server.predictor.prompt_ids(question)
-            room = server.engine.config.text.max_position_embeddings - len(prompt)
-            streams[n, name] = (prompt, server.submit(EngineRequest(
-                prompt=prompt, pixels=pixels[n], landmarks=None if features is None else features[n],
-                max_new_tokens=max(1, min(server.max_new_tokens, room)))))
+    prompts = {name: server.predictor.prompt_ids(question) for name, question in QUESTIONS.items()}
+    streams = {(n, name): server.submit(EngineRequest(
+        prompt=prompt, pixels=pixels[n], landmarks=None if features is None else features[n],
+        max_new_tokens=server.default_length(prompt))) for n in range(len(found)) for name, prompt in prompts.items()}
     answers = {}
-    for key, (_, stream) in streams.items():
+    for key, stream in streams.items():
         tokens = [t async for t in _tokens(stream)]
         answers[key] = (server.text(tokens), stream.finish_reason == "stop")
     faces = []
