@@ -30,6 +30,7 @@ from emola_jax.settings import (
     Detector,
     Dtype,
     ExportFormat,
+    KeyframeRule,
     Protocol,
     Quantize,
     Recipe,
@@ -218,17 +219,24 @@ def _save_prior(folder: Path, priors, feature) -> None:
 def _analyze(args: argparse.Namespace) -> None:
     # deferred: start-up time (jax)
     from emola_jax.apps.analyze import analyze
+    from emola_jax.apps.video import VideoSettings
     from emola_jax.checkpoint import load_tokenizer
 
-    summary = analyze(args.photos, args.ckpt, args.out, onnx=args.onnx, detector=args.detector,
+    video = VideoSettings(every=args.every, keyframes=args.keyframes, peak_window=args.peak_window,
+                          peak_ratio=args.peak_ratio, detect_every=args.detect_every, patience=args.patience)
+    summary = analyze(args.inputs, args.ckpt, args.out, onnx=args.onnx, detector=args.detector,
                       upsample=args.upsample, min_score=args.min_score, max_faces=args.max_faces,
                       chip_size=args.chip_size, chip_padding=args.chip_padding, batch_size=args.batch_size,
                       threads=args.threads, generation=_generation_config(args, load_tokenizer(args.ckpt)),
                       dtype=args.dtype, progress=not args.no_progress, overwrite=args.overwrite,
-                      fit_context=args.max_new_tokens is None)
-    print(f"{summary['faces']} faces in {summary['photos'] - summary['skipped']} photos "
-          f"({summary['without_face']} without a face, {summary['skipped']} skipped): "
-          f"{summary['out']}/index.html")
+                      fit_context=args.max_new_tokens is None, video=video)
+    if summary["photos"]:
+        print(f"{summary['faces']} faces in {summary['photos'] - summary['skipped']} photos "
+              f"({summary['without_face']} without a face, {summary['skipped']} skipped): "
+              f"{summary['out']}/index.html")
+    for clip in summary["videos"]:
+        print(f"{clip['video']}: {clip['frames']} frames ({clip['frames_per_second']} frames/s), {clip['tracks']} "
+              f"tracks, {clip['keyframes']} keyframes asked: {summary['out']}/{Path(clip['out']).name}/")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -743,16 +751,21 @@ def _ablation_command(commands) -> None:
 
 def _analyze_command(commands) -> None:
     parser = _command(
-        commands, "analyze", help="find, align and describe every face in ordinary photos",
+        commands, "analyze", help="find, align and describe every face in ordinary photos and videos",
         description="For every face in every PHOTO: its box, its crop aligned as the training images were "
         "(dlib's face chip), its prior feature, the model's answers to the emotion and the AU question, and the "
         "emotion class and AUs the official scoring reads from them. Writes OUT/<photo>.png (faces boxed and "
         "labelled), OUT/faces/ (crops, and each prior's feature as .npy), OUT/results.jsonl and OUT/index.html. A "
         "photo that is unreadable, oversized, or whose face gives a non-finite prior feature is skipped, named in "
-        "one line. Needs the faces extra: pip install -e '.[faces]'.",
-        epilog="required: PHOTO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
+        "one line. A VIDEO (a video file, a camera such as /dev/video0, an rtsp:// URL, a pipe) has its faces "
+        "tracked through every frame, each face's prior computed on every frame, and the model asked per track at "
+        "keyframes: OUT/<video>/frames.csv, tracks.jsonl, annotated.mp4 and a timeline-<track>.png each. Needs the "
+        "faces extra (and the video extra for videos): pip install -e '.[faces,video]'.",
+        epilog="required: PHOTO or VIDEO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
     )
-    parser.add_argument("photos", type=Path, nargs="+", metavar="PHOTO", help="image files")
+    parser.add_argument("inputs", type=Path, nargs="+", metavar="PHOTO_OR_VIDEO",
+                        help="image files, and video files or sources (by suffix: .mp4 .mkv .webm .mov ...; "
+                        "rtsp:// and other URLs, /dev/video*, pipes)")
     parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer; "
                         "required)")
     parser.add_argument("--out", type=Path, required=True, help="folder for the pictures, results.jsonl, index.html; "
@@ -773,6 +786,20 @@ def _analyze_command(commands) -> None:
     faces.add_argument("--chip-size", type=positive_int, default=CHIP_SIZE, help="aligned crop size, pixels")
     faces.add_argument("--chip-padding", type=non_negative_float, default=CHIP_PADDING,
                        help="margin around the face in the crop, as a share of its size (dlib's own value)")
+    video = parser.add_argument_group("video")
+    video.add_argument("--every", type=positive_float, default=2.0, metavar="SECONDS",
+                       help="ask about each tracked face at its first frame and then every SECONDS")
+    video.add_argument("--keyframes", choices=choices(KeyframeRule), default="both",
+                       help="which frames of a track the model is asked about: every SECONDS, the peak frames "
+                       "(where the face's landmarks move furthest from its own median shape), or both")
+    video.add_argument("--peak-window", type=positive_float, default=1.0, metavar="SECONDS",
+                       help="a peak is the largest displacement within this many seconds either side")
+    video.add_argument("--peak-ratio", type=positive_float, default=3.0,
+                       help="a peak's displacement is at least this many times the track's median displacement")
+    video.add_argument("--detect-every", type=positive_int, default=1, metavar="K",
+                       help="detect faces every K frames; dlib's correlation tracker follows them in between")
+    video.add_argument("--patience", type=non_negative_float, default=0.5, metavar="SECONDS",
+                       help="a track unseen by the detector this long ends")
     run = parser.add_argument_group("throughput")
     run.add_argument("--batch-size", type=positive_int, default=8, help="faces per model call")
     run.add_argument("--threads", type=positive_int, default=4, help="threads decoding photos ahead")

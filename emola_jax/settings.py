@@ -27,6 +27,7 @@ EmotionTask = Literal["emotion", "rafdb"]  # FABA-Bench's emotion set, RAF-DB
 AuTask = Literal["au", "bp4d", "disfa", "gft"]  # FABA-Bench's AU set, BP4D, DISFA, GFT
 Task = Literal[EmotionTask, AuTask]  # what `evaluate` scores
 Detector = Literal["hog", "cnn", "insightface"]  # dlib's HOG and CNN face detectors, insightface's SCRFD
+KeyframeRule = Literal["both", "every", "peaks"]  # which frames of a tracked face the model is asked about
 Protocol = Literal["official", "rouge-score"]  # how REGE's ROUGE is computed
 ExportFormat = Literal["hf", "peft", "emola"]
 AdapterFormat = Literal["safetensors", "bin"]

@@ -66,7 +66,7 @@ def test_the_readmes_min_score_keeps_every_real_face_and_drops_the_patch():
 @pytest.mark.parametrize("size,face", [((112, 112), (8, 10, 100, 104)), ((512, 512), (180, 60, 290, 170)),
                                        ((4000, 3000), (100, 10, 900, 900))])
 def test_labels_fit_the_photo(size, face):
-    from emola_jax.apps.analyze import LABEL_MIN_PX, layout_label
+    from emola_jax.apps.annotate import LABEL_MIN_PX, layout_label
 
     text = "1: neutral (fallback: no emotion named); AU1 AU2 AU4 AU6 AU12 AU25"
     label = layout_label(text, size, face)

@@ -13,6 +13,7 @@ list). Written to `out`:
                        a photo with no face, or skipped (unreadable, over Pillow's size limit, a
                        face whose prior feature is not finite): one line saying so
     index.html         each photo with its faces and answers
+    <video>/           each video: faces tracked through its frames, asked at keyframes (`video`)
 
 Photos are decoded, and their faces found and aligned, ahead in threads; faces from several
 photos share a batch through the model (padded to `batch_size` rows, or to the faces there are
@@ -35,18 +36,16 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image
 
+from emola_jax.apps.annotate import QUESTIONS, draw_faces, emotion_shown, label_text, reading, save_png
+from emola_jax.apps.video import LIVE_SCHEMES, VideoReader, VideoSettings, analyze_video, is_live, is_video
 from emola_jax.atomic import atomic_file, check_apart, write_text
 from emola_jax.checkpoint import StagedDirectory
-from emola_jax.data import labels
 from emola_jax.data.faces import CHIP_PADDING, CHIP_SIZE, Face, FaceFinder
 from emola_jax.data.image import decode_rgb
-from emola_jax.eval import scoring
 from emola_jax.predictor import ImageInputs, Predictor
 from emola_jax.progress import bar as progress_bar
-
-QUESTIONS = {"emotion": labels.EMOTION_QUESTION, "au": labels.AU_QUESTION}
 
 
 @dataclasses.dataclass
@@ -64,37 +63,57 @@ class Photo:
     waiting: int = 0  # faces not yet answered
 
 
-def analyze(photos: Sequence[str | Path], checkpoint: str | Path, out: str | Path, *,
+def analyze(inputs: Sequence[str | Path], checkpoint: str | Path, out: str | Path, *,
             onnx: str | Path | None = None, detector: str = "hog", upsample: int = 1, min_score: float = 0.0,
             max_faces: int | None = None, chip_size: int = CHIP_SIZE, chip_padding: float = CHIP_PADDING,
             batch_size: int = 8, threads: int = 4, generation=None, dtype: str = "float32",
-            progress: bool = True, overwrite: bool = False, fit_context: bool = False) -> dict:
-    """Analyses `photos` with the model at `checkpoint`, writing `out` (see the module) whole: it
-    is built in a hidden sibling and renamed into place when every photo is done, so that it
+            progress: bool = True, overwrite: bool = False, fit_context: bool = False,
+            video: VideoSettings | None = None) -> dict:
+    """Analyses the photos and videos in `inputs` (a video: what `video.is_video` says is one) with
+    the model at `checkpoint`, writing `out` (see the module; each video into `out/<video>/`, as
+    `video.analyze_video` writes it, with `video`'s settings) whole: it is built in a hidden sibling
+    and renamed into place when every photo and video is done, so that it
     never mixes two runs, nor looks complete after a kill (a non-empty `out` needs `overwrite`,
     and is replaced only then). `fit_context`: as `Predictor`'s.
 
     `onnx`: the 2d106det landmark graph, for a model with that prior (each of the model's priors
     is computed on each aligned crop: 2d106det with the official recipe, the dlib priors with
     dlib). Returns a summary: photos, faces, photos without a face, skipped photos, the rows the
-    model's batches were padded to (`batch_rows`), seconds per stage. Raises ValueError for settings
-    out of range or `out` overlapping an input; a photo that cannot be read, or whose face gives no
+    model's batches were padded to (`batch_rows`), seconds per stage, and `videos`: each video's
+    summary. Raises ValueError for settings out of range, `out` overlapping an input, or a video that
+    cannot be opened or has no video stream; a photo that cannot be read, or whose face gives no
     finite prior feature, is reported and skipped."""
     if batch_size < 1 or threads < 1:
         raise ValueError(f"batch size and threads must be at least 1, not {batch_size} and {threads}")
-    if not photos:
-        raise ValueError("give at least one photo")
-    check_apart("--out", out, {"photo": list(photos), "--ckpt": checkpoint, "--onnx": onnx})
+    if not inputs:
+        raise ValueError("give at least one photo or video")
+    video = video or VideoSettings()
+    videos = [source for source in inputs if is_video(source)]
+    photos = [source for source in inputs if not is_video(source)]
+    check_apart("--out", out, {"input": [p for p in inputs if not str(p).startswith(LIVE_SCHEMES)],
+                               "--ckpt": checkpoint, "--onnx": onnx})
     staged = StagedDirectory(out, overwrite=overwrite)  # a non-empty `out` is refused here, before any work
+    for source in videos:  # a file that is no video is named before the model loads
+        if not is_live(source):
+            VideoReader(source).close()
     finder = FaceFinder(detector, upsample=upsample, chip_size=chip_size, chip_padding=chip_padding,
                         max_faces=max_faces)
     predictor = Predictor(checkpoint, dtype=dtype, generation=generation, fit_context=fit_context)
     for question in QUESTIONS.values():
         predictor.check_room(question)  # before any photo is read
     prior = ImageInputs(predictor.config, onnx)
+    if videos:
+        video.check_model(prior)
     with staged:
-        summary = _analyze_into(staged.staging, photos, predictor, finder, prior, min_score=min_score,
-                                batch_size=batch_size, threads=threads, progress=progress)
+        summary = {"photos": 0, "faces": 0, "without_face": 0, "skipped": 0, "batch_rows": 0, "seconds": {}}
+        if photos:
+            summary = _analyze_into(staged.staging, photos, predictor, finder, prior, min_score=min_score,
+                                    batch_size=batch_size, threads=threads, progress=progress)
+        summary["videos"] = [
+            analyze_video(source, staged.staging / name, predictor, finder, prior, settings=video,
+                          min_score=min_score, batch_size=batch_size, threads=threads, progress=progress)
+            for source, name in zip(videos, _unique_names([Path(str(v)) for v in videos], taken={"faces"}),
+                                    strict=True)]
         summary["out"] = str(staged.publish())
     return summary
 
@@ -169,17 +188,6 @@ def _analyze_into(out: Path, photos, predictor: Predictor, finder: FaceFinder, p
             "seconds": {k: round(v, 3) for k, v in stage.items()}}
 
 
-def reading(emotion_answer: tuple[str, bool], au_answer: tuple[str, bool], seconds: float) -> dict:
-    """What the official scoring reads from the two answers (`scoring.emotion_of`, `scoring.aus_of`).
-    The official rule falls back to class 0 when no emotion word is found: `emotion_named` says
-    whether one was."""
-    return {"emotion": labels.EMOTIONS[scoring.emotion_of(emotion_answer[0])],
-            "emotion_named": scoring.has_emotion_word(emotion_answer[0]),
-            "aus": [f"AU{n}" for n in sorted(scoring.aus_of(au_answer[0]), key=int)],
-            "emotion_answer": emotion_answer[0], "au_answer": au_answer[0],
-            "answers_complete": emotion_answer[1] and au_answer[1], "answer_seconds": round(seconds, 4)}
-
-
 def _faces_found(paths: Sequence[str | Path], threads: int, finder: FaceFinder, min_score: float
                  ) -> Iterator[Photo]:
     """Photos in order, each decoded, its faces detected and aligned, `2 * threads` photos ahead
@@ -213,10 +221,10 @@ def _faces_found(paths: Sequence[str | Path], threads: int, finder: FaceFinder, 
             yield photo
 
 
-def _unique_names(paths: list[Path]) -> list[str]:
-    """Each photo's output stem: its file's stem, or the first of `-2`, `-3`... after it that no
-    earlier photo has (`p1/a.jpg`, `p2/a.png`, `p3/a-2.png`: `a`, `a-2`, `a-2-2`)."""
-    used: set[str] = set()
+def _unique_names(paths: list[Path], taken: set[str] = frozenset()) -> list[str]:
+    """Each input's output stem: its file's stem, or the first of `-2`, `-3`... after it that no
+    earlier input has, nor `taken` holds (`p1/a.jpg`, `p2/a.png`, `p3/a-2.png`: `a`, `a-2`, `a-2-2`)."""
+    used: set[str] = set(taken)
     names = []
     for path in paths:
         name, n = path.stem, 1
@@ -228,85 +236,19 @@ def _unique_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def _emotion_shown(answer: dict) -> str:
-    """The emotion the official rule reads, marked where it is its fallback (no emotion word in the
-    answer): one text for the picture and the page, as `results.jsonl` has it (`emotion_named`)."""
-    return answer["emotion"] if answer["emotion_named"] else f"{answer['emotion']} (fallback: no emotion named)"
-
-
-def _label(answer: dict) -> str:
-    return f"{_emotion_shown(answer)}; {' '.join(answer['aus']) or 'no AUs'}"
-
-
-LABEL_MIN_PX = 8  # the smallest label font; a label that does not fit at it is wrapped
-
-
-@dataclasses.dataclass(frozen=True)
-class Label:
-    font: ImageFont.FreeTypeFont
-    text: str  # wrapped onto lines where it must be
-    box: tuple[int, int, int, int]  # the filled background, [left, top, right, bottom] pixels, inside the photo
-    origin: tuple[int, int]  # where the text is drawn
-
-
-def _line_width(size: tuple[int, int]) -> int:
-    return max(2, round(max(size) / 400))
-
-
-def layout_label(text: str, size: tuple[int, int], face_box: tuple[int, int, int, int]) -> Label:
-    """Where and how large a face's label is drawn on a photo of `size` (width, height) pixels: the
-    font 1/60 of the photo's longer side (at least 12 px), smaller until the label fits the photo's
-    width (down to `LABEL_MIN_PX`), then wrapped onto lines; above the face's box where there is
-    room, else below it, else over its top, always inside the photo."""
-    width, height = size
-    line = _line_width(size)
-    room = width - 2 * line
-    font_px = max(12, round(max(size) / 60))
-    font = ImageFont.load_default(size=font_px)
-    while font_px > LABEL_MIN_PX and font.getlength(text) > room:
-        font_px = max(LABEL_MIN_PX, min(font_px - 1, int(font_px * room / font.getlength(text))))
-        font = ImageFont.load_default(size=font_px)
-    if font.getlength(text) > room:  # wrapped at words
-        lines = [""]
-        for word in text.split():
-            joined = f"{lines[-1]} {word}".strip()
-            if lines[-1] and font.getlength(joined) > room:
-                lines.append(word)
-            else:
-                lines[-1] = joined
-        text = "\n".join(lines)
-    probe = ImageDraw.Draw(Image.new("RGB", (1, 1)))
-    x0, y0, x1, y1 = probe.multiline_textbbox((0, 0), text, font=font)
-    box_width, box_height = min(x1 - x0 + 2 * line, width), min(y1 - y0 + 2 * line, height)
-    left, top, _, bottom = face_box
-    x = max(0, min(left, width - box_width))
-    if top - box_height >= 0:
-        y = top - box_height
-    elif bottom + line + box_height <= height:
-        y = bottom + line
-    else:
-        y = max(0, min(top, height - box_height))
-    return Label(font, text, (x, y, x + box_width - 1, y + box_height - 1), (x + line - x0, y + line - y0))
-
-
 def _write_photo(out: Path, photo: Photo, priors) -> float:
     """The labelled photo, each face's crop and its prior features (each file written atomically);
     frees the pixels. Returns the seconds it took."""
     start = time.perf_counter()
     canvas = Image.fromarray(photo.rgb)
-    draw = ImageDraw.Draw(canvas)
-    line = _line_width(canvas.size)
-    for face in photo.faces:  # every box first, so that no box is drawn over a label
-        draw.rectangle(face.detection.box, outline=(255, 64, 32), width=line)
-    for number, (face, answer) in enumerate(zip(photo.faces, photo.answers, strict=True), 1):
-        label = layout_label(f"{number}: {_label(answer)}", canvas.size, face.detection.box)
-        draw.rectangle(label.box, fill=(255, 64, 32))
-        draw.multiline_text(label.origin, label.text, fill=(255, 255, 255), font=label.font)
-        _save_png(Image.fromarray(face.chip), out / "faces" / f"{photo.name}-{number}.png")
+    draw_faces(canvas, [face.detection.box for face in photo.faces],
+               [f"{number}: {label_text(answer)}" for number, answer in enumerate(photo.answers, 1)])
+    for number, face in enumerate(photo.faces, 1):
+        save_png(Image.fromarray(face.chip), out / "faces" / f"{photo.name}-{number}.png")
         if photo.features is not None:
             for prior, feature in zip(priors, _split(photo.features[number - 1], priors), strict=True):
                 _save_npy(feature, out / _prior_file(photo.name, number, prior.name))
-    _save_png(canvas, out / f"{photo.name}.png")
+    save_png(canvas, out / f"{photo.name}.png")
     photo.rgb = None
     return time.perf_counter() - start
 
@@ -323,13 +265,6 @@ def _prior_file(name: str, number: int, prior: str) -> str:
 def _save_npy(array: np.ndarray, path: Path) -> None:
     buffer = io.BytesIO()
     np.save(buffer, array)
-    with atomic_file(path) as staging:
-        staging.write_bytes(buffer.getvalue())
-
-
-def _save_png(image, path: Path) -> None:
-    buffer = io.BytesIO()
-    image.save(buffer, format="PNG", compress_level=1)  # 3x faster than PIL's default 6, 12 % larger
     with atomic_file(path) as staging:
         staging.write_bytes(buffer.getvalue())
 
@@ -375,7 +310,7 @@ def _index(photos: list[Photo]) -> str:
         for number, answer in enumerate(photo.answers, 1):
             crop = f"faces/{photo.name}-{number}.png"
             parts.append(
-                f'<tr><td>{number}<br><img src="{esc(crop)}" width="112"></td><td>{esc(_emotion_shown(answer))}'
+                f'<tr><td>{number}<br><img src="{esc(crop)}" width="112"></td><td>{esc(emotion_shown(answer))}'
                 f'</td><td>{esc(" ".join(answer["aus"]) or "-")}</td><td class="text"><b>emotion:</b> '
                 f'{esc(answer["emotion_answer"])}<br><b>AUs:</b> {esc(answer["au_answer"])}</td></tr>')
         parts.append("</table>")

@@ -34,7 +34,7 @@ import numpy as np
 from fastapi import FastAPI, Request
 from fastapi.responses import HTMLResponse, JSONResponse, StreamingResponse
 
-from emola_jax.apps.analyze import QUESTIONS, reading
+from emola_jax.apps.annotate import QUESTIONS, reading
 from emola_jax.data.faces import FaceFinder
 from emola_jax.data.image import decode_rgb
 from emola_jax.predictor import ImageInputs
