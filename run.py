@@ -236,7 +236,7 @@ def _analyze(args: argparse.Namespace) -> None:
               f"{summary['out']}/index.html")
     for clip in summary["videos"]:
         print(f"{clip['video']}: {clip['frames']} frames ({clip['frames_per_second']} frames/s), {clip['tracks']} "
-              f"tracks, {clip['keyframes']} keyframes asked: {summary['out']}/{Path(clip['out']).name}/")
+              f"tracks, {clip['keyframes']} keyframes asked: {clip['out']}/")
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -802,7 +802,8 @@ def _analyze_command(commands) -> None:
                        help="a track unseen by the detector this long ends")
     run = parser.add_argument_group("throughput")
     run.add_argument("--batch-size", type=positive_int, default=8, help="faces per model call")
-    run.add_argument("--threads", type=positive_int, default=4, help="threads decoding photos ahead")
+    run.add_argument("--threads", type=positive_int, default=4,
+                     help="threads decoding photos ahead, and detecting faces in the video frames ahead")
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     _add_decoding_flags(parser.add_argument_group("decoding"), scored=False)
     parser.set_defaults(func=_analyze)

@@ -115,6 +115,8 @@ def analyze(inputs: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
             for source, name in zip(videos, _unique_names([Path(str(v)) for v in videos], taken={"faces"}),
                                     strict=True)]
         summary["out"] = str(staged.publish())
+    for clip in summary["videos"]:  # where each video's folder is now
+        clip["out"] = str(Path(summary["out"]) / Path(clip["out"]).name)
     return summary
 
 

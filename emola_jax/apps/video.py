@@ -463,8 +463,12 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
         return frame, detections, time.perf_counter() - start
 
     def close(track: Track) -> None:
+        if track.keys is None:  # ended before any frame of it had a prior feature
+            return
         for moment in track.keys.finish():
             asker.add(track, moment)
+        track.follower = None  # what an ended track keeps is its keyframes and its curve
+        track.keys.history.clear()
 
     partial = out / "frames.partial.csv"
     with open(partial, "w", newline="") as handle, concurrent.futures.ThreadPoolExecutor(threads) as pool:
@@ -692,10 +696,11 @@ def _timeline(track: Track, path: Path) -> None:
                            f"({track.first_time:.1f}-{track.last_time:.1f} s); red: peak keyframes")
     for row, au in enumerate(labels.FABA_AUS):
         shown = [t for t, k in zip(times, keys, strict=True) if f"AU{au}" in k["aus"]]
-        au_axis.scatter(shown, [row] * len(shown), marker="s", color="tab:green", s=30)
+        au_axis.scatter(shown, [row] * len(shown), marker="s", color="tab:green", s=30, zorder=3)
     au_axis.set_yticks(range(len(labels.FABA_AUS)), [f"AU{n}" for n in labels.FABA_AUS], fontsize=7)
     au_axis.set_ylim(-0.7, len(labels.FABA_AUS) - 0.3)
-    au_axis.grid(axis="y", color="0.92")
+    au_axis.grid(axis="y", color="0.92", zorder=0)
+    au_axis.set_axisbelow(True)
     if track.keys.curve:
         times_all, displacement, floor = zip(*track.keys.curve, strict=True)
         curve_axis.plot(times_all, displacement, color="tab:purple", lw=1, label="displacement")
