@@ -68,7 +68,8 @@ def main() -> None:
 
 def _serve_levels(model: Path, onnx: Path | None, images: list[Path], levels: list[int], requests: int,
                   max_tokens: int) -> dict[int, tuple[float, float]]:
-    """(tokens/s, p50 time to first token) per client count, through `run.py serve`."""
+    """(tokens/s, p50 time to first token) per client count, through `run.py serve`; prints where
+    the mean time to first token goes (the engine's queue and prefill, from `/health`'s totals)."""
     import httpx
     import openai
 
@@ -108,13 +109,23 @@ def _serve_levels(model: Path, onnx: Path | None, images: list[Path], levels: li
 
         ask(0)  # the first call of each prompt bucket compiles
         results = {}
+        health = lambda: httpx.get(f"http://127.0.0.1:{port}/health", timeout=5).json()  # noqa: E731
         for level in levels:
+            before = health()
             start = time.perf_counter()
             with concurrent.futures.ThreadPoolExecutor(level) as pool:
                 done = list(pool.map(lambda c: [ask(c * requests + r) for r in range(requests)], range(level)))
             wall = time.perf_counter() - start
             flat = [x for client_runs in done for x in client_runs]
             results[level] = (sum(t for t, _ in flat) / wall, statistics.median(f for _, f in flat))
+            after = health()
+            admitted = after["admitted"] - before["admitted"]
+            queued = (after["queue_seconds"] - before["queue_seconds"]) / admitted
+            prefill = (after["prefill_seconds"] - before["prefill_seconds"]) / admitted
+            mean = statistics.mean(f for _, f in flat)
+            print(f"  {level} clients: time to first token, mean {mean:.3f} s = engine queue {queued:.3f} s + prefill "
+                  f"and first token {prefill:.3f} s + the rest (HTTP, image decoding, prior, delivery) "
+                  f"{mean - queued - prefill:.3f} s", flush=True)
         return results
     finally:
         server.terminate()

@@ -14,6 +14,7 @@ from __future__ import annotations
 import dataclasses
 import queue
 import threading
+import time
 from collections.abc import Iterator
 
 import jax
@@ -59,6 +60,7 @@ class Stream:
         self.request = request
         self.finish_reason: str | None = None
         self.generated = 0  # tokens made so far, EOS included
+        self.submitted = time.perf_counter()
         self._items: queue.SimpleQueue = queue.SimpleQueue()
         self._cancelled = threading.Event()
 
@@ -115,6 +117,7 @@ class Engine:
         self._lock = threading.Lock()
         self._owners: list[Stream | None] = [None] * self.rows
         self._cancelled_count = 0
+        self._timing = {"admitted": 0, "queue_seconds": 0.0, "prefill_seconds": 0.0}
         self._wake = threading.Event()
         self._closed = threading.Event()
         self._thread = threading.Thread(target=self._run, name="emola-engine", daemon=True)
@@ -178,6 +181,12 @@ class Engine:
     def cancelled(self) -> int:
         """Requests cancelled so far (a client that went away, a stop string found)."""
         return self._cancelled_count
+
+    @property
+    def timing(self) -> dict:
+        """Since the start: requests admitted to a row, the seconds they waited in the queue and the
+        seconds their prefill and first token took, in all (an operator's means: deltas over deltas)."""
+        return dict(self._timing)
 
     @property
     def busy_rows(self) -> int:
@@ -249,6 +258,7 @@ class Engine:
                 stream._end("cancelled")
                 continue
             request, row = stream.request, self._owners.index(None)
+            began = time.perf_counter()
             ids, mask = left_pad([request.prompt], self.pad, bucket(len(request.prompt)))
             landmarks = None if request.landmarks is None else np.asarray(request.landmarks, np.float32)[None]
             inputs = jax.device_put((ids, request.pixels[None], mask, landmarks), self.predictor.replicated)
@@ -258,6 +268,9 @@ class Engine:
                                             np.float32(request.temperature), np.float32(request.top_p), key)
             self._owners[row] = stream
             self._deliver(row, int(first))
+            self._timing["admitted"] += 1
+            self._timing["queue_seconds"] += began - stream.submitted
+            self._timing["prefill_seconds"] += time.perf_counter() - began
 
     def _deliver(self, row: int, token: int) -> None:
         stream = self._owners[row]

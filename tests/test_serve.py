@@ -166,6 +166,10 @@ def test_a_full_queue_says_429_and_a_client_that_leaves_frees_its_row(server):
             assert time.monotonic() < deadline, health
             time.sleep(0.05)
         assert health["cancelled"] - before["cancelled"] == 6  # each freed before its 300 tokens
+        # the four that decoded were admitted (the two waiting ones too, unless they left before a row freed)
+        assert 4 <= health["admitted"] - before["admitted"] <= 6
+        assert health["prefill_seconds"] > before["prefill_seconds"]
+        assert health["queue_seconds"] >= before["queue_seconds"]
     assert "POST /v1/chat/completions 429" in log.read_text()
 
 

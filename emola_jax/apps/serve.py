@@ -6,7 +6,7 @@
     POST /v1/faces              a photo (multipart `file`, or JSON `{"image": "data:..."}`) -> every
                                 face found, with its box, score, answers and the official readings,
                                 as `run.py analyze` writes them
-    GET  /health                rows busy, requests waiting
+    GET  /health                rows busy, requests waiting; requests admitted, seconds queued and prefilling
     GET  /                      a page: drop a photo, see its faces boxed and labelled
 
 Every answer comes from one `serving.Engine` (continuous batching), so a request's answer is the
@@ -307,7 +307,7 @@ def create_app(server: Server, *, api_key: str | None = None, max_body: int = MA
     async def health():
         engine = server.engine
         return {"status": "ok", "model": server.name, "rows": engine.rows, "busy": engine.busy_rows,
-                "waiting": engine.waiting, "cancelled": engine.cancelled}
+                "waiting": engine.waiting, "cancelled": engine.cancelled, **engine.timing}
 
     @app.get("/v1/models")
     async def models():
