@@ -230,3 +230,17 @@ def test_tracking_between_detections_follows_the_faces():
     followed = [(truth[i, t], box) for i, t, box, detected in sparse if not detected]
     assert len(followed) > 50
     assert min(iou(a, b) for a, b in followed) >= 0.5
+
+
+def test_every_keyframe_on_a_model_without_a_prior_token():
+    """`--keyframes every` needs no landmarks: each moment's displacement is 0 (not NaN) and the
+    keyframes are the track's first frame and then one every `--every` seconds."""
+    from emola_jax.apps.video import Keyframes, Moment, VideoSettings
+
+    keys = Keyframes(VideoSettings(keyframes="every", every=0.5))
+    chosen = []
+    for index in range(30):
+        chosen += keys.add(Moment(index, index / 10, np.zeros(0, np.float32), np.zeros((4, 4, 3), np.uint8)))
+    chosen += keys.finish()
+    assert [(m.frame, m.reasons) for m in chosen] == [(f, ["every"]) for f in range(0, 30, 5)]
+    assert all(displacement == 0.0 for _, displacement, _ in keys.curve) and len(keys.curve) == 30

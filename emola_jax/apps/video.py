@@ -372,10 +372,12 @@ class Keyframes:
         items = list(self.history)
         while self.measured < len(items) and items[self.measured].time <= until:
             moment = items[self.measured]
-            around = np.stack([m.feature for m in items
-                               if moment.time - NEUTRAL_SECONDS <= m.time <= moment.time + self.settings.peak_window])
-            neutral = np.median(around, axis=0)
-            moment.displacement = float(np.sqrt(np.mean((moment.feature - neutral) ** 2)))
+            moment.displacement = 0.0  # a model without a prior token: no landmarks, no displacement
+            if moment.feature.size:
+                around = np.stack([m.feature for m in items if moment.time - NEUTRAL_SECONDS <= m.time
+                                   <= moment.time + self.settings.peak_window])
+                neutral = np.median(around, axis=0)
+                moment.displacement = float(np.sqrt(np.mean((moment.feature - neutral) ** 2)))
             self.measured += 1
 
     def _decide(self, until: float) -> list[Moment]:
