@@ -763,7 +763,7 @@ def _analyze_command(commands) -> None:
         "faces extra (and the video extra for videos): pip install -e '.[faces,video]'.",
         epilog="required: PHOTO or VIDEO..., --ckpt, --out; --onnx for a model with the 2d106det prior.",
     )
-    parser.add_argument("inputs", type=Path, nargs="+", metavar="PHOTO_OR_VIDEO",
+    parser.add_argument("inputs", nargs="+", metavar="PHOTO_OR_VIDEO",  # str: a URL keeps its "//"
                         help="image files, and video files or sources (by suffix: .mp4 .mkv .webm .mov ...; "
                         "rtsp:// and other URLs, /dev/video*, pipes)")
     parser.add_argument("--ckpt", type=Path, required=True, help="emola-jax checkpoint (with its tokenizer; "

@@ -187,7 +187,7 @@ def test_a_cut_file_gives_the_frames_it_holds_and_a_live_pipe_is_read(analysed):
     assert len(_decoded(folder / "out" / "cut" / "annotated.mp4")) == held
     live = folder / "out" / "camera"  # the whole scene, read from the pipe, recorded for the second pass
     assert len(_rows(live)) == video_clips.SCENES[0].frames
-    assert len(_decoded(live / "source.mkv")) == len(_decoded(live / "annotated.mp4")) == video_clips.SCENES[0].frames
+    assert len(_decoded(live / "source.ts")) == len(_decoded(live / "annotated.mp4")) == video_clips.SCENES[0].frames
 
 
 def test_a_file_without_video_is_named_before_the_model_loads(demo_run, tmp_path):
@@ -240,7 +240,37 @@ def test_every_keyframe_on_a_model_without_a_prior_token():
     keys = Keyframes(VideoSettings(keyframes="every", every=0.5))
     chosen = []
     for index in range(30):
-        chosen += keys.add(Moment(index, index / 10, np.zeros(0, np.float32), np.zeros((4, 4, 3), np.uint8)))
+        chosen += keys.add(Moment(index, index / 10, np.zeros(0, np.float32), np.zeros((4, 4, 3), np.uint8),
+                                  np.zeros(0, np.float32)))
     chosen += keys.finish()
     assert [(m.frame, m.reasons) for m in chosen] == [(f, ["every"]) for f in range(0, 30, 5)]
     assert all(displacement == 0.0 for _, displacement, _ in keys.curve) and len(keys.curve) == 30
+
+
+def test_a_peak_is_the_largest_within_its_window_at_its_edge_too():
+    """Two bumps exactly `--peak-window` apart on millisecond stamps (30 frames/s, as Matroska rounds
+    them): only the larger is a peak, however the float stamps round."""
+    from emola_jax.apps.video import Keyframes, Moment, VideoSettings
+
+    for window in (0.3, 0.2, 0.5):
+        gap = round(window * 30)
+        keys, chosen = Keyframes(VideoSettings(keyframes="peaks", peak_window=window)), []
+        for index in range(400):
+            value = {200: 5.0, 200 + gap: 6.0}.get(index, 0.0)
+            shape = np.array([value], np.float32)
+            chosen += keys.add(Moment(index, round(index / 30, 3), shape, None, shape))
+        chosen += keys.finish()
+        assert [m.frame for m in chosen] == [200 + gap], window
+
+
+def test_urls_and_devices_reach_analyze_as_videos():
+    """A URL keeps its `//` through the command line, and URLs, cameras and pipes are live videos."""
+    import run
+    from emola_jax.apps.video import is_live, is_video
+
+    args = run.build_parser().parse_args(["analyze", "rtsp://cam.local/live", "http://host/clip.mp4", "photo.jpg",
+                                          "--ckpt", "model", "--out", "out"])
+    assert args.inputs == ["rtsp://cam.local/live", "http://host/clip.mp4", "photo.jpg"]
+    assert [is_video(s) for s in args.inputs] == [True, True, False]
+    assert [is_live(s) for s in args.inputs] == [True, True, False]
+    assert is_video("/dev/video0") and not is_video("/tmp/photo.png")

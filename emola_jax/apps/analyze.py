@@ -104,6 +104,8 @@ def analyze(inputs: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
     prior = ImageInputs(predictor.config, onnx)
     if videos:
         video.check_model(prior)
+    # a video's folder takes no name a photo's output or the run's own files have
+    taken = {"faces", "results.jsonl", "index.html", *(f"{n}.png" for n in _unique_names([Path(p) for p in photos]))}
     with staged:
         summary = {"photos": 0, "faces": 0, "without_face": 0, "skipped": 0, "batch_rows": 0, "seconds": {}}
         if photos:
@@ -112,8 +114,7 @@ def analyze(inputs: Sequence[str | Path], checkpoint: str | Path, out: str | Pat
         summary["videos"] = [
             analyze_video(source, staged.staging / name, predictor, finder, prior, settings=video,
                           min_score=min_score, batch_size=batch_size, threads=threads, progress=progress)
-            for source, name in zip(videos, _unique_names([Path(str(v)) for v in videos], taken={"faces"}),
-                                    strict=True)]
+            for source, name in zip(videos, _unique_names([Path(str(v)) for v in videos], taken=taken), strict=True)]
         summary["out"] = str(staged.publish())
     for clip in summary["videos"]:  # where each video's folder is now
         clip["out"] = str(Path(summary["out"]) / Path(clip["out"]).name)

@@ -28,12 +28,13 @@ only that much of each track's aligned crops is held.
 Streaming. Frames are decoded one by one (a few ahead, for the detector's threads), so a long video
 never sits in memory; what a track keeps is a few numbers per frame. The rows are written as they
 come; once every keyframe is answered, a second pass fills in each row's latest answer and draws the
-annotated video from a second decoding of the source (a live source is recorded to `source.mkv`
+annotated video from a second decoding of the source (a live source is recorded to `source.ts`
 while it is read, for that pass).
 
 Written to `OUT/<video>/`:
 
-    frames.csv        one row per frame and face, laid out as OpenFace's FeatureExtraction CSV:
+    frames.csv        one row per frame and face, after OpenFace's FeatureExtraction CSV (frames
+                      counted from 0, `success` before `confidence`):
                       frame, face_id (the track), timestamp (seconds), success (1: detected on this
                       frame, 0: followed by the tracker), confidence (the detector's score, on a tracked
                       frame its last detection's), x1, y1, x2, y2 (the box, frame pixels, dlib's inclusive
@@ -43,7 +44,8 @@ Written to `OUT/<video>/`:
                       `<prior>_<i>` for the face descriptor), displacement (as above), then the track's
                       latest answer at or before the frame: answer_frame, emotion, emotion_named, and
                       AU01_c ... AU43_c (1 where the AU answer names it, FABA-Bench's AUs)
-    tracks.jsonl      one line per track: id, first/last frame and time, frames, keyframes (frame, time,
+    tracks.jsonl      one line per track: track (its id), first_frame, last_frame, start and end
+                      (seconds), frames, keyframes (frame, time,
                       why chosen, displacement, both answers and what the official rules read from them),
                       the emotions and AU lists over the keyframes and the most frequent emotion
     annotated.mp4     every frame with each face's box, track id and latest reading (H.264)
@@ -55,21 +57,22 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import csv
 import dataclasses
 import json
 import math
 import os
+import signal
 import stat
+import threading
 import time
 from collections.abc import Iterator
 from fractions import Fraction
 from pathlib import Path
 
 import numpy as np
-from matplotlib.figure import Figure
 from PIL import Image
-from scipy.optimize import linear_sum_assignment
 
 from emola_jax.apps.annotate import QUESTIONS, draw_faces, label_text, reading
 from emola_jax.atomic import atomic_file, write_text
@@ -85,6 +88,8 @@ LIVE_SCHEMES = ("rtsp://", "rtsps://", "rtmp://", "udp://", "tcp://", "srt://", 
 MATCH_IOU = 0.3
 CUT_THRESHOLD = 20.0
 NEUTRAL_SECONDS = 10.0
+LANDMARK_PRIORS = ("2d106det", "dlib68")  # priors whose feature is landmark points
+TIME_TOLERANCE = 1e-4  # seconds: two stamps this close are the same instant (stamps are rounded fractions)
 
 
 def is_video(source: str | Path) -> bool:
@@ -131,9 +136,9 @@ class VideoSettings:
 
     def check_model(self, inputs: ImageInputs) -> None:
         """ValueError where these settings need what the model lacks: peaks are found from the prior."""
-        if self.keyframes != "every" and not inputs.priors:
-            raise ValueError("this model has no prior token, and peak keyframes are found from its landmarks: "
-                             "use --keyframes every")
+        if self.keyframes != "every" and not any(p.name in LANDMARK_PRIORS for p in inputs.priors):
+            raise ValueError("peak keyframes are found from the face's landmarks, and this model has no landmark "
+                             f"prior ({', '.join(LANDMARK_PRIORS)}): use --keyframes every")
 
 
 # ---------------------------------------------------------------------------------------------- reading
@@ -146,18 +151,45 @@ class Frame:
     rgb: np.ndarray  # [height, width, 3] uint8
 
 
+@contextlib.contextmanager
+def _interrupt_ends(reader: VideoReader):
+    """While inside, SIGINT (Ctrl-C) ends `reader`'s frames at the next packet instead of the
+    program: a camera or a stream has no end of its own. Outside the main thread: nothing changes."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def stop(signum, frame):
+        reader.interrupted = True
+
+    previous = signal.signal(signal.SIGINT, stop)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
+def _pyav():
+    """PyAV, the video extra: imported only when a video is given."""
+    try:
+        # deferred: the video extra (PyAV), needed only when a video is given
+        import av
+    except ImportError as err:
+        raise ImportError("reading videos needs PyAV: pip install -e '.[video]'") from err
+    return av
+
+
 class VideoReader:
     """The frames of one source, decoded as they are read (`frames()`); `record` copies the source's
-    packets, unchanged, to a Matroska file as they arrive (a live source's second pass reads it).
+    packets, unchanged, to an MPEG-TS file as they arrive (a live source's second pass reads it).
     `open` raises ValueError, in one sentence naming the source, for a source that cannot be opened
     or holds no video stream. A stream that breaks off (a truncated file, a decoding error) ends
     the frames there; `stopped` then says where, in one line."""
 
     def __init__(self, source: str | Path, *, record: Path | None = None):
-        # deferred: the video extra (PyAV), needed only when a video is given
-        import av
-
+        av = _pyav()
         self.source, self.record, self.stopped = str(source), record, None
+        self.interrupted = False  # set (by a signal handler) to end a live source's reading
         options, fmt = {}, None
         if self.source.startswith(("rtsp://", "rtsps://")):
             options["rtsp_transport"] = "tcp"
@@ -189,36 +221,58 @@ class VideoReader:
         self.container.close()
 
     def frames(self) -> Iterator[Frame]:
-        # deferred: the video extra
-        import av
-
+        """The frames in order, each with a time that never goes back (a stamp that does, or is
+        missing, is taken as one frame after the previous one)."""
+        av = _pyav()
         recorder = out = None
         if self.record is not None:
-            recorder = av.open(str(self.record), "w", format="matroska")
+            recorder = av.open(str(self.record), "w", format="mpegts")
             out = recorder.add_stream_from_template(self.stream)
-        index, first, now = 0, None, 0.0
+        index, first, now, step = 0, None, -1.0, 1 / float(self.rate)
+        last_dts, shift = None, 0
         try:
             for packet in self.container.demux(self.stream):
-                decoded = packet.decode()
-                if recorder is not None and packet.size:  # not the empty packet that flushes the decoder
+                if self.interrupted:  # the frames the decoder still holds, as the end of a file gives them
+                    decoded = self.stream.codec_context.decode(None)
+                else:
+                    decoded = packet.decode()
+                if recorder is not None and packet.size and not self.interrupted:  # not the flushing packet
                     packet.stream = out
-                    recorder.mux(packet)
+                    if packet.dts is not None:  # a stream that restarts its clock is recorded with one that runs on
+                        if last_dts is not None and packet.dts + shift <= last_dts:
+                            shift = last_dts + 1 - packet.dts
+                        packet.dts += shift
+                        packet.pts = None if packet.pts is None else packet.pts + shift
+                        last_dts = packet.dts
+                    try:
+                        recorder.mux(packet)
+                    except av.FFmpegError as err:
+                        raise ValueError(f"{self.source}: its packets cannot be recorded for the annotated video's "
+                                         f"second pass ({err}); give it in a container (Matroska, MPEG-TS), not as a "
+                                         "raw stream") from err
                 for frame in decoded:
-                    stamp = frame.time if frame.time is not None else index / float(self.rate)
-                    first = stamp if first is None else first
-                    now = stamp - first
+                    stamp = frame.time
+                    if stamp is not None and first is None:
+                        first = stamp
+                    stamp = now + step if stamp is None or stamp - first <= now else stamp - first
+                    now = stamp
                     yield Frame(index, now, frame.to_ndarray(format="rgb24"))
                     index += 1
+                if self.interrupted:
+                    self.stopped = f"{self.source}: reading ended by an interrupt after {index} frames"
+                    break
         except av.FFmpegError as err:
-            self.stopped = f"{self.source}: stopped at frame {index} ({now:.2f} s): {err}"
+            self.stopped = f"{self.source}: stopped at frame {index} ({max(now, 0):.2f} s): {err}"
         finally:
-            if recorder is not None:
-                recorder.close()
-            self.container.close()
+            try:
+                if recorder is not None:
+                    recorder.close()
+            finally:
+                self.container.close()
         cut_short = self.declared_frames and index < self.declared_frames - 1 and not is_live(self.source)
         if self.stopped is None and cut_short:
-            self.stopped = (f"{self.source}: stopped at frame {index} ({now:.2f} s) of the {self.declared_frames} its "
-                            "header declares: the file is cut short")
+            self.stopped = (f"{self.source}: stopped at frame {index} ({max(now, 0):.2f} s) of the "
+                            f"{self.declared_frames} its header declares: the file is cut short")
 
 
 # --------------------------------------------------------------------------------------------- tracking
@@ -321,6 +375,9 @@ class Tracker:
     def _match(self, detections: list[Detection]) -> list[tuple[Track, Detection]]:
         if not self.live or not detections:
             return []
+        # deferred: start-up time (scipy), for runs without a video
+        from scipy.optimize import linear_sum_assignment
+
         overlap = np.array([[iou(t.box, d.box) for d in detections] for t in self.live])
         rows, cols = linear_sum_assignment(-overlap)
         return [(self.live[r], detections[c]) for r, c in zip(rows, cols, strict=True) if overlap[r, c] >= MATCH_IOU]
@@ -335,8 +392,9 @@ class Moment:
 
     frame: int
     time: float
-    feature: np.ndarray
+    feature: np.ndarray  # the prior feature, as the model takes it
     chip: np.ndarray | None
+    shape: np.ndarray  # the landmark priors' part of it: what the displacement is measured on
     displacement: float | None = None
     every: bool = False
     reasons: list[str] = dataclasses.field(default_factory=list)
@@ -360,31 +418,34 @@ class Keyframes:
                                               or moment.time >= self.last_every + settings.every - 1e-6):
             moment.every, self.last_every = True, moment.time
         self.history.append(moment)
-        self._measure(moment.time - settings.peak_window)
-        return self._decide(moment.time - 2 * settings.peak_window)
+        # a moment is measured once a later one lies past its window, and decided once the moments of
+        # its window are measured (strict, with TIME_TOLERANCE on every bound: stamps are floats)
+        self._measure(moment.time - settings.peak_window - TIME_TOLERANCE)
+        return self._decide(moment.time - 2 * (settings.peak_window + TIME_TOLERANCE))
 
     def finish(self) -> list[Moment]:
         self._measure(math.inf)
         return self._decide(math.inf)
 
     def _measure(self, until: float) -> None:
-        """Displacements of the moments up to `until` (each needs `peak_window` seconds after it)."""
+        """Displacements of the moments before `until` (each needs `peak_window` seconds after it)."""
         items = list(self.history)
-        while self.measured < len(items) and items[self.measured].time <= until:
+        reach = self.settings.peak_window + TIME_TOLERANCE
+        while self.measured < len(items) and items[self.measured].time < until:
             moment = items[self.measured]
-            moment.displacement = 0.0  # a model without a prior token: no landmarks, no displacement
-            if moment.feature.size:
-                around = np.stack([m.feature for m in items if moment.time - NEUTRAL_SECONDS <= m.time
-                                   <= moment.time + self.settings.peak_window])
+            moment.displacement = 0.0  # a model without landmark priors: no displacement
+            if moment.shape.size:
+                around = np.stack([m.shape for m in items if moment.time - NEUTRAL_SECONDS <= m.time
+                                   <= moment.time + reach])
                 neutral = np.median(around, axis=0)
-                moment.displacement = float(np.sqrt(np.mean((moment.feature - neutral) ** 2)))
+                moment.displacement = float(np.sqrt(np.mean((moment.shape - neutral) ** 2)))
             self.measured += 1
 
     def _decide(self, until: float) -> list[Moment]:
-        """Keyframes among the moments up to `until` (each needs `peak_window` of measured moments after it)."""
-        window, chosen = self.settings.peak_window, []
+        """Keyframes among the moments before `until` (each needs `peak_window` of measured moments after it)."""
+        window, chosen = self.settings.peak_window + TIME_TOLERANCE, []
         items = list(self.history)
-        while self.decided < self.measured and items[self.decided].time <= until:
+        while self.decided < self.measured and items[self.decided].time < until:
             moment = items[self.decided]
             before = [m.displacement for m in items[:self.decided] if moment.time - window <= m.time]
             after = [m.displacement for m in items[self.decided + 1:self.measured] if m.time <= moment.time + window]
@@ -451,8 +512,9 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
     settings.check_model(inputs)
     out.mkdir(parents=True)
     live = is_live(source)
-    reader = VideoReader(source, record=out / "source.mkv" if live else None)
+    reader = VideoReader(source, record=out / "source.ts" if live else None)
     columns = _prior_columns(inputs)
+    shape_columns = np.array([i for i, name in enumerate(columns) if name.split("_")[0] in LANDMARK_PRIORS], int)
     tracker, asker, tracks = Tracker(settings), Asker(predictor, inputs, batch_size), {}
     stage = collections.Counter()
     rows = frame_count = 0
@@ -473,12 +535,15 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
         track.keys.history.clear()
 
     partial = out / "frames.partial.csv"
-    with open(partial, "w", newline="") as handle, concurrent.futures.ThreadPoolExecutor(threads) as pool:
+    with contextlib.ExitStack() as stack, open(partial, "w", newline="") as handle, \
+            concurrent.futures.ThreadPoolExecutor(threads) as pool:
+        if live:  # Ctrl-C ends a live source's reading; what was read is analysed and written
+            stack.enter_context(_interrupt_ends(reader))
         writer = csv.writer(handle)
         writer.writerow(["frame", "face_id", "timestamp", "success", "confidence", "x1", "y1", "x2", "y2", *columns,
                          "displacement"])
         ahead: collections.deque = collections.deque()
-        frames = reader.frames()
+        frames = stack.enter_context(contextlib.closing(reader.frames()))  # closed (the source too) on any exit
         pending_rows: list = []  # rows whose displacement is not measured yet
 
         def submit() -> bool:
@@ -517,7 +582,7 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
                     tracks[track.id], track.keys = track, Keyframes(settings)
                 track.last_frame, track.last_time, track.frames = frame.index, frame.time, track.frames + 1
                 feature = features[number]
-                moment = Moment(frame.index, frame.time, feature, chips[number])
+                moment = Moment(frame.index, frame.time, feature, chips[number], feature[shape_columns])
                 for keyframe in track.keys.add(moment):
                     asker.add(track, keyframe)
                 pending_rows.append((moment, [frame.index, track.id, round(frame.time, 4), int(detected),
@@ -540,8 +605,8 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
     ordered = [tracks[k] for k in sorted(tracks)]
     for track in ordered:
         track.keyframes.sort(key=lambda k: k["frame"])
-    second = out / "source.mkv" if live else source
-    _write_outputs(out, partial, ordered, second, reader.rate, progress)
+    second = out / "source.ts" if live else source
+    _write_outputs(out, partial, ordered, second, frame_count, progress)
     stage["write"] = time.perf_counter() - start
     return {"video": str(source), "out": str(out), "frames": frame_count, "faces": rows, "tracks": len(tracks),
             "keyframes": sum(len(t.keyframes) for t in ordered), "stopped": reader.stopped,
@@ -569,7 +634,7 @@ def _prior_columns(inputs: ImageInputs) -> list[str]:
     """The column names of the prior feature, in the model's order."""
     names = []
     for prior in inputs.priors:
-        if prior.name in ("2d106det", "dlib68"):
+        if prior.name in LANDMARK_PRIORS:
             points = prior.dim // 2
             names += [f"{prior.name}_{axis}_{i}" for i in range(points) for axis in "xy"]
         else:
@@ -580,21 +645,25 @@ def _prior_columns(inputs: ImageInputs) -> list[str]:
 AU_COLUMNS = [f"AU{n:02d}_c" for n in labels.FABA_AUS]
 
 
-def _write_outputs(out: Path, partial: Path, tracks: list[Track], source, rate: Fraction, progress: bool) -> None:
-    """frames.csv (the rows with each track's latest answer), the annotated video, tracks.jsonl and
-    the timelines; each file written whole or not at all."""
+def _write_outputs(out: Path, partial: Path, tracks: list[Track], source, frames: int, progress: bool) -> None:
+    """frames.csv (the rows with each track's latest answer), the annotated video of the first `frames`
+    frames (those the first pass read), tracks.jsonl and the timelines; each file written whole or not
+    at all."""
     answers = {t.id: t.keyframes for t in tracks}
     cursor = dict.fromkeys(answers, -1)
     reader = VideoReader(source)
-    with open(partial, newline="") as rows_in, atomic_file(out / "frames.csv") as staging, \
-            open(staging, "w", newline="") as rows_out, _VideoWriter(out / "annotated.mp4", reader) as video:
+    with contextlib.ExitStack() as stack, open(partial, newline="") as rows_in, \
+            atomic_file(out / "frames.csv") as staging, open(staging, "w", newline="") as rows_out, \
+            _VideoWriter(out / "annotated.mp4", reader) as video:
         rows = csv.reader(rows_in)
         header = next(rows)
         writer = csv.writer(rows_out)
         writer.writerow([*header, "answer_frame", "emotion", "emotion_named", *AU_COLUMNS])
         row = next(rows, None)
-        bar = progress_bar(total=reader.declared_frames, unit="frame", desc="annotating", enabled=progress)
-        for frame in reader.frames():
+        bar = progress_bar(total=frames, unit="frame", desc="annotating", enabled=progress)
+        for frame in stack.enter_context(contextlib.closing(reader.frames())):
+            if frame.index >= frames:  # a recording may hold the few frames a decoder still held at an interrupt
+                break
             boxes, texts = [], []
             while row is not None and int(row[0]) == frame.index:
                 latest = _latest(answers, cursor, row)
@@ -647,9 +716,7 @@ class _VideoWriter:
         self.path, self.reader = path, reader
 
     def __enter__(self):
-        # deferred: the video extra
-        import av
-
+        av = self._av = _pyav()
         self._staged = atomic_file(self.path)
         staging = self._staged.__enter__()
         self.container = av.open(str(staging), "w", format="mp4")
@@ -663,14 +730,11 @@ class _VideoWriter:
         return self
 
     def write(self, frame: Frame, boxes, texts) -> None:
-        # deferred: the video extra
-        import av
-
         canvas = Image.fromarray(frame.rgb)
         if boxes:
             draw_faces(canvas, boxes, texts)
         rgb = np.asarray(canvas)[: self.stream.height, : self.stream.width]
-        for packet in self.stream.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
+        for packet in self.stream.encode(self._av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
             self.container.mux(packet)
 
     def __exit__(self, exc_type, exc, tb):
@@ -685,6 +749,9 @@ class _VideoWriter:
 
 def _timeline(track: Track, path: Path) -> None:
     """The emotion at each keyframe, an AU raster and the displacement curve of one track, over time."""
+    # deferred: start-up time (matplotlib), for runs without a video
+    from matplotlib.figure import Figure
+
     keys = track.keyframes
     times = [k["time"] for k in keys]
     figure = Figure(figsize=(9, 6.5))  # drawn straight to a file: no pyplot state
