@@ -274,3 +274,20 @@ def test_urls_and_devices_reach_analyze_as_videos():
     assert [is_video(s) for s in args.inputs] == [True, True, False]
     assert [is_live(s) for s in args.inputs] == [True, True, False]
     assert is_video("/dev/video0") and not is_video("/tmp/photo.png")
+
+
+def test_a_face_without_a_prior_feature_leaves_the_others_of_its_frame(capsys):
+    """One face whose prior cannot be computed is named and dropped; the frame's other faces stay."""
+    from emola_jax.apps.video import _with_priors
+
+    class Inputs:  # the prior of a face named "bad" is not finite, as a broken landmark graph gives
+        priors = ("2d106det",)
+
+        def features(self, chips, names):
+            if any("bad" in n for n in names):
+                raise ValueError(f"{next(n for n in names if 'bad' in n)}: 2 NaN or infinite values of 212")
+            return np.stack([np.full(212, float(c)) for c in chips])
+
+    seen, chips, features = _with_priors(Inputs(), ["a", "b", "c"], [1, 2, 3], ["face a", "face bad", "face c"])
+    assert seen == ["a", "c"] and chips == [1, 3] and features[:, 0].tolist() == [1.0, 3.0]
+    assert capsys.readouterr().err.strip() == "skipped face bad: 2 NaN or infinite values of 212"

@@ -570,16 +570,13 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
             start = time.perf_counter()
             chips = [finder.align(frame.rgb, detection).chip for _, detection, _ in seen]
             stage["align"] += (now := time.perf_counter()) - start
-            names = [f"{source}, frame {frame.index}, face {track.id}" for track, _, _ in seen]
-            try:
-                features = inputs.features(chips, names) if seen and inputs.priors else np.zeros((len(seen), 0))
-            except ValueError as err:  # a face whose prior cannot be computed: this frame's faces skipped
-                say(f"skipped {err}")
-                seen = []
+            seen, chips, features = _with_priors(inputs, seen, chips, [f"{source}, frame {frame.index}, face {t.id}"
+                                                                      for t, _, _ in seen])
             stage["prior"] += time.perf_counter() - now
             for number, (track, detection, detected) in enumerate(seen):
-                if track.id not in tracks:
+                if track.id not in tracks:  # its first frame with a prior feature
                     tracks[track.id], track.keys = track, Keyframes(settings)
+                    track.first_frame, track.first_time = frame.index, frame.time
                 track.last_frame, track.last_time, track.frames = frame.index, frame.time, track.frames + 1
                 feature = features[number]
                 moment = Moment(frame.index, frame.time, feature, chips[number], feature[shape_columns])
@@ -613,6 +610,25 @@ def analyze_video(source: str | Path, out: Path, predictor: Predictor, finder: F
             "frames_per_second": round(frame_count / max(reading_seconds, 1e-9), 2),
             "answers_per_second": round(sum(len(t.keyframes) for t in ordered) / max(asker.seconds, 1e-9), 3),
             "seconds": {k: round(v, 3) for k, v in stage.items()}}
+
+
+def _with_priors(inputs: ImageInputs, seen: list, chips: list, names: list[str]) -> tuple[list, list, np.ndarray]:
+    """This frame's faces, their crops and `[faces, prior_dim]` features, less any face whose prior
+    cannot be computed (each named in one line; the other faces of the frame are kept)."""
+    if not seen or not inputs.priors:
+        return seen, chips, np.zeros((len(seen), 0), np.float32)
+    try:
+        return seen, chips, inputs.features(chips, names)
+    except ValueError:
+        kept, features = [], []
+        for number, (chip, name) in enumerate(zip(chips, names, strict=True)):
+            try:
+                features.append(inputs.features([chip], [name])[0])
+                kept.append(number)
+            except ValueError as err:
+                say(f"skipped {err}")
+        return ([seen[n] for n in kept], [chips[n] for n in kept],
+                np.stack(features) if features else np.zeros((0, 0), np.float32))
 
 
 def _values(feature: np.ndarray) -> list[float]:
