@@ -96,11 +96,7 @@ def is_video(source: str | Path) -> bool:
     """Whether `run.py analyze` reads `source` as a video: a video file suffix, a live URL, a camera
     device, or a pipe."""
     text = str(source)
-    if text.startswith(LIVE_SCHEMES) or text.startswith("/dev/video"):
-        return True
-    if Path(text).suffix.lower() in VIDEO_SUFFIXES:
-        return True
-    return is_live(source)
+    return text.startswith("/dev/video") or Path(text).suffix.lower() in VIDEO_SUFFIXES or is_live(text)
 
 
 def is_live(source: str | Path) -> bool:
@@ -670,7 +666,7 @@ def _write_outputs(out: Path, partial: Path, tracks: list[Track], source, frames
     reader = VideoReader(source)
     with contextlib.ExitStack() as stack, open(partial, newline="") as rows_in, \
             atomic_file(out / "frames.csv") as staging, open(staging, "w", newline="") as rows_out, \
-            _VideoWriter(out / "annotated.mp4", reader) as video:
+            _annotated_video(out / "annotated.mp4", reader) as draw:
         rows = csv.reader(rows_in)
         header = next(rows)
         writer = csv.writer(rows_out)
@@ -687,7 +683,7 @@ def _write_outputs(out: Path, partial: Path, tracks: list[Track], source, frames
                 texts.append(f"#{row[1]}" if latest is None else f"#{row[1]}: {label_text(latest)}")
                 boxes.append(tuple(int(v) for v in row[5:9]))
                 row = next(rows, None)
-            video.write(frame, boxes, texts)
+            draw(frame, boxes, texts)
             bar.update(1)
         bar.close()
         if row is not None:  # the second reading gave fewer frames than the first: rows are kept, undrawn
@@ -724,43 +720,32 @@ def _answer_columns(latest: dict | None) -> list:
             *[int(f"AU{n}" in latest["aus"]) for n in labels.FABA_AUS]]
 
 
-class _VideoWriter:
-    """H.264 in MP4 (MPEG-4 part 2 where libx264 is absent) at the source's frame rate; frames
-    cropped to even sizes (yuv420p). Written to a staging file, renamed into place on success."""
-
-    def __init__(self, path: Path, reader: VideoReader):
-        self.path, self.reader = path, reader
-
-    def __enter__(self):
-        av = self._av = _pyav()
-        self._staged = atomic_file(self.path)
-        staging = self._staged.__enter__()
-        self.container = av.open(str(staging), "w", format="mp4")
+@contextlib.contextmanager
+def _annotated_video(path: Path, reader: VideoReader):
+    """Yields `write(frame, boxes, texts)`: each frame with its faces drawn, encoded as H.264 in MP4
+    (MPEG-4 part 2 where libx264 is absent) at the source's frame rate, cropped to even sizes
+    (yuv420p). Written to a staging file, renamed into place only when the block ends normally."""
+    av = _pyav()
+    with atomic_file(path) as staging, contextlib.closing(av.open(str(staging), "w", format="mp4")) as container:
         codec = "libx264" if "libx264" in av.codecs_available else "mpeg4"
-        self.stream = self.container.add_stream(codec, rate=self.reader.rate)
-        width, height = self.reader.size
-        self.stream.width, self.stream.height = width // 2 * 2, height // 2 * 2
-        self.stream.pix_fmt = "yuv420p"
+        stream = container.add_stream(codec, rate=reader.rate)
+        width, height = reader.size
+        stream.width, stream.height = width // 2 * 2, height // 2 * 2
+        stream.pix_fmt = "yuv420p"
         if codec == "libx264":
-            self.stream.options = {"crf": "23", "preset": "veryfast"}
-        return self
+            stream.options = {"crf": "23", "preset": "veryfast"}
 
-    def write(self, frame: Frame, boxes, texts) -> None:
-        canvas = Image.fromarray(frame.rgb)
-        if boxes:
-            draw_faces(canvas, boxes, texts)
-        rgb = np.asarray(canvas)[: self.stream.height, : self.stream.width]
-        for packet in self.stream.encode(self._av.VideoFrame.from_ndarray(np.ascontiguousarray(rgb), format="rgb24")):
-            self.container.mux(packet)
+        def write(frame: Frame, boxes, texts) -> None:
+            canvas = Image.fromarray(frame.rgb)
+            if boxes:
+                draw_faces(canvas, boxes, texts)
+            rgb = np.ascontiguousarray(np.asarray(canvas)[: stream.height, : stream.width])
+            for packet in stream.encode(av.VideoFrame.from_ndarray(rgb, format="rgb24")):
+                container.mux(packet)
 
-    def __exit__(self, exc_type, exc, tb):
-        try:
-            if exc_type is None:
-                for packet in self.stream.encode():
-                    self.container.mux(packet)
-        finally:
-            self.container.close()
-        return self._staged.__exit__(exc_type, exc, tb)
+        yield write
+        for packet in stream.encode():  # the frames the encoder still holds
+            container.mux(packet)
 
 
 def _timeline(track: Track, path: Path) -> None:
